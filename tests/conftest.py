@@ -1,0 +1,36 @@
+"""Test isolation: private caches, no network, small threads."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = Path(tempfile.mkdtemp(prefix="ultralytics-dp-tests-"))
+# Before anything imports Ultralytics: its settings and font live here, datasets are built here.
+os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP / "config"))
+os.environ.setdefault("ULTRALYTICS_DP_DATA", str(_TMP / "data"))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every outgoing connection and DNS lookup fails inside the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network disabled by the no_network fixture")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_det(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small digits-det (imgsz 64, 32 train / 16 val images) for fast training tests."""
+    from ultralytics_dp import datasets
+
+    return datasets.build("digits-det", imgsz=64, n_train=32, n_val=16, root=tmp_path_factory.mktemp("det"))

@@ -1,0 +1,28 @@
+"""ultralytics-dp: differentially private (DP-SGD) training for Ultralytics YOLO.
+
+Importing this package sets Ultralytics' offline switches before Ultralytics is imported. The
+engine, sampling and accounting modules never import Ultralytics; the Ultralytics-facing names
+below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from .offline import set_env as _set_offline_env
+
+_set_offline_env()
+
+__version__ = "0.1.0"
+
+
+_LAZY = {}  # name -> module, filled by the Ultralytics adapter
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'ultralytics_dp' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

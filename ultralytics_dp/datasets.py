@@ -1,0 +1,190 @@
+"""Embedded real-image datasets built from scikit-learn's bundled handwritten digits.
+
+Nothing is downloaded: ``sklearn.datasets.load_digits`` ships 1,797 real 8x8 digits inside the
+scikit-learn wheel. From them we build, deterministically for a given seed:
+
+* ``digits-det``: YOLO detection format, classes ``'0'..'9'``, RGB canvases holding 0-4 upscaled
+  digits at non-overlapping positions (some canvases hold none).
+* ``digits-cls``: ImageFolder layout (``train/<class>/*.png``, ``val/<class>/*.png``).
+
+The source digits are split once into disjoint train and val pools, so no val image shares a
+source digit with any train image. Datasets are cached under ``$ULTRALYTICS_DP_DATA`` (or the
+user cache dir) and built on first use; the build writes into a temporary folder and renames it,
+so an interrupted build never leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NAMES = [str(i) for i in range(10)]
+DATASETS = ("digits-det", "digits-cls")
+_FORMAT_VERSION = 1  # bump when the generated files change, so stale caches are not reused
+VAL_FRACTION = 0.2
+
+
+def cache_dir() -> Path:
+    """Where embedded datasets live: ``$ULTRALYTICS_DP_DATA``, else ``$XDG_CACHE_HOME/ultralytics_dp``."""
+    if os.environ.get("ULTRALYTICS_DP_DATA"):
+        return Path(os.environ["ULTRALYTICS_DP_DATA"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ultralytics_dp"
+
+
+def source_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split the bundled digits into disjoint (train_images, train_labels, val_images, val_labels).
+
+    Images are float arrays in [0, 1] of shape [n, 8, 8].
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.float64) / 16.0
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = int(round(len(images) * VAL_FRACTION))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return images[train_idx], digits.target[train_idx], images[val_idx], digits.target[val_idx]
+
+
+def _render_digit(digit: np.ndarray, size: int) -> np.ndarray:
+    """Upscale an 8x8 digit in [0, 1] to ``size``x``size`` with bilinear interpolation."""
+    img = Image.fromarray((digit * 255).astype(np.uint8), mode="L")
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
+
+
+def _ink_box(patch: np.ndarray, threshold: float = 0.1) -> tuple[int, int, int, int] | None:
+    """Tight (x0, y0, x1, y1) box of the pixels brighter than ``threshold``; None if blank."""
+    ys, xs = np.nonzero(patch > threshold)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _make_canvas(
+    rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, imgsz: int, max_digits: int
+) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
+    """One RGB canvas and its YOLO rows (cls, cx, cy, w, h normalised to [0, 1])."""
+    background = rng.uniform(0.0, 0.25, size=3)
+    canvas = np.ones((imgsz, imgsz, 3)) * background + rng.normal(0, 0.02, size=(imgsz, imgsz, 3))
+    rows: list[tuple[int, float, float, float, float]] = []
+    occupied: list[tuple[int, int, int, int]] = []
+    # P(0 digits) = 1/(max_digits+2): a few background-only images, which are valid records.
+    n_digits = min(int(rng.integers(0, max_digits + 2)), max_digits)
+    for _ in range(n_digits):
+        size = int(rng.integers(imgsz // 6, imgsz // 3 + 1))
+        for _attempt in range(20):
+            x, y = (int(v) for v in rng.integers(0, imgsz - size + 1, size=2))
+            if all(x + size <= a or x >= c or y + size <= b or y >= d for a, b, c, d in occupied):
+                break
+        else:
+            continue  # no free spot: place fewer digits
+        k = int(rng.integers(len(pool)))
+        patch = _render_digit(pool[k], size)
+        box = _ink_box(patch)
+        if box is None:
+            continue
+        colour = rng.uniform(0.6, 1.0, size=3)
+        region = canvas[y : y + size, x : x + size]
+        alpha = patch[..., None]
+        canvas[y : y + size, x : x + size] = region * (1 - alpha) + colour * alpha
+        occupied.append((x, y, x + size, y + size))
+        x0, y0, x1, y1 = box
+        rows.append(
+            (
+                int(labels[k]),
+                (x + (x0 + x1) / 2) / imgsz,
+                (y + (y0 + y1) / 2) / imgsz,
+                (x1 - x0) / imgsz,
+                (y1 - y0) / imgsz,
+            )
+        )
+    return (np.clip(canvas, 0, 1) * 255).astype(np.uint8), rows
+
+
+def _write_det(root: Path, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
+    tr_x, tr_y, va_x, va_y = source_split(seed)
+    rng = np.random.default_rng(seed + 1)
+    for split, count, pool, labels in (("train", n_train, tr_x, tr_y), ("val", n_val, va_x, va_y)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            canvas, rows = _make_canvas(rng, pool, labels, imgsz, max_digits)
+            Image.fromarray(canvas).save(root / "images" / split / f"{i:05d}.png")
+            text = "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in rows)
+            (root / "labels" / split / f"{i:05d}.txt").write_text(text)
+    names = "\n".join(f"  {i}: '{n}'" for i, n in enumerate(NAMES))
+    # No `download:` key: a dataset yaml's download entry can run arbitrary code or fetch URLs.
+    (root / "data.yaml").write_text(
+        f"path: {root.as_posix()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
+    )
+
+
+def _write_cls(root: Path, seed: int, imgsz: int) -> None:
+    tr_x, tr_y, va_x, va_y = source_split(seed)
+    for split, pool, labels in (("train", tr_x, tr_y), ("val", va_x, va_y)):
+        for name in NAMES:
+            (root / split / name).mkdir(parents=True)
+        for i, (digit, label) in enumerate(zip(pool, labels)):
+            grey = (_render_digit(digit, imgsz) * 255).astype(np.uint8)
+            Image.fromarray(np.stack([grey] * 3, axis=-1)).save(root / split / str(label) / f"{i:05d}.png")
+
+
+def build(
+    name: str,
+    *,
+    seed: int = 0,
+    imgsz: int | None = None,
+    n_train: int = 1000,
+    n_val: int = 200,
+    max_digits: int = 4,
+    root: Path | None = None,
+) -> Path:
+    """Build (or reuse) an embedded dataset and return what Ultralytics' ``data=`` expects.
+
+    ``digits-det`` returns the path of its ``data.yaml``; ``digits-cls`` returns its root folder.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown embedded dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "digits-det":
+        imgsz = imgsz or 128
+        if imgsz < 24:
+            raise ValueError(f"imgsz must be >= 24 for digits-det, got {imgsz}")
+        key = f"{name}-v{_FORMAT_VERSION}-s{seed}-i{imgsz}-n{n_train}x{n_val}-d{max_digits}"
+    else:
+        imgsz = imgsz or 32
+        key = f"{name}-v{_FORMAT_VERSION}-s{seed}-i{imgsz}"
+    root = Path(root) if root else cache_dir()
+    final = root / key
+    if not final.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        try:
+            if name == "digits-det":
+                _write_det(tmp, seed, imgsz, n_train, n_val, max_digits)
+                # the yaml must name the final location, not the temporary one
+                yaml = tmp / "data.yaml"
+                yaml.write_text(yaml.read_text().replace(tmp.as_posix(), final.as_posix()))
+            else:
+                _write_cls(tmp, seed, imgsz)
+            try:
+                tmp.rename(final)
+            except OSError:  # another process finished the same build first
+                if not final.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "data.yaml" if name == "digits-det" else final
+
+
+def resolve(data: object) -> object:
+    """Map ``digits-det`` / ``digits-cls`` (optionally with ``.yaml``) to the built dataset; pass
+    anything else through unchanged, the way Ultralytics resolves ``coco8``."""
+    if isinstance(data, str) and data.removesuffix(".yaml") in DATASETS:
+        return str(build(data.removesuffix(".yaml")))
+    return data
