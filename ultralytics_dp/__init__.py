@@ -16,6 +16,8 @@ _set_offline_env()
 __version__ = "0.1.0"
 
 
+from .sampling import PoissonBatchSampler, split_physical  # noqa: E402
+
 _LAZY = {}  # name -> module, filled by the Ultralytics adapter
 
 
@@ -25,4 +27,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ultralytics_dp' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["PoissonBatchSampler", "split_physical", "__version__", *_LAZY]

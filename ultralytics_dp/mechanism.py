@@ -1,0 +1,128 @@
+"""The Gaussian mechanism of DP-SGD: clip each sample's gradient, sum, add N(0, (sigma*C)^2).
+
+Privacy assumptions relied on here:
+
+* Unit: one sample of ``batch`` is one record (one image with all its labels), and its gradient
+  depends on that sample alone (see ``grad_sample``).
+* Sensitivity: every sample contributes either ``clip_C(g_i)`` or exactly zero (non-finite
+  gradients), so adding or removing one record moves the sum by at most C in L2.
+* Noise is drawn once per optimizer step from a generator that is NOT torch's global RNG and is
+  seeded from OS entropy: Ultralytics seeds the global RNG with a public ``seed`` and noise
+  reproducible from a public seed protects nothing.
+* The average divides by the *expected* batch size q*N; the realised size is itself private.
+This module must not import Ultralytics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .grad_sample import Batch, LossFn, batch_size, iter_chunks, per_sample_grads, trainable_params
+
+CLIP_EPS = 1e-6
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with 64 bits from ``os.urandom``."""
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return gen
+
+
+def noise_generator(device: torch.device | str) -> torch.Generator:
+    """The engine's own OS-seeded generator for ``device`` (created on first use)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _generators:
+        _generators[device] = os_seeded_generator(device)
+    return _generators[device]
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+
+
+def clipped_grad_sum(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    max_grad_norm: float,
+    chunk_size: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` per parameter, and the per-sample norms ``[B]``.
+
+    Clipping is flat: ``||g_i||`` is the L2 norm over all trainable parameters together. A sample
+    whose gradient is not finite contributes zero (its norm in the returned tensor is NaN or inf,
+    so callers can count it) and does not affect the others. Only ``chunk_size`` samples'
+    gradients are alive at once, so peak memory is bounded by the chunk, not by B.
+    """
+    _check_positive("max_grad_norm", max_grad_norm)
+    params = trainable_params(model)
+    total = {k: torch.zeros_like(v, memory_format=torch.preserve_format) for k, v in params.items()}
+    norms = []
+    if batch_size(batch) == 0:
+        return total, torch.zeros(0, device=next(iter(params.values())).device)
+    for chunk in iter_chunks(batch, chunk_size):
+        grads = per_sample_grads(model, loss_fn, chunk)
+        sq = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())
+        norm = sq.sqrt()
+        finite = torch.isfinite(norm)
+        factor = torch.where(finite, (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0), 0.0)
+        for k, g in grads.items():
+            # where(), not multiplication: NaN * 0 would still be NaN
+            g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+            total[k] += torch.einsum("b,b...->...", factor.to(g.dtype), g)
+        norms.append(norm.float())
+        del grads
+    return total, torch.cat(norms)
+
+
+def add_noise(
+    grad_sum: dict[str, Tensor],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """A new dict with independent N(0, (sigma*C)^2) added to every coordinate.
+
+    ``generator=None`` uses the engine's OS-seeded generator (never torch's global RNG).
+    """
+    _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    _check_positive("max_grad_norm", max_grad_norm)
+    std = noise_multiplier * max_grad_norm
+    noisy = {}
+    for k, g in grad_sum.items():
+        gen = generator if generator is not None else noise_generator(g.device)
+        noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+        noisy[k] = g + std * noise
+    return noisy
+
+
+def private_mean(
+    grad_sum: dict[str, Tensor],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """``(sum_i clip(g_i) + noise) / (q*N)``: the gradient the optimizer steps on.
+
+    Divides by the *expected* batch size ``q*N``, never the realised one (which is private).
+    """
+    _check_positive("expected_batch_size", expected_batch_size)
+    noisy = add_noise(
+        grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator
+    )
+    return {k: v / expected_batch_size for k, v in noisy.items()}

@@ -1,0 +1,62 @@
+"""Poisson sampling: the batch construction the privacy accountant assumes.
+
+Privacy assumptions relied on here:
+
+* Each step includes every record independently with probability q, so batch sizes vary and
+  empty batches happen; they are yielded (an empty step is still a step the accountant counts).
+  Shuffled fixed-size batches do not give this amplification (Chua et al. 2024).
+* Which records were sampled must be secret, so the default generator is seeded from OS entropy,
+  not from Ultralytics' public ``seed``.
+This module must not import Ultralytics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from .mechanism import os_seeded_generator
+
+
+class PoissonBatchSampler:
+    """Yields ``steps`` lists of indices; each index is in each list independently with prob. q."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        self.num_samples = num_samples
+        self.sample_rate = float(sample_rate)
+        self.steps = steps
+        self.generator = generator if generator is not None else os_seeded_generator()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+
+def split_physical(indices: list[int], max_physical_batch_size: int) -> list[list[int]]:
+    """Split one logical (Poisson) batch into micro-batches of at most ``max_physical_batch_size``.
+
+    Micro-batches only bound memory: their clipped sums are added before the single noise draw of
+    the step. An empty logical batch gives no micro-batch (the step still happens).
+    """
+    if not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1:
+        raise ValueError(f"max_physical_batch_size must be an integer >= 1, got {max_physical_batch_size!r}")
+    n = math.ceil(len(indices) / max_physical_batch_size)
+    return [indices[i * max_physical_batch_size : (i + 1) * max_physical_batch_size] for i in range(n)]
