@@ -301,6 +301,9 @@ def test_add_noise_rejects_bad_input(kwargs):
 
 
 def test_engine_does_not_import_ultralytics():
-    code = "import sys, ultralytics_dp.engine, ultralytics_dp.sampling; print('ultralytics' in sys.modules)"
+    code = (
+        "import sys, ultralytics_dp.engine, ultralytics_dp.sampling, ultralytics_dp.accounting;"
+        "print('ultralytics' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
