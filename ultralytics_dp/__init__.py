@@ -18,7 +18,11 @@ __version__ = "0.1.0"
 
 from .sampling import PoissonBatchSampler, split_physical  # noqa: E402
 
-_LAZY = {}  # name -> module, filled by the Ultralytics adapter
+_LAZY = {  # name -> module; these import Ultralytics
+    "DifferentialPrivacy": ".adapter",
+    "per_sample_losses": ".losses",
+    "per_sample_grad_norms": ".losses",
+}
 
 
 def __getattr__(name: str) -> object:

@@ -311,15 +311,15 @@ def _rdp_max_steps(sigma: float, q: float, delta: float, target: float) -> int:
 
 
 def plan(*, num_samples: int, batch_size: float, epochs: float) -> tuple[float, int]:
-    """(q, steps) of a Poisson-sampled run: q = expected batch / N, steps = ceil(epochs / q)."""
+    """(q, steps) of a Poisson-sampled run: q = expected batch / N, ceil(1/q) steps per epoch."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"dataset size must be an integer >= 1, got {num_samples!r}")
     _check_finite_positive("batch", batch_size)
     _check_finite_positive("epochs", epochs)
     if batch_size > num_samples:
-        raise ValueError(f"expected batch {batch_size} exceeds the dataset size {num_samples}; lower batch")
+        raise ValueError(f"expected batch {batch_size:g} exceeds the dataset size {num_samples}; lower batch")
     q = batch_size / num_samples
-    return q, math.ceil(epochs / q - 1e-9)
+    return q, math.ceil(epochs * math.ceil(1 / q - 1e-9) - 1e-9)
 
 
 class PrivacyAccountant:

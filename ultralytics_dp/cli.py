@@ -7,6 +7,7 @@ Bad input gives a one-line error on stderr and exit code 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 from . import __version__
@@ -14,6 +15,14 @@ from . import __version__
 HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytics YOLO
 
 Usage:
+  yolo-dp train epsilon=EPS [delta=1e-5] [max_grad_norm=1.0] [noise_multiplier=SIGMA] [physical_batch=B]
+          model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
+      private training; every key but the DP keys goes to Ultralytics unchanged,
+      batch is the expected (Poisson) batch size
+  yolo-dp report path/to/weights.pt
+      print the privacy guarantee recorded in a checkpoint
+  yolo-dp val|predict|export ...
+      passed to Ultralytics' `yolo` unchanged (data=digits-det/digits-cls resolve)
   yolo-dp privacy n=N batch=B epochs=E [delta=1e-5] (noise=SIGMA | epsilon=EPS)
       plan a run without training: epsilon for a noise multiplier, or the noise for an epsilon
   yolo-dp help | version
@@ -74,7 +83,74 @@ def privacy(args: list[str]) -> int:
     return 0
 
 
-MODES: dict[str, Callable[[list[str]], int]] = {"privacy": privacy}
+DP_KEYS = {"epsilon": float, "delta": float, "max_grad_norm": float, "noise_multiplier": float,
+           "physical_batch": int}
+
+
+def train(args: list[str]) -> int:
+    """``yolo-dp train``: DP keys are taken out, the rest goes to ``YOLO(model).train(...)``."""
+    from ultralytics.utils import checks  # noqa: F401  (imports Ultralytics after the offline switches)
+
+    from .adapter import DifferentialPrivacy, summary_line
+
+    pairs = parse_pairs(args)
+    if "epsilon" not in pairs:
+        raise UsageError("epsilon= is required for private training (the privacy budget, e.g. epsilon=8)")
+    dp_kwargs = {k: _number(pairs, k, kind) for k, kind in DP_KEYS.items() if k in pairs}
+    overrides = {k: _smart(v) for k, v in pairs.items() if k not in DP_KEYS}
+    from ultralytics import YOLO
+
+    model = YOLO(overrides.pop("model", "yolo26n.yaml"))
+    dp = DifferentialPrivacy(**dp_kwargs).attach(model)
+    model.train(**overrides)
+    print(summary_line(dp.info()))
+    return 0
+
+
+def _smart(value: str) -> object:
+    """Ultralytics' own conversion of CLI strings ('8' -> 8, 'True' -> True, ...)."""
+    from ultralytics.cfg import smart_value
+
+    return smart_value(value)
+
+
+def report(args: list[str]) -> int:
+    """``yolo-dp report weights.pt``: the guarantee stored in a checkpoint."""
+    from .adapter import DifferentialPrivacy
+
+    if len(args) != 1:
+        raise UsageError("usage: yolo-dp report path/to/weights.pt")
+    if not Path(args[0]).is_file():
+        raise UsageError(f"no such checkpoint: {args[0]}")
+    DifferentialPrivacy.report(args[0])
+    return 0
+
+
+def passthrough(mode: str) -> Callable[[list[str]], int]:
+    """Hand ``yolo MODE ...`` to Ultralytics, resolving the embedded dataset names."""
+
+    def run(args: list[str]) -> int:
+        from ultralytics.cfg import entrypoint
+
+        from . import datasets, offline
+
+        offline.patch_ultralytics()
+        resolved = []
+        for token in args:
+            key, sep, value = token.partition("=")
+            resolved.append(f"{key}={datasets.resolve(value)}" if sep and key == "data" else token)
+        entrypoint(" ".join(["yolo", mode, *resolved]))
+        return 0
+
+    return run
+
+
+MODES: dict[str, Callable[[list[str]], int]] = {
+    "privacy": privacy,
+    "train": train,
+    "report": report,
+    **{mode: passthrough(mode) for mode in ("val", "predict", "export")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:

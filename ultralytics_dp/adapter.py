@@ -1,0 +1,427 @@
+"""DP-SGD inside the Ultralytics trainer, through callbacks (a dict of event -> function).
+
+``DifferentialPrivacy(...).attach(model)`` registers the callbacks with ``model.add_callback``.
+They change the trainer as follows (each change closes a leak listed in
+``shared/docs/dp-in-ultralytics.md``):
+
+* on_pretrain_routine_start: refuse or neutralise what mixes images or breaks Poisson sampling
+  (mosaic, mixup, cutmix, copy_paste, rect, auto-batch, compile), turn plots off, resolve
+  ``digits-det``/``digits-cls``.
+* on_pretrain_routine_end: freeze BatchNorm, calibrate sigma, compute the step budget, replace
+  the train loader by a Poisson loader (one logical batch per optimizer step, q = batch / N),
+  set ``accumulate`` to 1 for the whole run (warm-up included), disable the AMP grad scaler,
+  and replace the model's loss by the private step: per-image clipped gradients in physical
+  chunks, one Gaussian draw, division by the expected batch size q*N, written to ``.grad``.
+  Ultralytics' own ``optimizer_step`` (its batch-level clip, EMA) is post-processing.
+* on_train_epoch_end / on_model_save / on_train_end: report epsilon, write the ``dp`` entry.
+
+Privacy assumptions: one image with all its labels is one record; the training set seen by the
+trainer is the private set of size N; delta < 1/N; the validation set is not private (it is used
+for validation metrics and best.pt selection). Training losses are not logged: they are
+computed on private data without noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__, datasets, offline
+from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, get_noise_multiplier, max_steps, plan
+from .grad_sample import check_no_train_batchnorm
+from .losses import check_supported, per_image_loss_fn, sample_batch
+from .mechanism import clipped_grad_sum, private_mean
+from .sampling import PoissonBatchSampler, split_physical
+
+MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
+PRIVACY_UNIT = "image"
+
+
+def _log(message: str) -> None:
+    from ultralytics.utils import LOGGER
+
+    LOGGER.info(f"DP: {message}")
+
+
+def _warn(message: str) -> None:
+    from ultralytics.utils import LOGGER
+
+    LOGGER.warning(f"DP: {message}")
+
+
+def _bn_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm in eval mode: no batch statistics (no mixing), running stats never updated."""
+    for m in _bn_modules(model):
+        m.eval()
+
+
+def _select(batch: dict, idx: list[int]) -> dict:
+    """The images ``idx`` of a collated Ultralytics batch, labels re-indexed (detection)."""
+    index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
+    out = {"img": batch["img"][index]}
+    if "batch_idx" in batch:
+        owner = batch["batch_idx"].long()
+        remap = torch.full((batch["img"].shape[0],), -1, dtype=torch.long, device=owner.device)
+        remap[index.to(owner.device)] = torch.arange(len(idx), device=owner.device)
+        keep = remap[owner] >= 0
+        out.update(batch_idx=remap[owner][keep].to(batch["batch_idx"].dtype),
+                   cls=batch["cls"][keep], bboxes=batch["bboxes"][keep])
+    else:
+        out["cls"] = batch["cls"][index]
+    return out
+
+
+class PoissonLoader:
+    """Drop-in for the trainer's train loader: each item is one Poisson logical batch.
+
+    ``len()`` is the steps per epoch; an epoch yields fewer when the privacy budget runs out.
+    Empty batches are yielded (as a zero-length batch): they are steps too.
+    """
+
+    def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
+                 workers: int = 0) -> None:
+        self.dataset = dataset
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.budget = budget  # steps still allowed
+        self.num_workers = workers
+        self._collate = getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate
+        self._empty = None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def reset(self) -> None:
+        """Ultralytics calls this after closing mosaic; our batches are drawn fresh every epoch."""
+
+    def _collate_or_empty(self, items: list) -> dict:
+        if items:
+            return self._collate(items)
+        if self._empty is None:  # a zero-length batch with the dataset's structure
+            one = self._collate([self.dataset[0]])
+            self._empty = {k: v[:0] for k, v in one.items()}
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._empty.items()}
+
+    def __iter__(self):
+        steps = min(self.steps_per_epoch, self.budget())
+        sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self._collate_or_empty, num_workers=self.num_workers
+        )
+        return iter(loader)
+
+
+class DifferentialPrivacy:
+    """(epsilon, delta)-DP training of an Ultralytics YOLO model, per training image.
+
+    ``noise_multiplier=None`` calibrates sigma so the planned ``epochs`` spend exactly ``epsilon``;
+    either way training stops before the step that would exceed ``epsilon``. Ultralytics' ``batch``
+    is the *expected* logical batch size: q = batch / N. ``physical_batch`` caps how many images'
+    gradients are computed at once (memory), without changing q.
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        physical_batch: int | None = None,
+    ) -> None:
+        for name, value in (("epsilon", epsilon), ("delta", delta), ("max_grad_norm", max_grad_norm)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if noise_multiplier is not None and (not math.isfinite(noise_multiplier) or noise_multiplier <= 0):
+            raise ValueError(f"noise_multiplier must be > 0 (or None to calibrate it), got {noise_multiplier}")
+        if physical_batch is not None and (not isinstance(physical_batch, int) or physical_batch < 1):
+            raise ValueError(f"physical_batch must be an integer >= 1, got {physical_batch!r}")
+        self.target_epsilon = float(epsilon)
+        self.delta = float(delta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = noise_multiplier
+        self.physical_batch = physical_batch
+        self.accountant = PrivacyAccountant()
+        self.sample_rate: float | None = None
+        self.num_samples: int | None = None
+        self.planned_steps = 0
+        self.max_steps = 0
+        self.noise_draws = 0
+        self.nonfinite_samples = 0
+        self.stopped_by_budget = False
+        self._epsilon_cache: tuple[int, float] = (0, 0.0)
+        self._explicit: dict[str, Any] | None = None
+        self.callbacks: dict[str, Callable] = {
+            "on_pretrain_routine_start": self.on_pretrain_routine_start,
+            "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_model_save": self.on_model_save,
+            "on_train_end": self.on_train_end,
+        }
+
+    # ----------------------------------------------------------------- user-facing
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (each one noise draw, each one accounted)."""
+        return self.accountant.steps
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (PRV upper bound)."""
+        if self._epsilon_cache[0] != self.steps:
+            self._epsilon_cache = (self.steps, self.accountant.get_epsilon(self.delta))
+        return self._epsilon_cache[1]
+
+    def attach(self, model: Any) -> "DifferentialPrivacy":
+        """Register the callbacks on an Ultralytics ``YOLO`` model; its next ``train()`` is private.
+
+        ``model.train`` is wrapped (on this instance only) to record which keys the user set
+        explicitly, so an explicit ``mosaic=1.0`` is refused rather than silently overridden.
+        """
+        offline.patch_ultralytics()
+        for event, fn in self.callbacks.items():
+            model.add_callback(event, fn)
+        train = model.train
+
+        def private_train(*args: Any, **kwargs: Any) -> Any:
+            self._explicit = dict(kwargs)
+            if kwargs.get("cfg"):
+                from ultralytics.utils import YAML
+
+                self._explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
+            self._check_explicit(self._explicit)
+            if "data" in kwargs:
+                kwargs["data"] = datasets.resolve(kwargs["data"])
+            return train(*args, **kwargs)
+
+        model.train = private_train
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """The ``dp`` entry written into checkpoints."""
+        return {
+            "epsilon": self.epsilon,
+            "target_epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "max_grad_norm": self.max_grad_norm,
+            "num_samples": self.num_samples,
+            "stopped_by_budget": self.stopped_by_budget,
+            "accountant": ACCOUNTANT_NAME,
+            "accountant_state": self.accountant.state_dict(),
+            "privacy_unit": PRIVACY_UNIT,
+            "version": __version__,
+        }
+
+    @staticmethod
+    def report(path: str | Path) -> dict[str, Any]:
+        """Print and return the ``dp`` entry of a checkpoint written by a private run."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        info = ckpt.get("dp") if isinstance(ckpt, dict) else None
+        if not info:
+            raise ValueError(f"{path} has no 'dp' entry: it was not trained with ultralytics-dp")
+        print(summary_line(info))
+        return info
+
+    # ----------------------------------------------------------------- checks
+    @staticmethod
+    def _check_explicit(explicit: dict[str, Any]) -> None:
+        for key in MIXING_AUGMENTATIONS:
+            if float(explicit.get(key) or 0) > 0:
+                raise ValueError(
+                    f"{key}={explicit[key]} mixes several images into one training sample, which breaks "
+                    f"per-image differential privacy; remove it or set {key}=0"
+                )
+        if explicit.get("rect"):
+            raise ValueError("rect=True builds fixed-order batches, which break Poisson sampling; remove rect")
+        batch = explicit.get("batch")
+        if batch is not None and (isinstance(batch, bool) or not float(batch).is_integer() or float(batch) < 1):
+            raise ValueError(
+                f"batch={batch}: auto-batch (batch=-1 or a fraction) probes memory with private data and "
+                "changes the sampling rate; give the expected batch size as an integer >= 1"
+            )
+        if explicit.get("compile"):
+            raise ValueError("compile=True is not supported in DP mode; remove it")
+
+    def on_pretrain_routine_start(self, trainer: Any) -> None:
+        """Before the dataset is built: refuse or neutralise anything that mixes images."""
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        offline.patch_ultralytics()
+        args = trainer.args
+        explicit = self._explicit
+        if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
+            explicit = {k: getattr(args, k) for k in (*MIXING_AUGMENTATIONS, "rect", "batch", "compile", "plots")
+                        if getattr(args, k) != DEFAULT_CFG_DICT.get(k)}
+        self._check_explicit({**explicit, "batch": args.batch})
+        check_supported_task(args.task)
+        overridden = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k) or 0) > 0]
+        for key in MIXING_AUGMENTATIONS:
+            setattr(args, key, 0.0)
+        args.close_mosaic = 0
+        if overridden:
+            _log(f"turned off {', '.join(overridden)}: augmentations that mix images break per-image DP "
+                 "(per-image augmentations stay on)")
+        if explicit.get("plots"):
+            _warn("plots=True: train_batch*.jpg and labels.jpg show private training images and label statistics")
+        else:
+            args.plots = False
+        args.data = datasets.resolve(args.data)
+
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        """Model, loader and optimizer exist: freeze BN, plan the budget, install the private step."""
+        model = trainer.model
+        check_supported(model)
+        freeze_batchnorm(model)
+        original_model_train = trainer._model_train
+
+        def model_train() -> None:  # runs every epoch start: keep BN frozen
+            original_model_train()
+            freeze_batchnorm(trainer.model)
+
+        trainer._model_train = model_train
+
+        dataset = trainer.train_loader.dataset
+        n = len(dataset)
+        if n < 2:
+            raise ValueError(f"the training set has {n} image(s); differential privacy needs at least 2")
+        if self.delta >= 1 / n:
+            raise ValueError(
+                f"delta={self.delta:g} must be < 1/N = {1 / n:.3g} for N={n} training images "
+                f"(a delta of 1/N allows leaking one whole image); use delta <= {0.1 / n:.1g}"
+            )
+        q, planned = plan(num_samples=n, batch_size=float(trainer.args.batch), epochs=float(trainer.epochs))
+        steps_per_epoch = planned // trainer.epochs
+        self.num_samples, self.sample_rate, self.planned_steps = n, q, planned
+        if self.noise_multiplier is None:
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=q, steps=planned
+            )
+            _log(f"calibrated noise_multiplier={self.noise_multiplier:.4f} to spend epsilon={self.target_epsilon:g} "
+                 f"over {planned} steps")
+        budget = max_steps(
+            target_epsilon=self.target_epsilon, delta=self.delta, noise_multiplier=self.noise_multiplier, sample_rate=q
+        )
+        budget -= self.steps  # a resumed accountant has spent some already
+        if budget <= 0:
+            raise ValueError(
+                f"epsilon={self.target_epsilon:g} does not allow a single step at noise_multiplier="
+                f"{self.noise_multiplier:g}, q={q:.4g}; raise epsilon or the noise multiplier"
+            )
+        self.max_steps = self.steps + min(budget, planned)
+        _log(f"N={n} images, q={q:.5g} (expected batch {trainer.args.batch}), {steps_per_epoch} steps/epoch, "
+             f"{planned} planned, budget allows {budget}, C={self.max_grad_norm:g}, delta={self.delta:g}")
+
+        trainer.train_loader = PoissonLoader(
+            dataset, q, steps_per_epoch, lambda: self.max_steps - self.steps, workers=trainer.train_loader.num_workers
+        )
+        trainer.accumulate = 1  # one noise draw per logical batch; warm-up ramps 1 -> 1
+        trainer.scaler = torch.amp.GradScaler(enabled=False)  # clip true gradients, never loss-scaled ones
+        model.loss = self._private_step_fn(trainer)
+
+    # ----------------------------------------------------------------- the private step
+    def _private_step_fn(self, trainer: Any) -> Callable:
+        model = trainer.model
+        loss_fn = per_image_loss_fn(model)
+        names = _loss_names(model)
+
+        def private_step(batch: dict, preds: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
+            """Replaces ``model.loss`` for the trainer: computes the DP gradient into ``.grad`` and
+            returns a constant loss whose backward touches no parameter."""
+            if self.steps >= self.max_steps:  # the loader never yields past the budget: fail closed
+                raise RuntimeError(f"DP: step {self.steps + 1} would exceed the budget of {self.max_steps}")
+            check_no_train_batchnorm(model)
+            params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+            total = {k: torch.zeros_like(p) for k, p in params.items()}
+            physical = self.physical_batch or max(batch["img"].shape[0], 1)
+            try:
+                for idx in split_physical(list(range(batch["img"].shape[0])), physical):
+                    chunk = sample_batch(model, _select(batch, idx))
+                    sums, norms = clipped_grad_sum(model, loss_fn, chunk, max_grad_norm=self.max_grad_norm)
+                    for k in total:
+                        total[k] += sums[k]
+                    self.nonfinite_samples += int((~torch.isfinite(norms)).sum())
+            except RuntimeError as err:
+                if "out of memory" in str(err).lower():  # Ultralytics would halve `batch` and change q
+                    raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})")
+                raise
+            grad = private_mean(total, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                                expected_batch_size=self.sample_rate * self.num_samples)
+            for k, p in params.items():
+                p.grad = grad[k].to(p.dtype)
+            self.noise_draws += 1
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            if self.steps >= self.max_steps:
+                trainer.stop = True
+                self.stopped_by_budget = self.steps < self.planned_steps
+            dummy = torch.zeros((), device=batch["img"].device, requires_grad=True)
+            # training losses are private statistics: report zeros, not un-noised values
+            return dummy, {name: torch.zeros((), device=dummy.device) for name in names}
+
+        return private_step
+
+    # ----------------------------------------------------------------- reporting
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        eps = self.epsilon
+        _log(f"epoch {trainer.epoch + 1}: epsilon={eps:.4f} (target {self.target_epsilon:g}), delta={self.delta:g}, "
+             f"steps={self.steps}" + (f", {self.nonfinite_samples} non-finite per-image gradients skipped"
+                                      if self.nonfinite_samples else ""))
+        trainer.lr["dp/epsilon"] = round(eps, 6)  # saved into results.csv with this epoch's row
+
+    def on_model_save(self, trainer: Any) -> None:
+        """Write the ``dp`` entry into the checkpoints just saved."""
+        files = [trainer.last] + ([trainer.best] if trainer.best_fitness == trainer.fitness else [])
+        for f in files:
+            if Path(f).exists():
+                write_dp_entry(f, self.info())
+
+    def on_train_end(self, trainer: Any) -> None:
+        for f in (trainer.last, trainer.best):
+            if Path(f).exists() and not torch.load(f, map_location="cpu", weights_only=False).get("dp"):
+                write_dp_entry(f, self.info())
+        trainer.model.__dict__.pop("loss", None)  # back to the class's loss
+        _log(summary_line(self.info()))
+
+
+def write_dp_entry(path: str | Path, info: dict[str, Any]) -> None:
+    """Add ``info`` as the ``dp`` entry of a checkpoint (atomic replace)."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["dp"] = info
+    tmp = path.with_suffix(f".{time.time_ns()}.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def summary_line(info: dict[str, Any]) -> str:
+    return (f"({info['epsilon']:.4f}, {info['delta']:g})-DP per {info['privacy_unit']}: {info['steps']} steps, "
+            f"noise_multiplier={info['noise_multiplier']:.4f}, q={info['sample_rate']:.5g}, "
+            f"C={info['max_grad_norm']:g}, accountant={info['accountant']}"
+            + (", stopped by budget" if info.get("stopped_by_budget") else ""))
+
+
+def check_supported_task(task: str) -> None:
+    if task not in {"detect", "classify"}:
+        raise ValueError(f"task={task!r} is not supported in DP mode; supported: detect, classify")
+
+
+def _loss_names(model: nn.Module) -> tuple[str, ...]:
+    crit = getattr(model, "criterion", None)
+    names = getattr(getattr(crit, "one2one", crit), "loss_names", None)
+    return tuple(names) if names else ("loss",)

@@ -1,0 +1,233 @@
+"""Per-image losses for Ultralytics detection and classification models.
+
+Privacy assumption relied on here: the loss of image i depends on image i and its labels only.
+Ultralytics' detection loss breaks this: ``v8DetectionLoss`` divides by ``target_scores_sum``
+summed over the whole batch, so one image's gradient depends on every other image's labels.
+We normalise by each image's own ``max(target_scores_sum_i, 1)`` instead. The loss of an image
+then equals Ultralytics' loss for that image alone in a batch of one.
+
+Task-aligned assignment has data-dependent shapes and cannot run under ``vmap``. It is per image
+already, so it runs outside ``vmap`` on a detached forward (BatchNorm frozen, so that forward is
+per image too) and yields fixed-shape padded targets and masks, which the differentiable
+per-image loss consumes with weighted sums instead of boolean indexing.
+
+Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``) and
+``ClassificationModel``. Segmentation, pose, OBB and others are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel
+from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss
+from ultralytics.utils.tal import make_anchors
+
+from .grad_sample import Batch, ModelCall, per_sample_grads
+
+SUPPORTED = "detection (YOLOv8/YOLO11/YOLO26 DetectionModel) and classification (ClassificationModel)"
+_DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def _task(model: nn.Module) -> str:
+    if type(model) is DetectionModel:  # subclasses (segment, pose, OBB) have other losses
+        return "detect"
+    if isinstance(model, ClassificationModel):
+        return "classify"
+    raise ValueError(f"unsupported model {type(model).__name__} for differential privacy; supported: {SUPPORTED}")
+
+
+def check_supported(model: nn.Module) -> str:
+    """Return 'detect' or 'classify', or raise naming what is supported."""
+    task = _task(model)
+    if task == "detect":
+        _branches(model)
+    return task
+
+
+def _criterion(model: nn.Module) -> object:
+    if getattr(model, "criterion", None) is None:
+        model.criterion = model.init_criterion()
+    return model.criterion
+
+
+def _branches(model: nn.Module) -> list[tuple[str | None, v8DetectionLoss, float]]:
+    """(output key, branch criterion, weight) for each detection branch, weights as of now (YOLO26's
+    one-to-many / one-to-one weights decay every epoch)."""
+    crit = _criterion(model)
+    if isinstance(crit, E2ELoss) and type(crit.one2many) is v8DetectionLoss:
+        return [("one2many", crit.one2many, crit.o2m), ("one2one", crit.one2one, crit.o2o)]
+    if isinstance(crit, E2EDetectLoss):
+        return [("one2many", crit.one2many, 1.0), ("one2one", crit.one2one, 1.0)]
+    if type(crit) is v8DetectionLoss:
+        return [(None, crit, 1.0)]
+    raise ValueError(f"unsupported detection loss {type(crit).__name__}; supported: {SUPPORTED}")
+
+
+def _parse(preds: object) -> dict:
+    return preds[1] if isinstance(preds, tuple) else preds
+
+
+def _geometry(crit: v8DetectionLoss, p: dict) -> tuple[Tensor, Tensor, Tensor]:
+    anchor_points, stride_tensor = make_anchors(p["feats"], crit.stride, 0.5)
+    imgsz = torch.tensor(p["feats"][0].shape[2:], device=anchor_points.device, dtype=anchor_points.dtype)
+    return anchor_points, stride_tensor, imgsz * crit.stride[0]
+
+
+@torch.no_grad()
+def assign_targets(model: nn.Module, batch: Batch, preds: object | None = None) -> dict[str, Tensor]:
+    """Fixed-shape per-image targets from Ultralytics' task-aligned assigner, on detached predictions.
+
+    Returns, per branch ``b``: ``b.bboxes`` [B, A, 4] (pixels, xyxy), ``b.scores`` [B, A, nc] and
+    ``b.fg`` [B, A] (float mask). The assigner works image by image; padding to the batch's largest
+    label count is masked out, so image i's targets depend on image i only.
+    """
+    if preds is None:
+        preds = model(batch["img"])
+    preds = _parse(preds)
+    out = {}
+    n = batch["img"].shape[0]
+    for key, crit, _ in _branches(model):
+        p = preds[key] if key else preds
+        pred_distri = p["boxes"].permute(0, 2, 1).contiguous()
+        pred_scores = p["scores"].permute(0, 2, 1).contiguous()
+        anchor_points, stride_tensor, imgsz = _geometry(crit, p)
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        targets = crit.preprocess(targets.to(pred_scores.device), n, scale_tensor=imgsz[[1, 0, 1, 0]])
+        gt_labels, gt_bboxes = targets.split((1, 4), 2)
+        mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
+        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
+        _, target_bboxes, target_scores, fg_mask, _ = crit.assigner(
+            pred_scores.sigmoid(),
+            (pred_bboxes * stride_tensor).type(gt_bboxes.dtype),
+            anchor_points * stride_tensor,
+            gt_labels,
+            gt_bboxes,
+            mask_gt,
+        )
+        name = key or "det"
+        out[f"{name}.bboxes"] = target_bboxes.float()
+        out[f"{name}.scores"] = target_scores.float()
+        out[f"{name}.fg"] = fg_mask.float()
+    return out
+
+
+def _ciou(box1: Tensor, box2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Complete IoU of xyxy boxes, as Ultralytics' ``bbox_iou(..., CIoU=True)`` but without
+    in-place ops (which have no ``vmap`` batching rule)."""
+    b1_x1, b1_y1, b1_x2, b1_y2 = box1.unbind(-1)
+    b2_x1, b2_y1, b2_x2, b2_y2 = box2.unbind(-1)
+    w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1 + eps
+    w2, h2 = b2_x2 - b2_x1, b2_y2 - b2_y1 + eps
+    inter = (b1_x2.minimum(b2_x2) - b1_x1.maximum(b2_x1)).clamp(min=0) * (
+        b1_y2.minimum(b2_y2) - b1_y1.maximum(b2_y1)
+    ).clamp(min=0)
+    union = w1 * h1 + w2 * h2 - inter + eps
+    iou = inter / union
+    cw = b1_x2.maximum(b2_x2) - b1_x1.minimum(b2_x1)
+    ch = b1_y2.maximum(b2_y2) - b1_y1.minimum(b2_y1)
+    c2 = cw.pow(2) + ch.pow(2) + eps
+    rho2 = ((b2_x1 + b2_x2 - b1_x1 - b1_x2).pow(2) + (b2_y1 + b2_y2 - b1_y1 - b1_y2).pow(2)) / 4
+    v = (4 / math.pi**2) * ((w2 / h2).atan() - (w1 / h1).atan()).pow(2)
+    alpha = (v / (1 - iou + v + eps)).detach()
+    return iou - (rho2 / c2 + v * alpha)
+
+
+def _bce_with_logits(x: Tensor, y: Tensor) -> Tensor:
+    """``softplus(x) - x*y``: one formula on every path (ATen's fused kernel and the one used
+    under ``vmap``/``grad`` differ slightly at large negative logits)."""
+    return F.softplus(x) - x * y
+
+
+def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) -> Tensor:
+    """[B] gain-weighted (box + cls + dfl/l1) losses, each image normalised by its own score sum."""
+    pred_distri = p["boxes"].permute(0, 2, 1)
+    pred_scores = p["scores"].permute(0, 2, 1)
+    anchor_points, stride_tensor, imgsz = _geometry(crit, p)
+    pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
+    scores = targets[f"{name}.scores"].to(pred_scores.dtype)
+    fg = targets[f"{name}.fg"].to(pred_scores.dtype)
+    target_bboxes = targets[f"{name}.bboxes"].to(pred_scores.dtype) / stride_tensor
+    score_sum = scores.flatten(1).sum(1).clamp(min=1)  # per image, not per batch
+
+    bce = _bce_with_logits(pred_scores, scores)
+    if crit.class_weights is not None:
+        bce = bce * crit.class_weights
+    loss_cls = bce.flatten(1).sum(1) / score_sum
+
+    weight = scores.sum(-1) * fg  # [B, A], zero on background anchors
+    keep = fg.unsqueeze(-1) > 0
+    dummy = pred_bboxes.new_tensor(_DUMMY_BOX)
+    # background anchors see a constant box pair: no gradient and no NaN can come from them
+    iou = _ciou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy))
+    loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
+
+    if crit.use_dfl:
+        reg_max = crit.reg_max
+        ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
+        ltrb = ltrb.clamp(0, reg_max - 1 - 0.01)
+        left = ltrb.long()
+        w_left = left + 1 - ltrb
+        logp = F.log_softmax(pred_distri.reshape(*pred_distri.shape[:2], 4, reg_max), dim=-1)
+        dfl = -(
+            logp.gather(-1, left.unsqueeze(-1)).squeeze(-1) * w_left
+            + logp.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1) * (1 - w_left)
+        ).mean(-1)
+        loss_dfl = (dfl * weight).sum(1) / score_sum
+    else:  # reg_max == 1 (YOLO26): L1 on image-size-normalised ltrb distances
+        scale = stride_tensor / imgsz[[1, 0, 1, 0]]
+        ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
+        l1 = (pred_distri * scale - ltrb * scale).abs().mean(-1)
+        loss_dfl = (l1 * weight).sum(1) / score_sum
+    hyp = crit.hyp
+    return loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
+
+
+def losses_from_preds(model: nn.Module, preds: object, batch: Batch) -> Tensor:
+    """[B] per-image losses from the model's training-mode outputs and per-image targets
+    (``assign_targets`` output for detection, ``cls`` for classification)."""
+    if _task(model) == "classify":
+        logits = preds[1] if isinstance(preds, (list, tuple)) else preds
+        return F.cross_entropy(logits, batch["cls"].long().view(-1), reduction="none")
+    preds = _parse(preds)
+    total = 0.0
+    for key, crit, weight in _branches(model):
+        total = total + weight * _branch_losses(crit, preds[key] if key else preds, batch, key or "det")
+    return total
+
+
+def sample_batch(model: nn.Module, batch: Batch) -> Batch:
+    """The per-sample view of an Ultralytics training batch: every tensor has the images on dim 0
+    (``img`` plus padded targets for detection, ``img`` and ``cls`` for classification)."""
+    if _task(model) == "classify":
+        return {"img": batch["img"], "cls": batch["cls"].view(-1)}
+    return {"img": batch["img"], **assign_targets(model, batch)}
+
+
+def per_image_loss_fn(model: nn.Module) -> Callable[[ModelCall, Batch], Tensor]:
+    """``loss_fn(model_call, sample)`` for the engine: the loss of one image (a batch of one)."""
+
+    def loss_fn(model_call: ModelCall, sample: Batch) -> Tensor:
+        return losses_from_preds(model, model_call(sample["img"]), sample)[0]
+
+    return loss_fn
+
+
+def per_sample_losses(model: nn.Module, batch: Batch) -> Tensor:
+    """[B] loss of each image, depending on that image and its labels only.
+
+    ``model`` as the trainer holds it (``model.args`` set, train mode, BatchNorm frozen) and
+    ``batch`` its preprocessed training batch (``img``, plus ``cls``/``bboxes``/``batch_idx``).
+    """
+    samples = sample_batch(model, batch)
+    return losses_from_preds(model, model(samples["img"]), samples)
+
+
+def per_sample_grad_norms(model: nn.Module, batch: Batch, *, chunk_size: int | None = None) -> Tensor:
+    """[B] L2 norm of each image's gradient over all trainable parameters (before clipping)."""
+    grads = per_sample_grads(model, per_image_loss_fn(model), sample_batch(model, batch), chunk_size=chunk_size)
+    return torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())).float()
