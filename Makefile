@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/train_detection.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -267,7 +267,7 @@ class DifferentialPrivacy:
         args = trainer.args
         explicit = self._explicit
         if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
-            explicit = {k: getattr(args, k) for k in (*MIXING_AUGMENTATIONS, "rect", "batch", "compile", "plots")
+            explicit = {k: getattr(args, k) for k in (*MIXING_AUGMENTATIONS, "rect", "batch", "compile", "plots", "amp")
                         if getattr(args, k) != DEFAULT_CFG_DICT.get(k)}
         self._check_explicit({**explicit, "batch": args.batch})
         check_supported_task(args.task)
@@ -278,6 +278,10 @@ class DifferentialPrivacy:
         if overridden:
             _log(f"turned off {', '.join(overridden)}: augmentations that mix images break per-image DP "
                  "(per-image augmentations stay on)")
+        if not explicit.get("amp") and args.amp and trainer.device.type != "cpu":
+            args.amp = False
+            _log("amp=False: Ultralytics' AMP check downloads yolo26n.pt; pass amp=True explicitly to use AMP "
+                 "(gradients are clipped unscaled either way)")
         if explicit.get("plots"):
             _warn("plots=True: train_batch*.jpg and labels.jpg show private training images and label statistics")
         else:

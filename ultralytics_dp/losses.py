@@ -42,10 +42,13 @@ def _task(model: nn.Module) -> str:
 
 
 def check_supported(model: nn.Module) -> str:
-    """Return 'detect' or 'classify', or raise naming what is supported."""
+    """Return 'detect' or 'classify', or raise naming what is supported. Creates the model's
+    criterion (the trainer reads it at every epoch end)."""
     task = _task(model)
     if task == "detect":
         _branches(model)
+    else:
+        _criterion(model)
     return task
 
 
