@@ -6,6 +6,7 @@ Bad input gives a one-line error on stderr and exit code 2.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,9 @@ Usage:
       batch is the expected (Poisson) batch size
   yolo-dp report path/to/weights.pt
       print the privacy guarantee recorded in a checkpoint
+  yolo-dp robustness model=a.pt[,b.pt] data=D noise=0,0.05,0.1,0.2 [seed=0] [out=runs/robustness] ...
+      validation metric against Gaussian input noise (this is not differential privacy);
+      writes robustness.csv and robustness.png
   yolo-dp val|predict|export ...
       passed to Ultralytics' `yolo` unchanged (data=digits-det/digits-cls resolve)
   yolo-dp privacy n=N batch=B epochs=E [delta=1e-5] (noise=SIGMA | epsilon=EPS)
@@ -145,7 +149,35 @@ def passthrough(mode: str) -> Callable[[list[str]], int]:
     return run
 
 
+def robustness(args: list[str]) -> int:
+    """``yolo-dp robustness``: validate each model at each input-noise level, write CSV + PNG."""
+    from .perturb import evaluate, write_report
+
+    pairs = parse_pairs(args)
+    for key in ("model", "data", "noise"):
+        if not pairs.get(key):
+            raise UsageError(f"missing {key}=")
+    try:
+        levels = [float(v) for v in pairs.pop("noise").split(",")]
+    except ValueError:
+        raise UsageError("noise must be a comma-separated list of numbers, e.g. noise=0,0.05,0.1") from None
+    if any(not math.isfinite(v) or v < 0 for v in levels):
+        raise UsageError(f"noise levels must be finite and >= 0, got {levels}")
+    models = pairs.pop("model").split(",")
+    data = pairs.pop("data")
+    seed = _number(pairs, "seed", int, default=0)
+    pairs.pop("seed", None)
+    out = pairs.pop("out", "runs/robustness")
+    rows = evaluate(models, data, levels, seed=seed, **{k: _smart(v) for k, v in pairs.items()})
+    csv_path, png_path = write_report(rows, out)
+    for row in rows:
+        print(f"{row['model']}  noise={row['noise']:g}  {row['metric']}={row['value']:.4f}")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
 MODES: dict[str, Callable[[list[str]], int]] = {
+    "robustness": robustness,
     "privacy": privacy,
     "train": train,
     "report": report,
