@@ -44,6 +44,27 @@ def noise_generator(device: torch.device | str) -> torch.Generator:
     return _generators[device]
 
 
+def secure_uniform(n: int) -> Tensor:
+    """``n`` float64 uniforms in (0, 1) from 53 random bits each of the OS CSPRNG."""
+    words = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else torch.zeros(0, dtype=torch.int64)
+    return (((words >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+def secure_normal(shape: torch.Size | tuple[int, ...], *, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Standard normal draws from the OS CSPRNG (``os.urandom``), not from a seedable PRNG.
+
+    Box-Muller (both outputs) on 53-bit uniforms in float64; each value is the sum of 4 independent draws scaled
+    by 1/2, which blurs the low-order-bit patterns that floating-point attacks on Gaussian samplers
+    exploit (Mironov 2012; Jin et al. 2022). That is a mitigation, not a proof: the result is still
+    a floating-point approximation of a Gaussian.
+    """
+    n = math.prod(shape)
+    u = secure_uniform(4 * n).view(2, 2, n)
+    r, theta = torch.sqrt(-2.0 * torch.log(u[:, 0])), 2 * math.pi * u[:, 1]
+    z = (r * torch.cos(theta)).sum(0) + (r * torch.sin(theta)).sum(0)  # 4 independent N(0, 1)
+    return (z / 2).view(shape).to(device=device, dtype=dtype)
+
+
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -93,18 +114,26 @@ def add_noise(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator | None = None,
+    secure: bool = False,
 ) -> dict[str, Tensor]:
     """A new dict with independent N(0, (sigma*C)^2) added to every coordinate.
 
     ``generator=None`` uses the engine's OS-seeded generator (never torch's global RNG).
+    ``secure=True`` draws from the OS CSPRNG instead (``secure_normal``) and refuses a generator,
+    since a seedable generator is exactly what secure mode rules out.
     """
     _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     _check_positive("max_grad_norm", max_grad_norm)
+    if secure and generator is not None:
+        raise ValueError("secure mode draws noise from OS entropy; it refuses a (reproducible) generator")
     std = noise_multiplier * max_grad_norm
     noisy = {}
     for k, g in grad_sum.items():
-        gen = generator if generator is not None else noise_generator(g.device)
-        noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+        if secure:
+            noise = secure_normal(g.shape, device=g.device, dtype=g.dtype)
+        else:
+            gen = generator if generator is not None else noise_generator(g.device)
+            noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
         noisy[k] = g + std * noise
     return noisy
 
@@ -116,6 +145,7 @@ def private_mean(
     max_grad_norm: float,
     expected_batch_size: float,
     generator: torch.Generator | None = None,
+    secure: bool = False,
 ) -> dict[str, Tensor]:
     """``(sum_i clip(g_i) + noise) / (q*N)``: the gradient the optimizer steps on.
 
@@ -123,6 +153,6 @@ def private_mean(
     """
     _check_positive("expected_batch_size", expected_batch_size)
     noisy = add_noise(
-        grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator
+        grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator, secure=secure
     )
     return {k: v / expected_batch_size for k, v in noisy.items()}

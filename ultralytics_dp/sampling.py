@@ -17,11 +17,14 @@ from typing import Iterator
 
 import torch
 
-from .mechanism import os_seeded_generator
+from .mechanism import os_seeded_generator, secure_uniform
 
 
 class PoissonBatchSampler:
-    """Yields ``steps`` lists of indices; each index is in each list independently with prob. q."""
+    """Yields ``steps`` lists of indices; each index is in each list independently with prob. q.
+
+    ``secure=True`` draws the inclusions from the OS CSPRNG instead of a seedable generator.
+    """
 
     def __init__(
         self,
@@ -29,6 +32,7 @@ class PoissonBatchSampler:
         sample_rate: float,
         steps: int,
         generator: torch.Generator | None = None,
+        secure: bool = False,
     ) -> None:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
@@ -39,6 +43,9 @@ class PoissonBatchSampler:
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.steps = steps
+        if secure and generator is not None:
+            raise ValueError("secure sampling draws from OS entropy; it refuses a (reproducible) generator")
+        self.secure = secure
         self.generator = generator if generator is not None else os_seeded_generator()
 
     def __len__(self) -> int:
@@ -46,7 +53,10 @@ class PoissonBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            uniform = secure_uniform(self.num_samples) if self.secure else torch.rand(
+                self.num_samples, generator=self.generator, dtype=torch.float64
+            )
+            mask = uniform < self.sample_rate
             yield mask.nonzero().flatten().tolist()
 
 
