@@ -13,6 +13,7 @@ _TMP = Path(tempfile.mkdtemp(prefix="ultralytics-dp-tests-"))
 # Before anything imports Ultralytics: its settings and font live here, datasets are built here.
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP / "config"))
 os.environ.setdefault("ULTRALYTICS_DP_DATA", str(_TMP / "data"))
+os.environ.setdefault("ULTRALYTICS_DP_LEDGER", str(_TMP / "ledger.sqlite"))
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ computed on private data without noise.
 from __future__ import annotations
 
 import math
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__, datasets, offline
-from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, get_noise_multiplier, max_steps, plan
+from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, Segment, get_noise_multiplier, max_steps, plan
+from .ledger import Ledger
 from .grad_sample import check_no_train_batchnorm
 from .losses import check_supported, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
@@ -88,12 +91,14 @@ class PoissonLoader:
     """
 
     def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
-                 workers: int = 0) -> None:
+                 reserve: Callable[[int], None], workers: int = 0, secure: bool = False) -> None:
         self.dataset = dataset
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
         self.budget = budget  # steps still allowed
+        self.reserve = reserve  # write-ahead: called with the epoch's step count before its first step
         self.num_workers = workers
+        self.secure = secure
         self._collate = getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate
         self._empty = None
 
@@ -112,12 +117,14 @@ class PoissonLoader:
         return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._empty.items()}
 
     def __iter__(self):
+        # a generator: nothing runs (and nothing is reserved) until the first batch is asked for;
+        # the trainer creates, and drops, one extra iterator per epoch
         steps = min(self.steps_per_epoch, self.budget())
-        sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps)
-        loader = torch.utils.data.DataLoader(
+        self.reserve(steps)
+        sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps, secure=self.secure)
+        yield from torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=self._collate_or_empty, num_workers=self.num_workers
         )
-        return iter(loader)
 
 
 class DifferentialPrivacy:
@@ -127,6 +134,11 @@ class DifferentialPrivacy:
     either way training stops before the step that would exceed ``epsilon``. Ultralytics' ``batch``
     is the *expected* logical batch size: q = batch / N. ``physical_batch`` caps how many images'
     gradients are computed at once (memory), without changing q.
+
+    Every run is recorded in the write-ahead ledger (``ledger=`` path, ``$ULTRALYTICS_DP_LEDGER``
+    or the user config dir; ``ledger=False`` opts out) under a fingerprint of the training set.
+    ``dataset_budget`` caps the epsilon of all runs on that dataset together. ``secure_mode`` draws
+    noise and batches from the OS CSPRNG.
     """
 
     def __init__(
@@ -136,6 +148,10 @@ class DifferentialPrivacy:
         max_grad_norm: float = 1.0,
         noise_multiplier: float | None = None,
         physical_batch: int | None = None,
+        *,
+        dataset_budget: float | None = None,
+        ledger: str | Path | bool | None = None,
+        secure_mode: bool = False,
     ) -> None:
         for name, value in (("epsilon", epsilon), ("delta", delta), ("max_grad_norm", max_grad_norm)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -150,10 +166,20 @@ class DifferentialPrivacy:
             raise ValueError(f"noise_multiplier must be > 0 (or None to calibrate it), got {noise_multiplier}")
         if physical_batch is not None and (not isinstance(physical_batch, int) or physical_batch < 1):
             raise ValueError(f"physical_batch must be an integer >= 1, got {physical_batch!r}")
+        if dataset_budget is not None and (not math.isfinite(dataset_budget) or dataset_budget <= 0):
+            raise ValueError(f"dataset_budget must be a finite epsilon > 0, got {dataset_budget}")
+        self.dataset_budget = dataset_budget
+        self.secure_mode = bool(secure_mode)
+        # ledger=False turns it off; None means the default path (or $ULTRALYTICS_DP_LEDGER)
+        self.ledger = None if ledger is False else Ledger(None if ledger is True else ledger)
+        self.fingerprint: str | None = None
+        self.run_id: int | None = None
+        self._resume: dict[str, Any] | None = None
         self.target_epsilon = float(epsilon)
         self.delta = float(delta)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = noise_multiplier
+        self._given_sigma = noise_multiplier is not None
         self.physical_batch = physical_batch
         self.accountant = PrivacyAccountant()
         self.sample_rate: float | None = None
@@ -165,6 +191,7 @@ class DifferentialPrivacy:
         self.stopped_by_budget = False
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._explicit: dict[str, Any] | None = None
+        self.save_dir: Path | None = None
         self.callbacks: dict[str, Callable] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
@@ -206,10 +233,27 @@ class DifferentialPrivacy:
             self._check_explicit(self._explicit)
             if "data" in kwargs:
                 kwargs["data"] = datasets.resolve(kwargs["data"])
-            return train(*args, **kwargs)
+            try:
+                return train(*args, **kwargs)
+            except FileNotFoundError as err:  # Ultralytics' multi-line "Error loading data ..."
+                self._discard_unstarted_run()
+                raise ValueError(f"cannot load the training set: {_one_line(err)}") from None
+            except Exception:
+                self._discard_unstarted_run()
+                raise
 
         model.train = private_train
         return self
+
+    def _discard_unstarted_run(self) -> None:
+        """A run refused before its first step leaves nothing behind: remove the save dir that
+        Ultralytics created for it if it holds only its args.yaml (and an empty weights dir)."""
+        save_dir = getattr(self, "save_dir", None)
+        if self.noise_draws or save_dir is None or not save_dir.is_dir():
+            return
+        files = [p for p in save_dir.rglob("*") if p.is_file()]
+        if all(p.name == "args.yaml" for p in files):
+            shutil.rmtree(save_dir, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
         """The ``dp`` entry written into checkpoints."""
@@ -221,10 +265,13 @@ class DifferentialPrivacy:
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "max_grad_norm": self.max_grad_norm,
-            "num_samples": self.num_samples,
             "stopped_by_budget": self.stopped_by_budget,
+            "num_samples": self.num_samples,
             "accountant": ACCOUNTANT_NAME,
             "accountant_state": self.accountant.state_dict(),
+            "secure_mode": self.secure_mode,
+            "dataset_fingerprint": self.fingerprint,
+            "run_id": self.run_id,
             "privacy_unit": PRIVACY_UNIT,
             "version": __version__,
         }
@@ -264,6 +311,7 @@ class DifferentialPrivacy:
         from ultralytics.cfg import DEFAULT_CFG_DICT
 
         offline.patch_ultralytics()
+        self.save_dir = Path(trainer.save_dir)  # created by Ultralytics; removed if the run is refused
         args = trainer.args
         explicit = self._explicit
         if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
@@ -287,6 +335,12 @@ class DifferentialPrivacy:
         else:
             args.plots = False
         args.data = datasets.resolve(args.data)
+        if args.resume:
+            state = torch.load(args.resume, map_location="cpu", weights_only=False).get("dp")
+            if not state:
+                raise ValueError(f"{args.resume} has no 'dp' entry: it was not trained privately, so it cannot "
+                                 "resume a private run; start a new run instead")
+            self._resume = state
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
         """Model, loader and optimizer exist: freeze BN, plan the budget, install the private step."""
@@ -302,9 +356,8 @@ class DifferentialPrivacy:
         trainer._model_train = model_train
 
         dataset = trainer.train_loader.dataset
+        check_training_set(dataset)
         n = len(dataset)
-        if n < 2:
-            raise ValueError(f"the training set has {n} image(s); differential privacy needs at least 2")
         if self.delta >= 1 / n:
             raise ValueError(
                 f"delta={self.delta:g} must be < 1/N = {1 / n:.3g} for N={n} training images "
@@ -312,6 +365,8 @@ class DifferentialPrivacy:
             )
         q, planned = plan(num_samples=n, batch_size=float(trainer.args.batch), epochs=float(trainer.epochs))
         steps_per_epoch = planned // trainer.epochs
+        if self._resume is not None:
+            self._restore(self._resume, n, q)
         self.num_samples, self.sample_rate, self.planned_steps = n, q, planned
         if self.noise_multiplier is None:
             self.noise_multiplier = get_noise_multiplier(
@@ -321,23 +376,95 @@ class DifferentialPrivacy:
                  f"over {planned} steps")
         budget = max_steps(
             target_epsilon=self.target_epsilon, delta=self.delta, noise_multiplier=self.noise_multiplier, sample_rate=q
-        )
-        budget -= self.steps  # a resumed accountant has spent some already
+        ) - self.steps  # a resumed accountant has spent some already
         if budget <= 0:
             raise ValueError(
-                f"epsilon={self.target_epsilon:g} does not allow a single step at noise_multiplier="
+                f"epsilon={self.target_epsilon:g} does not allow another step at noise_multiplier="
                 f"{self.noise_multiplier:g}, q={q:.4g}; raise epsilon or the noise multiplier"
             )
-        self.max_steps = self.steps + min(budget, planned)
+        remaining = min(budget, planned - self.steps)
+        if self.ledger is not None:
+            remaining = self._open_ledger_run(trainer, dataset, remaining)
+        self.max_steps = self.steps + remaining
         _log(f"N={n} images, q={q:.5g} (expected batch {trainer.args.batch}), {steps_per_epoch} steps/epoch, "
-             f"{planned} planned, budget allows {budget}, C={self.max_grad_norm:g}, delta={self.delta:g}")
+             f"{planned} planned, {remaining} allowed from step {self.steps}, C={self.max_grad_norm:g}, "
+             f"delta={self.delta:g}" + (", secure mode" if self.secure_mode else ""))
 
         trainer.train_loader = PoissonLoader(
-            dataset, q, steps_per_epoch, lambda: self.max_steps - self.steps, workers=trainer.train_loader.num_workers
+            dataset, q, steps_per_epoch, lambda: self.max_steps - self.steps, self._reserve,
+            workers=trainer.train_loader.num_workers, secure=self.secure_mode,
         )
         trainer.accumulate = 1  # one noise draw per logical batch; warm-up ramps 1 -> 1
         trainer.scaler = torch.amp.GradScaler(enabled=False)  # clip true gradients, never loss-scaled ones
         model.loss = self._private_step_fn(trainer)
+
+    # ----------------------------------------------------------------- ledger and resume
+    def _open_ledger_run(self, trainer: Any, dataset: Any, remaining: int) -> int:
+        """Fingerprint the training set, check the dataset's lifetime budget, record the run.
+
+        Returns how many steps this run may take: fewer than ``remaining`` when a given
+        noise_multiplier would push the dataset past its budget. Nothing is written when the run
+        is refused."""
+        fingerprint = self.ledger.fingerprint(dataset_records(dataset))
+        known = self.ledger.dataset(fingerprint) or {}
+        budgets = [b for b in (self.dataset_budget, known.get("budget")) if b is not None]
+        if budgets:
+            budget, delta = min(budgets), known.get("delta", self.delta)
+            planned = Segment(self.noise_multiplier, self.sample_rate, remaining)
+            if self.ledger.epsilon(fingerprint, [planned], delta=delta) > budget:
+                allowed = self._steps_within(fingerprint, delta, budget, remaining) if self._given_sigma else 0
+                if allowed == 0:
+                    spent = self.ledger.epsilon(fingerprint, delta=delta)
+                    raise ValueError(
+                        f"this run would take the dataset past its lifetime budget epsilon={budget:g}: it has "
+                        f"spent {spent:.4f} (at delta={delta:g}), {max(budget - spent, 0):.4f} is left; lower "
+                        "epsilon or epochs, or give noise_multiplier to train until the budget is reached"
+                    )
+                _log(f"dataset budget epsilon={budget:g} allows {allowed} of {remaining} steps")
+                remaining = allowed
+        self.ledger.register_dataset(fingerprint, delta=self.delta, num_samples=len(dataset),
+                                     budget=self.dataset_budget, description=str(trainer.args.data))
+        self.fingerprint = fingerprint
+        if self.run_id is None:  # a resumed run keeps appending to its own record
+            self.run_id = self.ledger.start_run(fingerprint, self._settings(), name=str(trainer.save_dir))
+        return remaining
+
+    def _steps_within(self, fingerprint: str, delta: float, budget: float, upper: int) -> int:
+        """Largest T <= upper whose addition keeps the dataset's epsilon within ``budget``."""
+        lo, hi = 0, upper + 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            seg = Segment(self.noise_multiplier, self.sample_rate, mid)
+            lo, hi = (mid, hi) if self.ledger.epsilon(fingerprint, [seg], delta=delta) <= budget else (lo, mid)
+        return lo
+
+    def _reserve(self, steps: int) -> None:
+        """Write-ahead: record the epoch's steps in the ledger before the first of them is taken."""
+        if self.ledger is not None and self.run_id is not None:
+            self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.noise_multiplier,
+                                sample_rate=self.sample_rate)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"target_epsilon": self.target_epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
+                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "num_samples": self.num_samples}
+
+    def _restore(self, state: dict[str, Any], n: int, q: float) -> None:
+        """Continue a run from its checkpoint's ``dp`` entry; any change of DP settings is an error."""
+        expected = {"target_epsilon": self.target_epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
+                    "num_samples": n, "sample_rate": q}
+        if self._given_sigma:
+            expected["noise_multiplier"] = self.noise_multiplier
+        changed = [f"{k}: {state.get(k)} -> {v}" for k, v in expected.items()
+                   if state.get(k) is None or not math.isclose(state[k], v, rel_tol=1e-9)]
+        if changed:
+            raise ValueError(f"resume must keep the DP settings of the run ({', '.join(changed)}); start a new run "
+                             "instead (the ledger composes it with this one)")
+        self.noise_multiplier = state["noise_multiplier"]
+        self.accountant.load_state_dict(state["accountant_state"])
+        self.noise_draws = self.accountant.steps
+        self.run_id = state.get("run_id")
+        _log(f"resumed at step {self.steps} (epsilon={self.epsilon:.4f}) with noise_multiplier={self.noise_multiplier:g}")
 
     # ----------------------------------------------------------------- the private step
     def _private_step_fn(self, trainer: Any) -> Callable:
@@ -366,7 +493,7 @@ class DifferentialPrivacy:
                     raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})")
                 raise
             grad = private_mean(total, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                                expected_batch_size=self.sample_rate * self.num_samples)
+                                expected_batch_size=self.sample_rate * self.num_samples, secure=self.secure_mode)
             for k, p in params.items():
                 p.grad = grad[k].to(p.dtype)
             self.noise_draws += 1
@@ -401,6 +528,55 @@ class DifferentialPrivacy:
                 write_dp_entry(f, self.info())
         trainer.model.__dict__.pop("loss", None)  # back to the class's loss
         _log(summary_line(self.info()))
+
+
+def dataset_records(dataset: Any) -> list[tuple[str, str]]:
+    """(image path, label text) for every record the trainer will sample from: the input of the
+    ledger's fingerprint. Detection: the YOLO label file; classification: the class index."""
+    if hasattr(dataset, "label_files"):
+        return [(im, Path(lb).read_text() if Path(lb).exists() else "")
+                for im, lb in zip(dataset.im_files, dataset.label_files)]
+    return [(str(sample[0]), str(sample[1])) for sample in dataset.samples]
+
+
+def check_training_set(dataset: Any) -> None:
+    """Refuse, before any step, a training set that is too small, has corrupt or out-of-range
+    labels, or lost images that Ultralytics silently dropped as corrupt (N would be wrong)."""
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"the training set has {n} image(s); differential privacy needs at least 2")
+    if not hasattr(dataset, "label_files"):
+        return
+    from ultralytics.data.utils import img2label_paths
+
+    every_image = dataset.get_img_files(dataset.img_path)
+    nc = len(dataset.data["names"])
+    for label_file in img2label_paths(every_image):
+        path = Path(label_file)
+        if not path.exists():
+            continue  # an image without labels is a valid record (background)
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                raise ValueError(f"corrupt label file {path} line {lineno}: {line!r} is not numbers") from None
+            if len(values) < 5 or len(values) % 2 == 0:
+                raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h', got {line!r}")
+            if not values[0].is_integer() or not 0 <= values[0] < nc:
+                raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside 0..{nc - 1}")
+            if not all(0 <= v <= 1 for v in values[1:]):
+                raise ValueError(f"label file {path} line {lineno}: coordinates must be normalised to [0, 1]")
+    if len(every_image) != n:
+        raise ValueError(f"Ultralytics dropped {len(every_image) - n} of {len(every_image)} training images as "
+                         "corrupt; fix or remove them so the training set is what you think it is")
+
+
+def _one_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def write_dp_entry(path: str | Path, info: dict[str, Any]) -> None:

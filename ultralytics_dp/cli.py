@@ -17,9 +17,12 @@ HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytic
 
 Usage:
   yolo-dp train epsilon=EPS [delta=1e-5] [max_grad_norm=1.0] [noise_multiplier=SIGMA] [physical_batch=B]
+          [dataset_budget=EPS] [ledger=PATH] [secure_mode=true]
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
       private training; every key but the DP keys goes to Ultralytics unchanged,
       batch is the expected (Poisson) batch size
+  yolo-dp ledger [--json] [ledger=PATH]
+      every dataset trained on privately, its runs and the epsilon they add up to
   yolo-dp report path/to/weights.pt
       print the privacy guarantee recorded in a checkpoint
   yolo-dp robustness model=a.pt[,b.pt] data=D noise=0,0.05,0.1,0.2 [seed=0] [out=runs/robustness] ...
@@ -56,7 +59,8 @@ def _number(pairs: dict[str, str], key: str, kind: Callable[[str], object] = flo
     try:
         return kind(pairs[key])
     except ValueError:
-        raise UsageError(f"{key} must be a {kind.__name__}, got {pairs[key]!r}") from None
+        name = {"flag": "true/false"}.get(kind.__name__, kind.__name__)
+        raise UsageError(f"{key} must be a {name}, got {pairs[key]!r}") from None
 
 
 def privacy(args: list[str]) -> int:
@@ -87,8 +91,16 @@ def privacy(args: list[str]) -> int:
     return 0
 
 
+def flag(value: str) -> bool:
+    """'true'/'false' (any case), '1'/'0'."""
+    lowered = value.strip().lower()
+    if lowered not in {"true", "false", "1", "0"}:
+        raise ValueError(f"expected true or false, got {value!r}")
+    return lowered in {"true", "1"}
+
+
 DP_KEYS = {"epsilon": float, "delta": float, "max_grad_norm": float, "noise_multiplier": float,
-           "physical_batch": int}
+           "physical_batch": int, "dataset_budget": float, "ledger": str, "secure_mode": flag}
 
 
 def train(args: list[str]) -> int:
@@ -116,6 +128,33 @@ def _smart(value: str) -> object:
     from ultralytics.cfg import smart_value
 
     return smart_value(value)
+
+
+def ledger(args: list[str]) -> int:
+    """``yolo-dp ledger [--json] [ledger=PATH]``: datasets, runs and total epsilon per dataset."""
+    import json
+
+    from .ledger import Ledger
+
+    as_json = "--json" in args
+    pairs = parse_pairs([a for a in args if a != "--json"])
+    unknown = set(pairs) - {"ledger"}
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))} for 'ledger'")
+    book = Ledger(pairs.get("ledger"))
+    summary = book.summary()
+    if as_json:
+        print(json.dumps({"ledger": str(book.path), "datasets": summary}, indent=2))
+        return 0
+    print(f"ledger {book.path}: {len(summary)} dataset(s)")
+    for ds in summary:
+        budget = f", budget {ds['budget']:g}" if ds["budget"] else ""
+        print(f"dataset {ds['fingerprint'][:12]} ({ds['description']}, N={ds['num_samples']}): "
+              f"epsilon={ds['epsilon']:.4f} at delta={ds['delta']:g}{budget}, {len(ds['runs'])} run(s)")
+        for run in ds["runs"]:
+            print(f"  run {run['id']}: {run['steps']} steps, noise_multiplier={run['noise_multiplier']:.4f}, "
+                  f"q={run['sample_rate']:.5g}, target epsilon={run['target_epsilon']:g}  {run['name']}")
+    return 0
 
 
 def report(args: list[str]) -> int:
@@ -181,6 +220,7 @@ MODES: dict[str, Callable[[list[str]], int]] = {
     "privacy": privacy,
     "train": train,
     "report": report,
+    "ledger": ledger,
     **{mode: passthrough(mode) for mode in ("val", "predict", "export")},
 }
 
