@@ -128,6 +128,28 @@ def test_detection_per_sample_gradients_are_exact(cfg):
     assert rel <= 1e-4
 
 
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml", "yolo26n-cls.yaml"])
+@pytest.mark.parametrize("max_grad_norm", [1e6, 0.003])
+def test_ghost_path_matches_torch_func_path(cfg, max_grad_norm):
+    from ultralytics_dp.ghost import clipped_grad_sum_ghost, supports
+    from ultralytics_dp.losses import batch_losses
+
+    model = trainer_model(cfg)
+    assert supports(model)
+    if cfg.endswith("-cls.yaml"):
+        batch = {"img": torch.rand(5, 3, 32, 32), "cls": torch.tensor([1, 2, 3, 4, 0])}
+    else:
+        batch = det_batch([1, 0, 3, 2, 5])
+    ref, ref_norms = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch),
+                                      max_grad_norm=max_grad_norm)
+    ours, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=max_grad_norm)
+    assert torch.allclose(norms, ref_norms, rtol=1e-5)
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert ((flat(ours) - flat(ref)).norm() / flat(ref).norm()).item() <= 1e-5
+    if max_grad_norm < 1:
+        assert (ref_norms > max_grad_norm).any()  # clipping was exercised
+
+
 def _bn_state(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
 
@@ -191,7 +213,7 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
 def test_small_budget_stops_before_exceeding(tiny_det, tmp_path):
     from ultralytics_dp.accounting import compute_epsilon
 
-    dp = DifferentialPrivacy(epsilon=3.0, delta=1e-3, noise_multiplier=1.0, physical_batch=8)
+    dp = DifferentialPrivacy(epsilon=3.0, delta=1e-3, noise_multiplier=1.0, physical_batch=8, grad_method="vmap")
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=5)  # 20 steps planned, ~5 affordable
     assert dp.stopped_by_budget
     assert 0 < dp.steps < 20 and spy.optimizer_steps == dp.noise_draws == dp.steps

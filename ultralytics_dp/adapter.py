@@ -33,15 +33,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import __version__, datasets, offline
+from . import __version__, datasets, ghost, offline
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, Segment, get_noise_multiplier, max_steps, plan
 from .ledger import Ledger
 from .grad_sample import check_no_train_batchnorm
-from .losses import check_supported, per_image_loss_fn, sample_batch
+from .losses import batch_losses, check_supported, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
 from .sampling import PoissonBatchSampler, split_physical
 
 MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
+# "ghost": norms without per-sample gradients + book-keeping (Conv2d/Linear/BN models);
+# "vmap": torch.func per-sample gradients (any layer); "auto": ghost where supported
+GRAD_METHODS = ("auto", "ghost", "vmap")
 PRIVACY_UNIT = "image"
 
 
@@ -138,7 +141,10 @@ class DifferentialPrivacy:
     Every run is recorded in the write-ahead ledger (``ledger=`` path, ``$ULTRALYTICS_DP_LEDGER``
     or the user config dir; ``ledger=False`` opts out) under a fingerprint of the training set.
     ``dataset_budget`` caps the epsilon of all runs on that dataset together. ``secure_mode`` draws
-    noise and batches from the OS CSPRNG.
+    noise and batches from the OS CSPRNG. ``grad_method`` picks how clipped sums are computed:
+    "ghost" (mixed ghost clipping + book-keeping, one forward and one backward), "vmap"
+    (``torch.func`` per-sample gradients) or "auto" (ghost when every layer supports it); both give
+    the same clipped sum.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class DifferentialPrivacy:
         dataset_budget: float | None = None,
         ledger: str | Path | bool | None = None,
         secure_mode: bool = False,
+        grad_method: str = "auto",
     ) -> None:
         for name, value in (("epsilon", epsilon), ("delta", delta), ("max_grad_norm", max_grad_norm)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -168,6 +175,9 @@ class DifferentialPrivacy:
             raise ValueError(f"physical_batch must be an integer >= 1, got {physical_batch!r}")
         if dataset_budget is not None and (not math.isfinite(dataset_budget) or dataset_budget <= 0):
             raise ValueError(f"dataset_budget must be a finite epsilon > 0, got {dataset_budget}")
+        if grad_method not in GRAD_METHODS:
+            raise ValueError(f"grad_method must be one of {', '.join(GRAD_METHODS)}, got {grad_method!r}")
+        self.grad_method = grad_method
         self.dataset_budget = dataset_budget
         self.secure_mode = bool(secure_mode)
         # ledger=False turns it off; None means the default path (or $ULTRALYTICS_DP_LEDGER)
@@ -469,8 +479,20 @@ class DifferentialPrivacy:
     # ----------------------------------------------------------------- the private step
     def _private_step_fn(self, trainer: Any) -> Callable:
         model = trainer.model
-        loss_fn = per_image_loss_fn(model)
         names = _loss_names(model)
+        method = self.grad_method
+        if method == "auto":
+            method = "ghost" if ghost.supports(model) else "vmap"
+        _log(f"per-sample clipping with the {method} path")
+        if method == "ghost":
+            def chunk_clipped_sum(chunk: dict) -> tuple[dict[str, Tensor], Tensor]:
+                return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk),
+                                                    max_grad_norm=self.max_grad_norm)
+        else:
+            loss_fn = per_image_loss_fn(model)
+
+            def chunk_clipped_sum(chunk: dict) -> tuple[dict[str, Tensor], Tensor]:
+                return clipped_grad_sum(model, loss_fn, sample_batch(model, chunk), max_grad_norm=self.max_grad_norm)
 
         def private_step(batch: dict, preds: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
             """Replaces ``model.loss`` for the trainer: computes the DP gradient into ``.grad`` and
@@ -483,8 +505,7 @@ class DifferentialPrivacy:
             physical = self.physical_batch or max(batch["img"].shape[0], 1)
             try:
                 for idx in split_physical(list(range(batch["img"].shape[0])), physical):
-                    chunk = sample_batch(model, _select(batch, idx))
-                    sums, norms = clipped_grad_sum(model, loss_fn, chunk, max_grad_norm=self.max_grad_norm)
+                    sums, norms = chunk_clipped_sum(_select(batch, idx))
                     for k in total:
                         total[k] += sums[k]
                     self.nonfinite_samples += int((~torch.isfinite(norms)).sum())

@@ -211,6 +211,25 @@ def sample_batch(model: nn.Module, batch: Batch) -> Batch:
     return {"img": batch["img"], **assign_targets(model, batch)}
 
 
+def _detached(preds: object) -> object:
+    if isinstance(preds, Tensor):
+        return preds.detach()
+    if isinstance(preds, dict):
+        return {k: _detached(v) for k, v in preds.items()}
+    if isinstance(preds, (list, tuple)):
+        return type(preds)(_detached(v) for v in preds)
+    return preds
+
+
+def batch_losses(model: nn.Module, batch: Batch) -> Tensor:
+    """[B] per-image losses from ONE batched forward: the assignment reuses its detached outputs
+    instead of a second forward (BatchNorm is frozen, so the batched forward is per image)."""
+    preds = model(batch["img"])
+    if _task(model) == "classify":
+        return losses_from_preds(model, preds, {"cls": batch["cls"].view(-1)})
+    return losses_from_preds(model, preds, assign_targets(model, batch, preds=_detached(preds)))
+
+
 def per_image_loss_fn(model: nn.Module) -> Callable[[ModelCall, Batch], Tensor]:
     """``loss_fn(model_call, sample)`` for the engine: the loss of one image (a batch of one)."""
 

@@ -1,0 +1,192 @@
+"""Clipped gradient sums without per-sample gradients: mixed ghost clipping with book-keeping.
+
+One batched forward (hooks keep each layer's input ``a``), one backward to the layer *outputs*
+(hooks keep ``b = dL/d output``), then, per layer:
+
+* per-sample squared gradient norms, either explicitly (form ``g_i = b_i^T unfold(a_i)``) or by
+  the ghost identity ``||g_i||^2 = <a_i a_i^T, b_i b_i^T>`` over spatial positions, whichever costs
+  less for that layer (mixed ghost clipping, Bu et al. 2022);
+* the clipped sum ``sum_i c_i g_i`` as one weighted contraction of ``a`` and ``b``
+  (book-keeping, Bu et al. 2023): no second backward, no per-sample gradient kept.
+
+Privacy assumption relied on here: ``b_i`` is the gradient of image i's loss alone. That holds
+because the summed per-image losses are differentiated and nothing mixes images in the forward
+(BatchNorm in eval mode is checked; the losses are per image, see ``losses``). Supported layers:
+Conv2d (any groups, with or without bias), Linear, and eval-mode BatchNorm affine parameters.
+Any other trainable parameter makes ``supports`` false, and callers use the ``torch.func`` path.
+This module must not import Ultralytics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grad_sample import check_no_train_batchnorm
+from .mechanism import CLIP_EPS
+
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that directly own a trainable parameter."""
+    return {name: m for name, m in model.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))}
+
+
+def supports(model: nn.Module) -> bool:
+    """True if every trainable parameter belongs to a layer type this path handles."""
+    return all(
+        isinstance(m, SUPPORTED) and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros"
+                                                                          or isinstance(m.padding, str)))
+        for m in _layers(model).values()
+    )
+
+
+def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
+    """[B, groups, C_in/groups * kh * kw, T] patches of the conv input."""
+    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    return cols.view(a.shape[0], m.groups, -1, cols.shape[-1])
+
+
+def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[tuple[str, Tensor, Tensor | None]]:
+    """(param name, left, right) factors with per-sample grad_i = left_i @ right_i^T over the
+    position axis; ``right=None`` means grad_i = sum of left_i over positions (a bias)."""
+    n = a.shape[0]
+    if isinstance(m, nn.Conv2d):
+        cols = _conv_unfold(m, a)  # [B, G, D, T]
+        grads = b.reshape(n, m.groups, -1, b.shape[2] * b.shape[3])  # [B, G, O, T]
+        terms = [("weight", grads, cols)]
+        if m.bias is not None and m.bias.requires_grad:
+            terms.append(("bias", grads, None))
+        return terms
+    if isinstance(m, nn.Linear):
+        a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(n, -1, b.shape[-1])
+        terms = [("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1))]
+        if m.bias is not None and m.bias.requires_grad:
+            terms.append(("bias", b3.transpose(1, 2).unsqueeze(1), None))
+        return terms
+    # eval-mode BatchNorm: y = gamma * xhat + beta, xhat from the running statistics
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    prod = (b * xhat).reshape(n, 1, a.shape[1], -1).sum(-1, keepdim=True)  # [B, 1, C, 1]
+    terms = []
+    if m.weight is not None and m.weight.requires_grad:
+        terms.append(("weight", prod, None))
+    if m.bias is not None and m.bias.requires_grad:
+        terms.append(("bias", b.reshape(n, 1, a.shape[1], -1), None))
+    return terms
+
+
+def _sq_norms(left: Tensor, right: Tensor | None) -> Tensor:
+    """[B] squared Frobenius norms of grad_i = left_i @ right_i^T, by the cheaper of explicit
+    formation (B*G*O*D*T) and the ghost identity (B*G*T^2*(O+D))."""
+    if right is None:
+        return left.sum(-1).pow(2).flatten(1).sum(1)
+    _, _, o, t = left.shape
+    d = right.shape[2]
+    if t * t * (o + d) < o * d * t:
+        gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
+        gram_b = left.transpose(2, 3) @ left
+        return (gram_a * gram_b).flatten(1).sum(1)
+    return (left @ right.transpose(2, 3)).pow(2).flatten(1).sum(1)
+
+
+def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor, shape: torch.Size) -> Tensor:
+    """sum_i c_i grad_i, reshaped to the parameter."""
+    cl = left * c.view(-1, *[1] * (left.dim() - 1))
+    if right is None:
+        return cl.sum(-1).sum(0).reshape(shape)
+    return torch.einsum("bgot,bgdt->god", cl, right).reshape(shape)
+
+
+def clipped_grad_sum_ghost(
+    model: nn.Module,
+    losses_fn: Callable[[nn.Module], Tensor],
+    *,
+    max_grad_norm: float,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Same contract as ``mechanism.clipped_grad_sum`` (flat clipping over all trainable
+    parameters, non-finite samples contribute zero), computed in one forward and one backward.
+
+    ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses.
+    """
+    check_no_train_batchnorm(model)
+    layers = _layers(model)
+    if not supports(model):
+        raise ValueError("model has trainable layers other than Conv2d, Linear and BatchNorm; use the torch.func path")
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+    outputs: list[tuple[str, Tensor, Tensor]] = []
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if output.requires_grad:
+                outputs.append((name, inputs[0].detach(), output))
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
+    try:
+        losses = losses_fn(model)
+    finally:
+        for h in handles:
+            h.remove()
+    n = losses.shape[0]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    if n == 0:
+        return total, losses.new_zeros(0)
+    grads = torch.autograd.grad(losses.sum(), [o for _, _, o in outputs], allow_unused=True)
+    for (name, a, _), b in zip(outputs, grads):
+        if b is not None:
+            records[name].append((a, b.detach()))
+
+    # pass 1: per-sample squared norms
+    terms = []
+    sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
+    for name, calls in records.items():
+        module = layers[name]
+        if len(calls) > 1:  # called more than once: sum the calls' gradients before the norm
+            per_call = [_layer_terms(module, a, b) for a, b in calls]
+            for k in range(len(per_call[0])):
+                pname = per_call[0][k][0]
+                g = sum(_explicit(left, right) for _, left, right in (pc[k] for pc in per_call))
+                sq += g.flatten(1).double().pow(2).sum(1)
+                terms.append((f"{name}.{pname}", g, "explicit"))
+            continue
+        for a, b in calls:
+            for pname, left, right in _layer_terms(module, a, b):
+                sq += _sq_norms(left, right).double()
+                terms.append((f"{name}.{pname}", left, right))
+    norms = sq.sqrt()
+    finite = torch.isfinite(norms)
+    factor = torch.where(finite, (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0), 0.0)
+
+    # pass 2 (book-keeping): the clipped sum as one weighted contraction per layer
+    for pname, left, right in terms:
+        if pname not in total:
+            continue
+        c = factor.to(left.dtype)
+        if isinstance(right, str):  # an explicit per-sample gradient
+            contrib = torch.einsum("b,b...->...", c, torch.where(_bcast(finite, left), left, 0.0))
+        else:
+            left = torch.where(_bcast(finite, left), left, 0.0)
+            if right is not None:
+                right = torch.where(_bcast(finite, right), right, 0.0)
+            contrib = _weighted_sum(left, right, c, total[pname].shape)
+        total[pname] += contrib.reshape(total[pname].shape)
+    return total, norms.float()
+
+
+def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def _explicit(left: Tensor, right: Tensor | None) -> Tensor:
+    """[B, ...] per-sample gradients from the factors."""
+    if right is None:
+        return left.sum(-1)
+    return left @ right.transpose(2, 3)
