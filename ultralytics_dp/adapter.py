@@ -480,41 +480,21 @@ class DifferentialPrivacy:
     def _private_step_fn(self, trainer: Any) -> Callable:
         model = trainer.model
         names = _loss_names(model)
-        method = self.grad_method
-        if method == "auto":
-            method = "ghost" if ghost.supports(model) else "vmap"
+        method = resolve_grad_method(model, self.grad_method)
         _log(f"per-sample clipping with the {method} path")
-        if method == "ghost":
-            def chunk_clipped_sum(chunk: dict) -> tuple[dict[str, Tensor], Tensor]:
-                return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk),
-                                                    max_grad_norm=self.max_grad_norm)
-        else:
-            loss_fn = per_image_loss_fn(model)
-
-            def chunk_clipped_sum(chunk: dict) -> tuple[dict[str, Tensor], Tensor]:
-                return clipped_grad_sum(model, loss_fn, sample_batch(model, chunk), max_grad_norm=self.max_grad_norm)
 
         def private_step(batch: dict, preds: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
             """Replaces ``model.loss`` for the trainer: computes the DP gradient into ``.grad`` and
             returns a constant loss whose backward touches no parameter."""
             if self.steps >= self.max_steps:  # the loader never yields past the budget: fail closed
                 raise RuntimeError(f"DP: step {self.steps + 1} would exceed the budget of {self.max_steps}")
-            check_no_train_batchnorm(model)
+            grad, nonfinite = private_gradient(
+                model, batch, method=method, max_grad_norm=self.max_grad_norm,
+                noise_multiplier=self.noise_multiplier, expected_batch_size=self.sample_rate * self.num_samples,
+                physical_batch=self.physical_batch, secure=self.secure_mode,
+            )
+            self.nonfinite_samples += nonfinite
             params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-            total = {k: torch.zeros_like(p) for k, p in params.items()}
-            physical = self.physical_batch or max(batch["img"].shape[0], 1)
-            try:
-                for idx in split_physical(list(range(batch["img"].shape[0])), physical):
-                    sums, norms = chunk_clipped_sum(_select(batch, idx))
-                    for k in total:
-                        total[k] += sums[k]
-                    self.nonfinite_samples += int((~torch.isfinite(norms)).sum())
-            except RuntimeError as err:
-                if "out of memory" in str(err).lower():  # Ultralytics would halve `batch` and change q
-                    raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})")
-                raise
-            grad = private_mean(total, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                                expected_batch_size=self.sample_rate * self.num_samples, secure=self.secure_mode)
             for k, p in params.items():
                 p.grad = grad[k].to(p.dtype)
             self.noise_draws += 1
@@ -549,6 +529,49 @@ class DifferentialPrivacy:
                 write_dp_entry(f, self.info())
         trainer.model.__dict__.pop("loss", None)  # back to the class's loss
         _log(summary_line(self.info()))
+
+
+def resolve_grad_method(model: nn.Module, method: str) -> str:
+    """'auto' -> 'ghost' when every trainable layer supports it, else 'vmap'."""
+    if method == "auto":
+        return "ghost" if ghost.supports(model) else "vmap"
+    if method == "ghost" and not ghost.supports(model):
+        raise ValueError("grad_method='ghost' needs a model whose trainable layers are Conv2d, Linear and "
+                         "BatchNorm only; use grad_method='vmap'")
+    return method
+
+
+def private_gradient(
+    model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
+    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
+) -> tuple[dict[str, Tensor], int]:
+    """The DP gradient of one logical (Poisson) batch and the number of non-finite images skipped:
+    per-image clipped gradients summed over physical chunks, one Gaussian draw, divided by the
+    expected batch size. ``batch`` is a preprocessed Ultralytics training batch."""
+    check_no_train_batchnorm(model)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    nonfinite = 0
+    n = batch["img"].shape[0]
+    loss_fn = per_image_loss_fn(model)
+    try:
+        for idx in split_physical(list(range(n)), physical_batch or max(n, 1)):
+            chunk = _select(batch, idx)
+            if method == "ghost":
+                sums, norms = ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk),
+                                                           max_grad_norm=max_grad_norm)
+            else:
+                sums, norms = clipped_grad_sum(model, loss_fn, sample_batch(model, chunk), max_grad_norm=max_grad_norm)
+            for k in total:
+                total[k] += sums[k]
+            nonfinite += int((~torch.isfinite(norms)).sum())
+    except RuntimeError as err:
+        if "out of memory" in str(err).lower():  # Ultralytics would halve `batch` and change q
+            raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
+        raise
+    grad = private_mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                        expected_batch_size=expected_batch_size, secure=secure)
+    return grad, nonfinite
 
 
 def dataset_records(dataset: Any) -> list[tuple[str, str]]:
