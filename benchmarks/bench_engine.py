@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
@@ -68,6 +66,8 @@ def yolo26n():
 
 
 def run_case(case: str, method: str, device: str) -> dict:
+    from bench_train import timed  # the same timing loop as the training benchmark
+
     from ultralytics_dp.engine import clipped_grad_sum
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -81,20 +81,15 @@ def run_case(case: str, method: str, device: str) -> dict:
         clipped_grad_sum(model, loss_fn, prepare(model, batch), max_grad_norm=1.0)
 
     fn = plain if method == "plain" else private
-    fn()  # warm-up
-    times = []
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"time": statistics.median(times), "peak": peak}
+
+    step()  # warm-up
+    median, cuda_peak = timed(step, 5, device)
+    peak = cuda_peak if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"time": median, "peak": peak}
 
 
 def main() -> None:

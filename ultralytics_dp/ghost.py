@@ -53,55 +53,74 @@ def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
     return cols.view(a.shape[0], m.groups, -1, cols.shape[-1])
 
 
-def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[tuple[str, Tensor, Tensor | None]]:
-    """(param name, left, right) factors with per-sample grad_i = left_i @ right_i^T over the
-    position axis; ``right=None`` means grad_i = sum of left_i over positions (a bias)."""
+def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
+    """[B, C_out, C_in/groups, kh, kw] per-sample weight gradients from one convolution backward
+    in which the batch becomes groups (no im2col of the input)."""
+    n = a.shape[0]
+    size = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    g = torch.nn.grad.conv2d_weight(a.reshape(1, -1, *a.shape[2:]), size, b.reshape(1, -1, *b.shape[2:]),
+                                    stride=m.stride, padding=m.padding, dilation=m.dilation, groups=n * m.groups)
+    return g.view(n, *m.weight.shape)
+
+
+# A term is (param name, per-sample gradient [B, ...], None) or (param name, left, right): ghost
+# factors with grad_i = left_i @ right_i^T summed over positions, left [B, G, O, T], right [B, G, D, T].
+Term = tuple[str, Tensor, "Tensor | None"]
+
+
+def _ghost_is_cheaper(t: int, o: int, d: int) -> bool:
+    """Ghost norms cost ~T^2 (O + D) per image; forming the gradient costs ~O D T."""
+    return t * t * (o + d) < o * d * t
+
+
+def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
+    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``."""
     n = a.shape[0]
     if isinstance(m, nn.Conv2d):
-        cols = _conv_unfold(m, a)  # [B, G, D, T]
-        grads = b.reshape(n, m.groups, -1, b.shape[2] * b.shape[3])  # [B, G, O, T]
-        terms = [("weight", grads, cols)]
+        t, o = b.shape[2] * b.shape[3], m.out_channels // m.groups
+        d = m.weight[0].numel()
+        if _ghost_is_cheaper(t, o, d):
+            terms = [("weight", b.reshape(n, m.groups, o, t), _conv_unfold(m, a))]
+        else:
+            terms = [("weight", _conv_per_sample_weight_grad(m, a, b), None)]
         if m.bias is not None and m.bias.requires_grad:
-            terms.append(("bias", grads, None))
+            terms.append(("bias", b.sum((2, 3)), None))
         return terms
     if isinstance(m, nn.Linear):
         a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(n, -1, b.shape[-1])
-        terms = [("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1))]
+        if _ghost_is_cheaper(a3.shape[1], b3.shape[-1], a3.shape[-1]):
+            terms = [("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1))]
+        else:
+            terms = [("weight", torch.einsum("bto,btd->bod", b3, a3), None)]
         if m.bias is not None and m.bias.requires_grad:
-            terms.append(("bias", b3.transpose(1, 2).unsqueeze(1), None))
+            terms.append(("bias", b3.sum(1), None))
         return terms
     # eval-mode BatchNorm: y = gamma * xhat + beta, xhat from the running statistics
     shape = (1, -1) + (1,) * (a.dim() - 2)
     xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    prod = (b * xhat).reshape(n, 1, a.shape[1], -1).sum(-1, keepdim=True)  # [B, 1, C, 1]
     terms = []
     if m.weight is not None and m.weight.requires_grad:
-        terms.append(("weight", prod, None))
+        terms.append(("weight", (b * xhat).reshape(n, a.shape[1], -1).sum(-1), None))
     if m.bias is not None and m.bias.requires_grad:
-        terms.append(("bias", b.reshape(n, 1, a.shape[1], -1), None))
+        terms.append(("bias", b.reshape(n, a.shape[1], -1).sum(-1), None))
     return terms
 
 
-def _sq_norms(left: Tensor, right: Tensor | None) -> Tensor:
-    """[B] squared Frobenius norms of grad_i = left_i @ right_i^T, by the cheaper of explicit
-    formation (B*G*O*D*T) and the ghost identity (B*G*T^2*(O+D))."""
+def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
+    """[B] squared norms of a term: directly from the gradient, or by the ghost identity
+    ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming it."""
     if right is None:
-        return left.sum(-1).pow(2).flatten(1).sum(1)
-    _, _, o, t = left.shape
-    d = right.shape[2]
-    if t * t * (o + d) < o * d * t:
-        gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
-        gram_b = left.transpose(2, 3) @ left
-        return (gram_a * gram_b).flatten(1).sum(1)
-    return (left @ right.transpose(2, 3)).pow(2).flatten(1).sum(1)
+        return left.flatten(1).pow(2).sum(1)
+    gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
+    gram_b = left.transpose(2, 3) @ left
+    return (gram_a * gram_b).flatten(1).sum(1)
 
 
-def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor, shape: torch.Size) -> Tensor:
-    """sum_i c_i grad_i, reshaped to the parameter."""
-    cl = left * c.view(-1, *[1] * (left.dim() - 1))
+def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
+    """sum_i c_i grad_i from a per-sample gradient (right None) or from ghost factors."""
     if right is None:
-        return cl.sum(-1).sum(0).reshape(shape)
-    return torch.einsum("bgot,bgdt->god", cl, right).reshape(shape)
+        return torch.einsum("b,b...->...", c, left)
+    return torch.einsum("bgot,bgdt->god", left * c.view(-1, 1, 1, 1), right)
 
 
 def clipped_grad_sum_ghost(
@@ -144,49 +163,39 @@ def clipped_grad_sum_ghost(
         if b is not None:
             records[name].append((a, b.detach()))
 
-    # pass 1: per-sample squared norms
-    terms = []
+    # pass 1: per-sample squared norms, keeping per layer either gradients or ghost factors
+    kept: list[tuple[str, Tensor, Tensor | None]] = []
     sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
     for name, calls in records.items():
         module = layers[name]
-        if len(calls) > 1:  # called more than once: sum the calls' gradients before the norm
-            per_call = [_layer_terms(module, a, b) for a, b in calls]
-            for k in range(len(per_call[0])):
-                pname = per_call[0][k][0]
-                g = sum(_explicit(left, right) for _, left, right in (pc[k] for pc in per_call))
-                sq += g.flatten(1).double().pow(2).sum(1)
-                terms.append((f"{name}.{pname}", g, "explicit"))
-            continue
-        for a, b in calls:
-            for pname, left, right in _layer_terms(module, a, b):
-                sq += _sq_norms(left, right).double()
-                terms.append((f"{name}.{pname}", left, right))
+        per_call = [_layer_terms(module, a, b) for a, b in calls]
+        for k in range(len(per_call[0]) if per_call else 0):
+            pname = f"{name}.{per_call[0][k][0]}"
+            if len(per_call) == 1:
+                _, left, right = per_call[0][k]
+            else:  # a layer called more than once: sum its calls' per-sample gradients first
+                left, right = sum(_as_gradient(*pc[k][1:]) for pc in per_call), None
+            sq += _sq_norm(left, right).double()
+            kept.append((pname, left, right))
     norms = sq.sqrt()
     finite = torch.isfinite(norms)
     factor = torch.where(finite, (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0), 0.0)
 
-    # pass 2 (book-keeping): the clipped sum as one weighted contraction per layer
-    for pname, left, right in terms:
+    # pass 2 (book-keeping): the clipped sum, with no second backward
+    for pname, left, right in kept:
         if pname not in total:
             continue
-        c = factor.to(left.dtype)
-        if isinstance(right, str):  # an explicit per-sample gradient
-            contrib = torch.einsum("b,b...->...", c, torch.where(_bcast(finite, left), left, 0.0))
-        else:
+        if not finite.all():  # NaN * 0 is NaN: zero the non-finite images' factors out first
             left = torch.where(_bcast(finite, left), left, 0.0)
-            if right is not None:
-                right = torch.where(_bcast(finite, right), right, 0.0)
-            contrib = _weighted_sum(left, right, c, total[pname].shape)
-        total[pname] += contrib.reshape(total[pname].shape)
+            right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
+        total[pname] += _weighted_sum(left, right, factor.to(left.dtype)).reshape(total[pname].shape)
     return total, norms.float()
+
+
+def _as_gradient(left: Tensor, right: Tensor | None) -> Tensor:
+    """[B, ...] per-sample gradient of a term (formed from ghost factors if needed)."""
+    return left if right is None else left @ right.transpose(2, 3)
 
 
 def _bcast(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
-
-
-def _explicit(left: Tensor, right: Tensor | None) -> Tensor:
-    """[B, ...] per-sample gradients from the factors."""
-    if right is None:
-        return left.sum(-1)
-    return left @ right.transpose(2, 3)

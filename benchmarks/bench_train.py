@@ -1,0 +1,288 @@
+"""Private vs non-private training steps, side by side in one process, and Opacus as the peer.
+
+For each case the same model, data and logical batch run alternating non-private steps (Ultralytics'
+own loss, backward, optimizer step) and private steps (``private_gradient``: per-image clipping,
+one noise draw, optimizer step) after a warm-up; the median of the step times and the peak memory
+during each kind of step (RSS sampled every 5 ms on CPU; ``torch.cuda.max_memory_allocated`` on
+GPU) are reported as ratios. On the classification case Opacus 1.6 (``bench`` extra) runs the same
+clipping and noise in hooks mode, functorch mode and ghost clipping.
+
+    .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8]
+
+Writes benchmarks/RESULTS.md and benchmarks/ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import ultralytics_dp  # noqa: F401  (offline switches)
+from ultralytics import YOLO
+from ultralytics.cfg import get_cfg
+
+from ultralytics_dp import datasets
+from ultralytics_dp.adapter import freeze_batchnorm, private_gradient, resolve_grad_method
+
+HERE = Path(__file__).resolve().parent
+SIGMA, C = 1.0, 1.0
+CASES = {
+    "det26": dict(cfg="yolo26n.yaml", imgsz=320, batch=32, physical=16),
+    "cls": dict(cfg="yolo26n-cls.yaml", imgsz=64, batch=64, physical=64),
+    "det8": dict(cfg="yolov8n.yaml", imgsz=320, batch=32, physical=16),
+}
+
+
+class PeakMemory:
+    """Peak memory while the block runs: RSS sampled by a thread (CPU) or CUDA's own counter."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = False
+        proc = psutil.Process()
+        self.peak = proc.memory_info().rss
+
+        def sample() -> None:
+            while not self._stop:
+                self.peak = max(self.peak, proc.memory_info().rss)
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop = True
+            self._thread.join()
+
+
+def load_batch(kind: str, imgsz: int, batch: int, device: str) -> dict:
+    """A real batch from the embedded datasets, preprocessed as the trainer would."""
+    if kind == "cls":
+        root = datasets.build("digits-cls", imgsz=imgsz)
+        files = sorted((root / "train").rglob("*.png"))[::7][:batch]
+        imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        cls = torch.tensor([int(f.parent.name) for f in files])
+        return {"img": torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).to(device), "cls": cls.to(device)}
+    yaml = datasets.build("digits-det", imgsz=imgsz, n_train=batch, n_val=4)
+    root = yaml.parent
+    imgs, idx, cls, boxes = [], [], [], []
+    for i, f in enumerate(sorted((root / "images" / "train").glob("*.png"))[:batch]):
+        imgs.append(np.asarray(Image.open(f).convert("RGB")))
+        for line in (root / "labels" / "train" / f"{f.stem}.txt").read_text().splitlines():
+            c, *xywh = map(float, line.split())
+            idx.append(i), cls.append(c), boxes.append(xywh)
+    return {
+        "img": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255).to(device),
+        "batch_idx": torch.tensor(idx).to(device), "cls": torch.tensor(cls).view(-1, 1).to(device),
+        "bboxes": torch.tensor(boxes).view(-1, 4).to(device),
+    }
+
+
+def make_model(cfg: str, device: str, freeze_bn_affine: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = YOLO(cfg).model.to(device)
+    model.args = get_cfg()
+    model.train()
+    if freeze_bn_affine:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.requires_grad_(False), m.bias.requires_grad_(False)
+    return model
+
+
+def timed(step, repeats: int, device: str) -> tuple[float, int]:
+    times, peak = [], 0
+    for _ in range(repeats):
+        with PeakMemory(device) as mem:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = max(peak, mem.peak)
+    return statistics.median(times), peak
+
+
+def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine: bool = False) -> dict:
+    batch = load_batch("cls" if "cls" in spec["cfg"] else "det", spec["imgsz"], spec["batch"], device)
+    plain_model = make_model(spec["cfg"], device, freeze_bn_affine)
+    dp_model = copy.deepcopy(plain_model)
+    freeze_batchnorm(dp_model)
+    method = resolve_grad_method(dp_model, "auto")
+    plain_opt = torch.optim.SGD([p for p in plain_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    dp_opt = torch.optim.SGD([p for p in dp_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def plain_step() -> None:  # what `yolo train` does per step, minus data loading
+        loss, _ = plain_model.loss(batch)
+        loss.sum().backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    def private_step() -> None:
+        grad, _ = private_gradient(dp_model, batch, method=method, max_grad_norm=C, noise_multiplier=SIGMA,
+                                   expected_batch_size=spec["batch"], physical_batch=spec["physical"])
+        for k, p in dp_model.named_parameters():
+            if p.requires_grad:
+                p.grad = grad[k]
+        dp_opt.step()
+        dp_opt.zero_grad(set_to_none=True)
+
+    plain_step(), private_step()  # warm-up
+    plain_t, plain_m, private_t, private_m = [], 0, [], 0
+    for _ in range(repeats):  # alternate, so both see the same machine state
+        t, m = timed(plain_step, 1, device)
+        plain_t.append(t)
+        plain_m = max(plain_m, m)
+        t, m = timed(private_step, 1, device)
+        private_t.append(t)
+        private_m = max(private_m, m)
+    return {"case": name, "method": method, "plain_s": statistics.median(plain_t),
+            "private_s": statistics.median(private_t), "plain_mem": plain_m, "private_mem": private_m}
+
+
+def run_opacus(spec: dict, device: str, repeats: int) -> list[dict]:
+    """Opacus 1.6 on the classification case with BN affine frozen (Opacus has no BatchNorm
+    per-sample gradients), same C, sigma and logical batch."""
+    rows = []
+    batch = load_batch("cls", spec["imgsz"], spec["batch"], device)
+    try:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+    except ImportError as err:
+        return [{"case": "cls (BN affine frozen)", "method": f"opacus: not installed ({err})"}]
+    for mode in ("hooks", "functorch", "ghost"):
+        try:
+            model = make_model(spec["cfg"], device, freeze_bn_affine=True)
+            freeze_batchnorm(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if mode == "ghost":
+                from opacus.grad_sample import GradSampleModuleFastGradientClipping
+                from opacus.optimizers import DPOptimizerFastGradientClipping
+                from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+                gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=C, use_ghost_clipping=True,
+                                                           loss_reduction="sum")
+                opt = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+                                                      noise_multiplier=SIGMA, max_grad_norm=C,
+                                                      expected_batch_size=spec["batch"], loss_reduction="sum")
+                criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(reduction="sum"),
+                                                       loss_reduction="sum")
+
+                def step() -> None:
+                    loss = criterion(gsm(batch["img"]), batch["cls"])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+            else:
+                gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum",
+                                       force_functorch=(mode == "functorch"))
+                opt = DPOptimizer(torch.optim.SGD(params, lr=1e-3, momentum=0.9), noise_multiplier=SIGMA,
+                                  max_grad_norm=C, expected_batch_size=spec["batch"], loss_reduction="sum")
+
+                def step() -> None:
+                    F.cross_entropy(gsm(batch["img"]), batch["cls"], reduction="sum").backward()
+                    opt.step()
+                    opt.zero_grad()
+
+            step()
+            t, m = timed(step, repeats, device)
+            rows.append({"case": "cls (BN affine frozen)", "method": f"opacus {mode}", "private_s": t,
+                         "private_mem": m})
+        except Exception as err:  # a peer that cannot run a case is a result
+            rows.append({"case": "cls (BN affine frozen)", "method": f"opacus {mode}: failed ({type(err).__name__}: "
+                                                                       f"{str(err).splitlines()[0][:80]})"})
+    return rows
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Benchmark: private vs non-private training steps",
+        "",
+        f"- date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
+        f"{psutil.cpu_count()} cores, device {args.device}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        f"- command: `{command}`",
+        f"- sigma={SIGMA}, C={C}; times are medians of {args.repeats} steps after a warm-up, alternating",
+        "",
+        "| case | method | non-private s/step | private s/step | time ratio | non-private peak MiB | "
+        "private peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "plain_s" in r:
+            lines.append(f"| {r['case']} | ours ({r['method']}) | {r['plain_s']:.3f} | {r['private_s']:.3f} | "
+                         f"{r['private_s'] / r['plain_s']:.2f} | {r['plain_mem'] / 2**20:.0f} | "
+                         f"{r['private_mem'] / 2**20:.0f} | {r['private_mem'] / r['plain_mem']:.2f} |")
+        elif "private_s" in r:
+            lines.append(f"| {r['case']} | {r['method']} | | {r['private_s']:.3f} | | | "
+                         f"{r['private_mem'] / 2**20:.0f} | |")
+        else:
+            lines.append(f"| {r['case']} | {r['method']} | | | | | | |")
+    lines += ["", "Peak memory is the process RSS on CPU (model, data and interpreter included), so ratios "
+              "understate the extra memory of the step itself; on GPU it is torch.cuda.max_memory_allocated.", ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    ours = [r for r in rows if "plain_s" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(ours))
+    ax.bar(x - 0.2, [r["private_s"] / r["plain_s"] for r in ours], 0.4, label="time private/non-private")
+    ax.bar(x + 0.2, [r["private_mem"] / r["plain_mem"] for r in ours], 0.4, label="peak memory ratio")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.5, color="r", lw=0.8, ls="--", label="1.5x target")
+    ax.set_xticks(x, [r["case"] for r in ours])
+    ax.set_ylabel("ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "ratios.png", dpi=110)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default="det26,cls,det8")
+    args = parser.parse_args()
+    rows = []
+    for name in args.cases.split(","):
+        rows.append(run_case(name, CASES[name], args.device, args.repeats))
+        print(rows[-1], flush=True)
+        if name == "cls":
+            rows.append(run_case("cls (BN affine frozen)", CASES["cls"], args.device, args.repeats, True))
+            rows += run_opacus(CASES["cls"], args.device, args.repeats)
+            print(rows[-4:], flush=True)
+    import sys
+
+    write_results(rows, args, "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
