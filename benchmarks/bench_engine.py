@@ -1,7 +1,7 @@
 """Cost of per-sample clipping: one ``clipped_grad_sum`` vs one plain forward+backward of the
 summed loss, for a small CNN and for YOLO26n (BatchNorm frozen, imgsz 128, B=16).
 
-Each (model, method) runs in its own process so that its peak RSS (ru_maxrss) is its own.
+Each (model, method) runs in its own process so that its peak RSS (VmHWM) is its own.
 Prints time (median of 5 after a warm-up) and peak RSS.
 
     .venv/bin/python benchmarks/bench_engine.py [--device cuda]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -66,7 +65,7 @@ def yolo26n():
 
 
 def run_case(case: str, method: str, device: str) -> dict:
-    from bench_train import timed  # the same timing loop as the training benchmark
+    from bench_train import peak_rss, timed  # the same timing loop and memory reading as bench_train
 
     from ultralytics_dp.engine import clipped_grad_sum
 
@@ -88,7 +87,7 @@ def run_case(case: str, method: str, device: str) -> dict:
 
     step()  # warm-up
     median, cuda_peak = timed(step, 5, device)
-    peak = cuda_peak if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = cuda_peak if device == "cuda" else peak_rss()
     return {"time": median, "peak": peak}
 
 

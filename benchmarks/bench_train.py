@@ -3,8 +3,8 @@
 For each case the same model, data and logical batch run alternating non-private steps (Ultralytics'
 own loss, backward, optimizer step) and private steps (``private_gradient``: per-image clipping,
 one noise draw, optimizer step) after a warm-up; the median of the step times and the peak memory
-during each kind of step (RSS sampled every 5 ms on CPU; ``torch.cuda.max_memory_allocated`` on
-GPU) are reported as ratios. On the classification case Opacus 1.6 (``bench`` extra) runs the same
+of each kind of step (on CPU the peak RSS of a fresh process running only that kind of step;
+``torch.cuda.max_memory_allocated`` on GPU) are reported as ratios. On the classification case Opacus 1.6 (``bench`` extra) runs the same
 clipping and noise in hooks mode, functorch mode and ghost clipping.
 
     .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8]
@@ -19,6 +19,8 @@ import copy
 import datetime
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -127,7 +129,8 @@ def timed(step, repeats: int, device: str) -> tuple[float, int]:
     return statistics.median(times), peak
 
 
-def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine: bool = False) -> dict:
+def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False) -> tuple:
+    """(plain_step, private_step, method) for one case, on the same model weights and batch."""
     batch = load_batch("cls" if "cls" in spec["cfg"] else "det", spec["imgsz"], spec["batch"], device)
     plain_model = make_model(spec["cfg"], device, freeze_bn_affine)
     dp_model = copy.deepcopy(plain_model)
@@ -151,17 +154,43 @@ def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine:
         dp_opt.step()
         dp_opt.zero_grad(set_to_none=True)
 
+    return plain_step, private_step, method
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM). Unlike ru_maxrss it is not inherited from the
+    parent across fork + exec, so a small probe launched by a big benchmark reports its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_probe(name: str, kind: str, device: str, freeze_bn_affine: bool) -> int:
+    """Peak memory of a fresh process that builds the case and runs only ``kind`` steps (2)."""
+    if device == "cpu":
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_train as b; "
+                f"steps = b.build_steps(b.CASES[{name!r}], 'cpu', {freeze_bn_affine}); "
+                f"step = steps[{0 if kind == 'plain' else 1}]; step(); step(); print(b.peak_rss())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+    steps = build_steps(CASES[name], device, freeze_bn_affine)
+    steps[0 if kind == "plain" else 1]()
+    return timed(steps[0 if kind == "plain" else 1], 1, device)[1]
+
+
+def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine: bool = False) -> dict:
+    plain_step, private_step, method = build_steps(spec, device, freeze_bn_affine)
     plain_step(), private_step()  # warm-up
-    plain_t, plain_m, private_t, private_m = [], 0, [], 0
+    plain_t, private_t = [], []
     for _ in range(repeats):  # alternate, so both see the same machine state
-        t, m = timed(plain_step, 1, device)
-        plain_t.append(t)
-        plain_m = max(plain_m, m)
-        t, m = timed(private_step, 1, device)
-        private_t.append(t)
-        private_m = max(private_m, m)
+        plain_t.append(timed(plain_step, 1, device)[0])
+        private_t.append(timed(private_step, 1, device)[0])
+    key = name.split()[0]
     return {"case": name, "method": method, "plain_s": statistics.median(plain_t),
-            "private_s": statistics.median(private_t), "plain_mem": plain_m, "private_mem": private_m}
+            "private_s": statistics.median(private_t),
+            "plain_mem": memory_probe(key, "plain", device, freeze_bn_affine),
+            "private_mem": memory_probe(key, "private", device, freeze_bn_affine)}
 
 
 def run_opacus(spec: dict, device: str, repeats: int) -> list[dict]:
@@ -247,8 +276,10 @@ def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> N
                          f"{r['private_mem'] / 2**20:.0f} | |")
         else:
             lines.append(f"| {r['case']} | {r['method']} | | | | | | |")
-    lines += ["", "Peak memory is the process RSS on CPU (model, data and interpreter included), so ratios "
-              "understate the extra memory of the step itself; on GPU it is torch.cuda.max_memory_allocated.", ""]
+    lines += ["", "Peak memory: on CPU, the peak RSS (VmHWM) of a fresh process that builds the case and runs "
+              "only that kind of step (model, data and interpreter included); on GPU, "
+              "torch.cuda.max_memory_allocated. Opacus rows: peak RSS sampled during its steps in the main process.",
+              ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     ours = [r for r in rows if "plain_s" in r]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -279,8 +310,6 @@ def main() -> None:
             rows.append(run_case("cls (BN affine frozen)", CASES["cls"], args.device, args.repeats, True))
             rows += run_opacus(CASES["cls"], args.device, args.repeats)
             print(rows[-4:], flush=True)
-    import sys
-
     write_results(rows, args, "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]))
 
 

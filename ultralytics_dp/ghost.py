@@ -110,7 +110,7 @@ def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
     """[B] squared norms of a term: directly from the gradient, or by the ghost identity
     ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming it."""
     if right is None:
-        return left.flatten(1).pow(2).sum(1)
+        return torch.linalg.vector_norm(left.flatten(1), dim=1).pow(2)  # no squared temporary
     gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
     gram_b = left.transpose(2, 3) @ left
     return (gram_a * gram_b).flatten(1).sum(1)
@@ -119,7 +119,7 @@ def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
 def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
     """sum_i c_i grad_i from a per-sample gradient (right None) or from ghost factors."""
     if right is None:
-        return torch.einsum("b,b...->...", c, left)
+        return c @ left.reshape(left.shape[0], -1)  # a matrix-vector product, no weighted copy
     return torch.einsum("bgot,bgdt->god", left * c.view(-1, 1, 1, 1), right)
 
 
