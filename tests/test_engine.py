@@ -302,7 +302,8 @@ def test_add_noise_rejects_bad_input(kwargs):
 
 def test_engine_does_not_import_ultralytics():
     code = (
-        "import sys, ultralytics_dp.engine, ultralytics_dp.sampling, ultralytics_dp.accounting, ultralytics_dp.ledger;"
+        "import sys, ultralytics_dp.engine, ultralytics_dp.sampling, ultralytics_dp.accounting, ultralytics_dp.ledger,"
+        " ultralytics_dp.ghost;"
         "print('ultralytics' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -292,3 +292,22 @@ def test_empty_poisson_batches_are_steps(tiny_det, tmp_path):
     assert len(sizes) == 32 == dp.steps == dp.noise_draws
     assert sizes.count(0) >= 3  # P(fewer than 3 empty of 32 at p=0.36) < 1e-3
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
+
+
+def test_ghost_path_skips_a_non_finite_image():
+    from ultralytics_dp.ghost import clipped_grad_sum_ghost
+    from ultralytics_dp.losses import batch_losses
+
+    model = trainer_model("yolo26n.yaml")
+    batch = det_batch([1, 2, 1])
+    bad = {**batch, "img": batch["img"].clone()}
+    bad["img"][1] = float("nan")
+    total, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, bad), max_grad_norm=0.5)
+    assert torch.isfinite(norms[[0, 2]]).all() and not torch.isfinite(norms[1])
+    keep = batch["batch_idx"] != 1
+    rest = {"img": batch["img"][[0, 2]], "batch_idx": (batch["batch_idx"][keep] > 1).float(),
+            "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep]}
+    expected, _ = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, rest), max_grad_norm=0.5)
+    for k in expected:
+        assert torch.isfinite(total[k]).all()
+        assert torch.allclose(total[k], expected[k], rtol=1e-4, atol=1e-7)

@@ -6,12 +6,15 @@ They change the trainer as follows (each change closes a leak listed in
 
 * on_pretrain_routine_start: refuse or neutralise what mixes images or breaks Poisson sampling
   (mosaic, mixup, cutmix, copy_paste, rect, auto-batch, compile), turn plots off, resolve
-  ``digits-det``/``digits-cls``.
-* on_pretrain_routine_end: freeze BatchNorm, calibrate sigma, compute the step budget, replace
+  ``digits-det``/``digits-cls``, read the ``dp`` entry of a checkpoint being resumed.
+* on_pretrain_routine_end: check the training set, freeze BatchNorm, restore a resumed
+  accountant, calibrate sigma, compute the step budget (run and dataset lifetime budget, from
+  the ledger), record the run in the ledger, replace
   the train loader by a Poisson loader (one logical batch per optimizer step, q = batch / N),
   set ``accumulate`` to 1 for the whole run (warm-up included), disable the AMP grad scaler,
   and replace the model's loss by the private step: per-image clipped gradients in physical
   chunks, one Gaussian draw, division by the expected batch size q*N, written to ``.grad``.
+  Each epoch's steps are reserved in the ledger before the first of them is taken.
   Ultralytics' own ``optimizer_step`` (its batch-level clip, EMA) is post-processing.
 * on_train_epoch_end / on_model_save / on_train_end: report epsilon, write the ``dp`` entry.
 

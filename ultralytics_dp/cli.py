@@ -17,7 +17,7 @@ HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytic
 
 Usage:
   yolo-dp train epsilon=EPS [delta=1e-5] [max_grad_norm=1.0] [noise_multiplier=SIGMA] [physical_batch=B]
-          [dataset_budget=EPS] [ledger=PATH] [secure_mode=true]
+          [dataset_budget=EPS] [ledger=PATH] [secure_mode=true] [grad_method=auto|ghost|vmap]
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
       private training; every key but the DP keys goes to Ultralytics unchanged,
       batch is the expected (Poisson) batch size
@@ -100,7 +100,7 @@ def flag(value: str) -> bool:
 
 
 DP_KEYS = {"epsilon": float, "delta": float, "max_grad_norm": float, "noise_multiplier": float,
-           "physical_batch": int, "dataset_budget": float, "ledger": str, "secure_mode": flag}
+           "physical_batch": int, "dataset_budget": float, "ledger": str, "secure_mode": flag, "grad_method": str}
 
 
 def train(args: list[str]) -> int:
