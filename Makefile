@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	-$(PY) -m pip install -q --upgrade pip  # best effort: an old pip still installs the package
 	$(PY) -m pip install -q -e '.[test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
