@@ -308,3 +308,34 @@ def test_engine_does_not_import_ultralytics():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_ghost_path_on_plain_layers_and_refusals():
+    """The ghost path against the torch.func path on a conv/linear/BN net with a frozen conv weight
+    (bias still trained), and its refusal of tied weights and unsupported layers."""
+    from ultralytics_dp.ghost import clipped_grad_sum_ghost, supports
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+    ).double().eval()
+    model[0].weight.requires_grad_(False)
+    batch = {"x": torch.randn(5, 3, 8, 8, dtype=torch.float64), "y": torch.randint(0, 4, (5,))}
+
+    def losses(m):
+        return nn.functional.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    assert supports(model)
+    ref, ref_norms = clipped_grad_sum(model, ce_loss, batch, max_grad_norm=0.1)
+    ours, norms = clipped_grad_sum_ghost(model, losses, max_grad_norm=0.1)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-5)
+    assert "0.weight" not in ours and set(ours) == set(ref)
+    assert max_rel_err(ours, ref) <= 1e-5
+
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    assert not supports(tied)
+    assert not supports(SmallCNN())  # GroupNorm / LayerNorm are not handled by the ghost path
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        clipped_grad_sum_ghost(model, losses, max_grad_norm=0.0)

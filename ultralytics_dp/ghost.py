@@ -39,8 +39,15 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def supports(model: nn.Module) -> bool:
-    """True if every trainable parameter belongs to a layer type this path handles."""
-    return all(
+    """True if every trainable parameter belongs to exactly one layer of a type this path handles.
+
+    A parameter shared by two layers (tied weights) is refused: its per-image gradient is the sum
+    over both layers, which the per-layer norms here would not see."""
+    owners: dict[int, int] = {}
+    for m in _layers(model).values():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return all(count == 1 for count in owners.values()) and all(
         isinstance(m, SUPPORTED) and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros"
                                                                           or isinstance(m.padding, str)))
         for m in _layers(model).values()
@@ -79,19 +86,21 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
     if isinstance(m, nn.Conv2d):
         t, o = b.shape[2] * b.shape[3], m.out_channels // m.groups
         d = m.weight[0].numel()
-        if _ghost_is_cheaper(t, o, d):
-            terms = [("weight", b.reshape(n, m.groups, o, t), _conv_unfold(m, a))]
-        else:
-            terms = [("weight", _conv_per_sample_weight_grad(m, a, b), None)]
+        terms = []
+        if m.weight.requires_grad and _ghost_is_cheaper(t, o, d):
+            terms.append(("weight", b.reshape(n, m.groups, o, t), _conv_unfold(m, a)))
+        elif m.weight.requires_grad:
+            terms.append(("weight", _conv_per_sample_weight_grad(m, a, b), None))
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b.sum((2, 3)), None))
         return terms
     if isinstance(m, nn.Linear):
         a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(n, -1, b.shape[-1])
-        if _ghost_is_cheaper(a3.shape[1], b3.shape[-1], a3.shape[-1]):
-            terms = [("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1))]
-        else:
-            terms = [("weight", torch.einsum("bto,btd->bod", b3, a3), None)]
+        terms = []
+        if m.weight.requires_grad and _ghost_is_cheaper(a3.shape[1], b3.shape[-1], a3.shape[-1]):
+            terms.append(("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1)))
+        elif m.weight.requires_grad:
+            terms.append(("weight", torch.einsum("bto,btd->bod", b3, a3), None))
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b3.sum(1), None))
         return terms
@@ -134,6 +143,8 @@ def clipped_grad_sum_ghost(
 
     ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses.
     """
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
     check_no_train_batchnorm(model)
     layers = _layers(model)
     if not supports(model):
@@ -183,8 +194,6 @@ def clipped_grad_sum_ghost(
 
     # pass 2 (book-keeping): the clipped sum, with no second backward
     for pname, left, right in kept:
-        if pname not in total:
-            continue
         if not finite.all():  # NaN * 0 is NaN: zero the non-finite images' factors out first
             left = torch.where(_bcast(finite, left), left, 0.0)
             right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
