@@ -4,7 +4,6 @@ concurrency, refusal of bad input (nothing written or spent), and secure-mode no
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import sqlite3

@@ -4,7 +4,6 @@ end-to-end contract (steps, budget, BatchNorm, checkpoints, artifacts, refusals)
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import __version__, datasets, ghost, offline
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, Segment, get_noise_multiplier, max_steps, plan
 from .ledger import Ledger
-from .grad_sample import check_no_train_batchnorm
+from .grad_sample import check_no_train_batchnorm, trainable_params
 from .losses import batch_losses, check_supported, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
 from .sampling import PoissonBatchSampler, split_physical
@@ -497,8 +497,7 @@ class DifferentialPrivacy:
                 physical_batch=self.physical_batch, secure=self.secure_mode,
             )
             self.nonfinite_samples += nonfinite
-            params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-            for k, p in params.items():
+            for k, p in trainable_params(model).items():
                 p.grad = grad[k].to(p.dtype)
             self.noise_draws += 1
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -552,8 +551,7 @@ def private_gradient(
     per-image clipped gradients summed over physical chunks, one Gaussian draw, divided by the
     expected batch size. ``batch`` is a preprocessed Ultralytics training batch."""
     check_no_train_batchnorm(model)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
     nonfinite = 0
     n = batch["img"].shape[0]
     loss_fn = per_image_loss_fn(model)

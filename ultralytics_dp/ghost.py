@@ -19,15 +19,14 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grad_sample import check_no_train_batchnorm
-from .mechanism import CLIP_EPS
+from .grad_sample import check_no_train_batchnorm, trainable_params
+from .mechanism import check_positive, clip_factors
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -143,8 +142,7 @@ def clipped_grad_sum_ghost(
 
     ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses.
     """
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+    check_positive("max_grad_norm", max_grad_norm)
     check_no_train_batchnorm(model)
     layers = _layers(model)
     if not supports(model):
@@ -165,8 +163,7 @@ def clipped_grad_sum_ghost(
         for h in handles:
             h.remove()
     n = losses.shape[0]
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    total = {name: torch.zeros_like(p) for name, p in trainable_params(model).items()}
     if n == 0:
         return total, losses.new_zeros(0)
     grads = torch.autograd.grad(losses.sum(), [o for _, _, o in outputs], allow_unused=True)
@@ -190,7 +187,7 @@ def clipped_grad_sum_ghost(
             kept.append((pname, left, right))
     norms = sq.sqrt()
     finite = torch.isfinite(norms)
-    factor = torch.where(finite, (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0), 0.0)
+    factor = clip_factors(norms, max_grad_norm)
 
     # pass 2 (book-keeping): the clipped sum, with no second backward
     for pname, left, right in kept:

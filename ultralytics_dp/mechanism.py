@@ -65,11 +65,17 @@ def secure_normal(shape: torch.Size | tuple[int, ...], *, device: torch.device |
     return (z / 2).view(shape).to(device=device, dtype=dtype)
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
+
+
+def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
+    """``min(1, C / (||g_i|| + 1e-6))`` per sample, and exactly 0 where the norm is not finite:
+    every sample then contributes a vector of norm <= C (or nothing) to the sum."""
+    return torch.where(torch.isfinite(norms), (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0), 0.0)
 
 
 def clipped_grad_sum(
@@ -87,7 +93,7 @@ def clipped_grad_sum(
     so callers can count it) and does not affect the others. Only ``chunk_size`` samples'
     gradients are alive at once, so peak memory is bounded by the chunk, not by B.
     """
-    _check_positive("max_grad_norm", max_grad_norm)
+    check_positive("max_grad_norm", max_grad_norm)
     params = trainable_params(model)
     total = {k: torch.zeros_like(v, memory_format=torch.preserve_format) for k, v in params.items()}
     norms = []
@@ -98,7 +104,7 @@ def clipped_grad_sum(
         sq = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())
         norm = sq.sqrt()
         finite = torch.isfinite(norm)
-        factor = torch.where(finite, (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0), 0.0)
+        factor = clip_factors(norm, max_grad_norm)
         for k, g in grads.items():
             # where(), not multiplication: NaN * 0 would still be NaN
             g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
@@ -122,8 +128,8 @@ def add_noise(
     ``secure=True`` draws from the OS CSPRNG instead (``secure_normal``) and refuses a generator,
     since a seedable generator is exactly what secure mode rules out.
     """
-    _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-    _check_positive("max_grad_norm", max_grad_norm)
+    check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    check_positive("max_grad_norm", max_grad_norm)
     if secure and generator is not None:
         raise ValueError("secure mode draws noise from OS entropy; it refuses a (reproducible) generator")
     std = noise_multiplier * max_grad_norm
@@ -151,7 +157,7 @@ def private_mean(
 
     Divides by the *expected* batch size ``q*N``, never the realised one (which is private).
     """
-    _check_positive("expected_batch_size", expected_batch_size)
+    check_positive("expected_batch_size", expected_batch_size)
     noisy = add_noise(
         grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator, secure=secure
     )
