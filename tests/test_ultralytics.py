@@ -310,3 +310,16 @@ def test_ghost_path_skips_a_non_finite_image():
     for k in expected:
         assert torch.isfinite(total[k]).all()
         assert torch.allclose(total[k], expected[k], rtol=1e-4, atol=1e-7)
+
+
+def test_private_gradient_divides_by_the_expected_batch_size():
+    """The realised Poisson batch size is private: the step divides by q*N, never by B."""
+    from ultralytics_dp.adapter import private_gradient
+
+    model = trainer_model("yolo26n-cls.yaml")
+    batch = {"img": torch.rand(3, 3, 32, 32), "cls": torch.tensor([1, 2, 3])}
+    grad, _ = private_gradient(model, batch, method="ghost", max_grad_norm=0.5, noise_multiplier=0.0,
+                               expected_batch_size=10.0, physical_batch=2)
+    total, _ = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch), max_grad_norm=0.5)
+    for k in total:
+        assert torch.allclose(grad[k], total[k] / 10.0, rtol=1e-4, atol=1e-9)
