@@ -36,7 +36,8 @@ from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 
 from ultralytics_dp import datasets
-from ultralytics_dp.adapter import freeze_batchnorm, private_gradient, resolve_grad_method
+from ultralytics_dp.adapter import private_gradient, resolve_grad_method
+from ultralytics_dp.guard import freeze_batchnorm
 
 HERE = Path(__file__).resolve().parent
 SIGMA, C = 1.0, 1.0
@@ -146,7 +147,7 @@ def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False) -> tupl
         plain_opt.zero_grad(set_to_none=True)
 
     def private_step() -> None:
-        grad, _ = private_gradient(dp_model, batch, method=method, max_grad_norm=C, noise_multiplier=SIGMA,
+        grad = private_gradient(dp_model, batch, method=method, max_grad_norm=C, noise_multiplier=SIGMA,
                                    expected_batch_size=spec["batch"], physical_batch=spec["physical"])
         for k, p in dp_model.named_parameters():
             if p.requires_grad:

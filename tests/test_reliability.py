@@ -204,6 +204,7 @@ def assert_refused(tmp_path, data, match, dp_kwargs=None, cfg="yolo26n.yaml", **
         (dict(epsilon=float("inf")), "epsilon"), (dict(epsilon=1, delta=0), "delta"),
         (dict(epsilon=1, delta=1), "delta"), (dict(epsilon=1, max_grad_norm=0), "max_grad_norm"),
         (dict(epsilon=1, noise_multiplier=-1), "noise_multiplier"), (dict(epsilon=1, dataset_budget=0), "budget"),
+        (dict(epsilon=1, dataset_budget=2, ledger=False), "dataset_budget needs the ledger"),
     ],
 )
 def test_bad_settings_are_refused_at_construction(kwargs, match):
@@ -217,6 +218,9 @@ def test_bad_settings_are_refused_at_construction(kwargs, match):
         (dict(mosaic=1.0), "mosaic"), (dict(mixup=0.2), "mixup"), (dict(cutmix=0.5), "cutmix"),
         (dict(copy_paste=0.1), "copy_paste"), (dict(rect=True), "rect"), (dict(batch=-1), "auto-batch"),
         (dict(batch=0.7), "auto-batch"), (dict(batch=64), "exceeds the dataset size"),
+        (dict(cls_pw=0.5), "cls_pw"), (dict(time=0.01), "time"), (dict(quantize=8), "quantize"),
+        (dict(distill_model="yolo26n.yaml"), "distill_model"), (dict(device="0,1"), "several devices"),
+        (dict(device=[0, 1]), "several devices"),
     ],
 )
 def test_bad_training_keys_are_refused(tiny_det, tmp_path, train_kwargs, match):
@@ -286,3 +290,35 @@ def test_secure_noise_statistics_and_no_seed():
         assert abs(kurtosis - 3) < 0.1  # Gaussian tails, not a sum of uniforms
     with pytest.raises(ValueError, match="secure"):
         add_noise(zero, noise_multiplier=1.0, max_grad_norm=1.0, secure=True, generator=torch.Generator())
+
+
+def test_a_schema_1_ledger_is_upgraded_in_place(tmp_path):
+    """Ledgers written before runs had random ids keep every spend, and each run gets a UUID4."""
+    import uuid
+
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as db:  # the schema-1 tables, as version 0.1.0 wrote them
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE datasets (fingerprint TEXT PRIMARY KEY, delta REAL NOT NULL, num_samples INTEGER NOT NULL,
+                budget REAL, created REAL NOT NULL, description TEXT);
+            CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL, created REAL NOT NULL,
+                name TEXT, settings TEXT NOT NULL);
+            CREATE TABLE spends (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL,
+                noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL, created REAL NOT NULL);
+            CREATE TABLE file_hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                sha256 TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema', 'ultralytics-dp-ledger/1');
+            INSERT INTO datasets VALUES ('d', 1e-5, 100, NULL, 0, 'toy');
+            INSERT INTO runs (fingerprint, created, name, settings) VALUES ('d', 0, 'old', '{}');
+            INSERT INTO spends (run_id, noise_multiplier, sample_rate, steps, created) VALUES (1, 1.0, 0.1, 50, 0);
+        """)
+    book = Ledger(path)
+    (dataset,) = book.summary()
+    (run,) = dataset["runs"]
+    assert uuid.UUID(run["run_id"]).version == 4 and run["steps"] == 50
+    assert dataset["epsilon"] == pytest.approx(compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=50,
+                                                               delta=1e-5), rel=1e-9)
+    new = book.start_run("d", {})
+    book.reserve(new, steps=5, noise_multiplier=1.0, sample_rate=0.1)
+    assert [r["steps"] for r in Ledger(path).summary()[0]["runs"]] == [50, 5]

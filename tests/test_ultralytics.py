@@ -17,6 +17,8 @@ from ultralytics_dp import DifferentialPrivacy, per_sample_grad_norms, per_sampl
 from ultralytics_dp.engine import clipped_grad_sum
 from ultralytics_dp.losses import per_image_loss_fn, sample_batch
 
+from helpers import train_tiny
+
 
 def trainer_model(cfg: str) -> torch.nn.Module:
     """The model as the DP trainer holds it: args set, train mode, BatchNorm frozen."""
@@ -149,45 +151,6 @@ def test_ghost_path_matches_torch_func_path(cfg, max_grad_norm):
         assert (ref_norms > max_grad_norm).any()  # clipping was exercised
 
 
-def _bn_state(model) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-
-
-class Spy:
-    """Counts optimizer steps and records BatchNorm statistics around a run."""
-
-    def __init__(self):
-        self.optimizer_steps = 0
-        self.bn_before = self.bn_after = None
-
-    def attach(self, model):
-        model.add_callback("on_pretrain_routine_end", self.start)  # runs after DP's own
-        model.add_callback("on_train_end", self.end)
-
-    def start(self, trainer):
-        self.bn_before = _bn_state(trainer.model)
-        step = trainer.optimizer.step
-
-        def counted(*a, **k):
-            self.optimizer_steps += 1
-            return step(*a, **k)
-
-        trainer.optimizer.step = counted
-
-    def end(self, trainer):
-        self.bn_after = _bn_state(trainer.model)
-
-
-def train_tiny(data, tmp_path, dp, epochs=2, **kw):
-    model = YOLO("yolo26n.yaml")
-    spy = Spy()
-    dp.attach(model)
-    spy.attach(model)
-    model.train(data=str(data), epochs=epochs, imgsz=64, batch=8, workers=0, project=str(tmp_path),
-                name="run", exist_ok=True, **kw)
-    return model, spy, tmp_path / "run"
-
-
 def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
     dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, max_grad_norm=1.0, physical_batch=4)
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp)
@@ -277,13 +240,13 @@ def test_empty_poisson_batches_are_steps(tiny_det, tmp_path):
     sizes = []
 
     def record(trainer):
-        step = trainer.model.loss
+        preprocess = trainer.preprocess_batch
 
-        def recorded(batch, preds=None):
+        def recorded(batch):
             sizes.append(batch["img"].shape[0])
-            return step(batch, preds)
+            return preprocess(batch)
 
-        trainer.model.loss = recorded
+        trainer.preprocess_batch = recorded
 
     dp.attach(model)
     model.add_callback("on_pretrain_routine_end", record)
@@ -318,7 +281,7 @@ def test_private_gradient_divides_by_the_expected_batch_size():
 
     model = trainer_model("yolo26n-cls.yaml")
     batch = {"img": torch.rand(3, 3, 32, 32), "cls": torch.tensor([1, 2, 3])}
-    grad, _ = private_gradient(model, batch, method="ghost", max_grad_norm=0.5, noise_multiplier=0.0,
+    grad = private_gradient(model, batch, method="ghost", max_grad_norm=0.5, noise_multiplier=0.0,
                                expected_batch_size=10.0, physical_batch=2)
     total, _ = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch), max_grad_norm=0.5)
     for k in total:

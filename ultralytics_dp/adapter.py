@@ -1,27 +1,30 @@
 """DP-SGD inside the Ultralytics trainer, through callbacks (a dict of event -> function).
 
 ``DifferentialPrivacy(...).attach(model)`` registers the callbacks with ``model.add_callback``.
-They change the trainer as follows (each change closes a leak listed in
-``shared/docs/dp-in-ultralytics.md``):
+What the trainer may and may not do in a private run is decided in ``guard`` (refused and
+neutralised training arguments, the guarded loader, recoveries and copies of the model); this
+module plans the run and owns its accountant and ledger record:
 
-* on_pretrain_routine_start: refuse or neutralise what mixes images or breaks Poisson sampling
-  (mosaic, mixup, cutmix, copy_paste, rect, auto-batch, compile), turn plots off, resolve
-  ``digits-det``/``digits-cls``, read the ``dp`` entry of a checkpoint being resumed.
+* on_pretrain_routine_start: ``guard`` refuses or neutralises what mixes images or computes
+  statistics of the training set, resolves ``digits-det``/``digits-cls``, reads the ``dp`` entry
+  of a checkpoint being resumed.
 * on_pretrain_routine_end: check the training set, freeze BatchNorm, restore a resumed
   accountant, calibrate sigma, compute the step budget (run and dataset lifetime budget, from
-  the ledger), record the run in the ledger, replace
-  the train loader by a Poisson loader (one logical batch per optimizer step, q = batch / N),
-  set ``accumulate`` to 1 for the whole run (warm-up included), disable the AMP grad scaler,
-  and replace the model's loss by the private step: per-image clipped gradients in physical
-  chunks, one Gaussian draw, division by the expected batch size q*N, written to ``.grad``.
-  Each epoch's steps are reserved in the ledger before the first of them is taken.
+  the ledger), record the run in the ledger, and let ``guard.TrainerGuard`` install the Poisson
+  loader (one logical batch per optimizer step, q = batch / N, each epoch's steps reserved in the
+  ledger before the first of them) and the private step: per-image clipped gradients in
+  physical chunks, one Gaussian draw, division by the expected batch size q*N, into ``.grad``.
   Ultralytics' own ``optimizer_step`` (its batch-level clip, EMA) is post-processing.
-* on_train_epoch_end / on_model_save / on_train_end: report epsilon, write the ``dp`` entry.
+* on_train_batch_start / on_train_batch_end: the private step is on the model only in between.
+* on_train_epoch_end / on_model_save / on_train_end: report epsilon, write the ``dp`` entry
+  (every checkpoint states every step taken before it was written; at the end, best.pt and
+  last.pt state the whole run).
 
 Privacy assumptions: one image with all its labels is one record; the training set seen by the
-trainer is the private set of size N; delta < 1/N; the validation set is not private (it is used
-for validation metrics and best.pt selection). Training losses are not logged: they are
-computed on private data without noise.
+trainer is the private set of size N; delta < 1/N; N, q, the validation set (used for metrics
+and best.pt selection), the architecture and the training arguments are public. A checkpoint
+links to its ledger record by a random run id only, never by a hash of the data. Training losses
+and per-batch counts are not logged: they are computed on private data without noise.
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import __version__, datasets, ghost, offline
+from . import __version__, datasets, ghost, guard, offline
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, Segment, get_noise_multiplier, max_steps, plan
 from .ledger import Ledger
 from .grad_sample import check_no_train_batchnorm, trainable_params
+from .guard import MIXING_AUGMENTATIONS, TrainerGuard, freeze_batchnorm
 from .losses import batch_losses, check_supported, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
 from .sampling import PoissonBatchSampler, split_physical
 
-MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
 # "ghost": norms without per-sample gradients + book-keeping (Conv2d/Linear/BN models);
 # "vmap": torch.func per-sample gradients (any layer); "auto": ghost where supported
 GRAD_METHODS = ("auto", "ghost", "vmap")
@@ -61,16 +64,6 @@ def _warn(message: str) -> None:
     from ultralytics.utils import LOGGER
 
     LOGGER.warning(f"DP: {message}")
-
-
-def _bn_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def freeze_batchnorm(model: nn.Module) -> None:
-    """BatchNorm in eval mode: no batch statistics (no mixing), running stats never updated."""
-    for m in _bn_modules(model):
-        m.eval()
 
 
 def _select(batch: dict, idx: list[int]) -> dict:
@@ -180,13 +173,15 @@ class DifferentialPrivacy:
             raise ValueError(f"dataset_budget must be a finite epsilon > 0, got {dataset_budget}")
         if grad_method not in GRAD_METHODS:
             raise ValueError(f"grad_method must be one of {', '.join(GRAD_METHODS)}, got {grad_method!r}")
+        if dataset_budget is not None and ledger is False:
+            raise ValueError("dataset_budget needs the ledger (it sums every run on the dataset); remove "
+                             "ledger=False or dataset_budget")
         self.grad_method = grad_method
         self.dataset_budget = dataset_budget
         self.secure_mode = bool(secure_mode)
         # ledger=False turns it off; None means the default path (or $ULTRALYTICS_DP_LEDGER)
         self.ledger = None if ledger is False else Ledger(None if ledger is True else ledger)
-        self.fingerprint: str | None = None
-        self.run_id: int | None = None
+        self.run_id: str | None = None  # random; only the local ledger links it to the training data
         self._resume: dict[str, Any] | None = None
         self.target_epsilon = float(epsilon)
         self.delta = float(delta)
@@ -200,14 +195,16 @@ class DifferentialPrivacy:
         self.planned_steps = 0
         self.max_steps = 0
         self.noise_draws = 0
-        self.nonfinite_samples = 0
         self.stopped_by_budget = False
+        self.guard: TrainerGuard | None = None
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._explicit: dict[str, Any] | None = None
         self.save_dir: Path | None = None
         self.callbacks: dict[str, Callable] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_batch_start": self.on_train_batch_start,
+            "on_train_batch_end": self.on_train_batch_end,
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_model_save": self.on_model_save,
             "on_train_end": self.on_train_end,
@@ -243,7 +240,8 @@ class DifferentialPrivacy:
                 from ultralytics.utils import YAML
 
                 self._explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
-            self._check_explicit(self._explicit)
+            # in the launching process: a multi-device run spawns workers before any callback runs here
+            guard.refuse_unsafe_args(_planned_args(model, self._explicit), self._explicit)
             if "data" in kwargs:
                 kwargs["data"] = datasets.resolve(kwargs["data"])
             try:
@@ -283,7 +281,6 @@ class DifferentialPrivacy:
             "accountant": ACCOUNTANT_NAME,
             "accountant_state": self.accountant.state_dict(),
             "secure_mode": self.secure_mode,
-            "dataset_fingerprint": self.fingerprint,
             "run_id": self.run_id,
             "privacy_unit": PRIVACY_UNIT,
             "version": __version__,
@@ -299,28 +296,10 @@ class DifferentialPrivacy:
         print(summary_line(info))
         return info
 
-    # ----------------------------------------------------------------- checks
-    @staticmethod
-    def _check_explicit(explicit: dict[str, Any]) -> None:
-        for key in MIXING_AUGMENTATIONS:
-            if float(explicit.get(key) or 0) > 0:
-                raise ValueError(
-                    f"{key}={explicit[key]} mixes several images into one training sample, which breaks "
-                    f"per-image differential privacy; remove it or set {key}=0"
-                )
-        if explicit.get("rect"):
-            raise ValueError("rect=True builds fixed-order batches, which break Poisson sampling; remove rect")
-        batch = explicit.get("batch")
-        if batch is not None and (isinstance(batch, bool) or not float(batch).is_integer() or float(batch) < 1):
-            raise ValueError(
-                f"batch={batch}: auto-batch (batch=-1 or a fraction) probes memory with private data and "
-                "changes the sampling rate; give the expected batch size as an integer >= 1"
-            )
-        if explicit.get("compile"):
-            raise ValueError("compile=True is not supported in DP mode; remove it")
-
+    # ----------------------------------------------------------------- set-up
     def on_pretrain_routine_start(self, trainer: Any) -> None:
-        """Before the dataset is built: refuse or neutralise anything that mixes images."""
+        """Before the dataset is built: refuse or neutralise anything that mixes images or computes
+        statistics of the training set (see ``guard.TRAINING_ARGS``)."""
         from ultralytics.cfg import DEFAULT_CFG_DICT
 
         offline.patch_ultralytics()
@@ -328,14 +307,11 @@ class DifferentialPrivacy:
         args = trainer.args
         explicit = self._explicit
         if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
-            explicit = {k: getattr(args, k) for k in (*MIXING_AUGMENTATIONS, "rect", "batch", "compile", "plots", "amp")
-                        if getattr(args, k) != DEFAULT_CFG_DICT.get(k)}
-        self._check_explicit({**explicit, "batch": args.batch})
+            explicit = {k: v for k, v in vars(args).items() if v != DEFAULT_CFG_DICT.get(k)}
+        guard.refuse_unsafe_args(vars(args), explicit)
+        check_single_process(trainer)
         check_supported_task(args.task)
-        overridden = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k) or 0) > 0]
-        for key in MIXING_AUGMENTATIONS:
-            setattr(args, key, 0.0)
-        args.close_mosaic = 0
+        overridden = guard.neutralise_args(args)
         if overridden:
             _log(f"turned off {', '.join(overridden)}: augmentations that mix images break per-image DP "
                  "(per-image augmentations stay on)")
@@ -343,8 +319,11 @@ class DifferentialPrivacy:
             args.amp = False
             _log("amp=False: Ultralytics' AMP check downloads yolo26n.pt; pass amp=True explicitly to use AMP "
                  "(gradients are clipped unscaled either way)")
+        guard.no_training_plots(trainer)
+        guard.quiet_training_set_scan(trainer)
         if explicit.get("plots"):
-            _warn("plots=True: train_batch*.jpg and labels.jpg show private training images and label statistics")
+            _log("plots=True: validation plots only; train_batch*.jpg and labels.jpg (private images and label "
+                 "statistics) are not drawn in DP mode")
         else:
             args.plots = False
         args.data = datasets.resolve(args.data)
@@ -357,17 +336,10 @@ class DifferentialPrivacy:
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
         """Model, loader and optimizer exist: freeze BN, plan the budget, install the private step."""
+        check_single_process(trainer)  # runs on every rank
         model = trainer.model
         check_supported(model)
         freeze_batchnorm(model)
-        original_model_train = trainer._model_train
-
-        def model_train() -> None:  # runs every epoch start: keep BN frozen
-            original_model_train()
-            freeze_batchnorm(trainer.model)
-
-        trainer._model_train = model_train
-
         dataset = trainer.train_loader.dataset
         check_training_set(dataset)
         n = len(dataset)
@@ -403,13 +375,18 @@ class DifferentialPrivacy:
              f"{planned} planned, {remaining} allowed from step {self.steps}, C={self.max_grad_norm:g}, "
              f"delta={self.delta:g}" + (", secure mode" if self.secure_mode else ""))
 
-        trainer.train_loader = PoissonLoader(
+        loader = PoissonLoader(
             dataset, q, steps_per_epoch, lambda: self.max_steps - self.steps, self._reserve,
             workers=trainer.train_loader.num_workers, secure=self.secure_mode,
         )
-        trainer.accumulate = 1  # one noise draw per logical batch; warm-up ramps 1 -> 1
-        trainer.scaler = torch.amp.GradScaler(enabled=False)  # clip true gradients, never loss-scaled ones
-        model.loss = self._private_step_fn(trainer)
+        self.guard = TrainerGuard(self._private_step_fn(trainer), loader)
+        self.guard.install(trainer)
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        self.guard.on_train_batch_start(trainer)
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.guard.on_train_batch_end(trainer)
 
     # ----------------------------------------------------------------- ledger and resume
     def _open_ledger_run(self, trainer: Any, dataset: Any, remaining: int) -> int:
@@ -417,8 +394,16 @@ class DifferentialPrivacy:
 
         Returns how many steps this run may take: fewer than ``remaining`` when a given
         noise_multiplier would push the dataset past its budget. Nothing is written when the run
-        is refused."""
+        is refused. A resumed run must train on the data its ledger record names."""
         fingerprint = self.ledger.fingerprint(dataset_records(dataset))
+        if self._resume is not None:
+            recorded = self.ledger.run(self.run_id)
+            if recorded is None:
+                raise ValueError(f"the run being resumed (run_id {self.run_id}) is not in the ledger {self.ledger.path}; "
+                                 "resume with ledger= set to the ledger it was recorded in")
+            if recorded["fingerprint"] != fingerprint:
+                raise ValueError("resume must train on the training data of the run it continues, and this data "
+                                 "differs (by the ledger's identity of the data); start a new run instead")
         known = self.ledger.dataset(fingerprint) or {}
         budgets = [b for b in (self.dataset_budget, known.get("budget")) if b is not None]
         if budgets:
@@ -437,7 +422,6 @@ class DifferentialPrivacy:
                 remaining = allowed
         self.ledger.register_dataset(fingerprint, delta=self.delta, num_samples=len(dataset),
                                      budget=self.dataset_budget, description=str(trainer.args.data))
-        self.fingerprint = fingerprint
         if self.run_id is None:  # a resumed run keeps appending to its own record
             self.run_id = self.ledger.start_run(fingerprint, self._settings(), name=str(trainer.save_dir))
         return remaining
@@ -463,7 +447,11 @@ class DifferentialPrivacy:
                 "num_samples": self.num_samples}
 
     def _restore(self, state: dict[str, Any], n: int, q: float) -> None:
-        """Continue a run from its checkpoint's ``dp`` entry; any change of DP settings is an error."""
+        """Continue a run from its checkpoint's ``dp`` entry; any change of DP settings, or of the
+        ledger setting, is an error. With the ledger on, the training data is checked against the
+        run's ledger record (``_open_ledger_run``). With ``ledger=False`` throughout, other data of the
+        same size is not detected; the resumed accountant still bounds every image of either set
+        (each was in at most every step, at rate q) and nothing is recorded that could be misattributed."""
         expected = {"target_epsilon": self.target_epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
                     "num_samples": n, "sample_rate": q}
         if self._given_sigma:
@@ -473,6 +461,10 @@ class DifferentialPrivacy:
         if changed:
             raise ValueError(f"resume must keep the DP settings of the run ({', '.join(changed)}); start a new run "
                              "instead (the ledger composes it with this one)")
+        if (state.get("run_id") is None) != (self.ledger is None):
+            raise ValueError("resume must keep the ledger setting of the run: it was trained with "
+                             + ("ledger=False; resume with ledger=False" if state.get("run_id") is None
+                                else "the ledger on; resume with the ledger it was recorded in"))
         self.noise_multiplier = state["noise_multiplier"]
         self.accountant.load_state_dict(state["accountant_state"])
         self.noise_draws = self.accountant.steps
@@ -480,23 +472,20 @@ class DifferentialPrivacy:
         _log(f"resumed at step {self.steps} (epsilon={self.epsilon:.4f}) with noise_multiplier={self.noise_multiplier:g}")
 
     # ----------------------------------------------------------------- the private step
-    def _private_step_fn(self, trainer: Any) -> Callable:
-        model = trainer.model
-        names = _loss_names(model)
-        method = resolve_grad_method(model, self.grad_method)
+    def _private_step_fn(self, trainer: Any) -> Callable[[dict], None]:
+        method = resolve_grad_method(trainer.model, self.grad_method)
         _log(f"per-sample clipping with the {method} path")
 
-        def private_step(batch: dict, preds: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
-            """Replaces ``model.loss`` for the trainer: computes the DP gradient into ``.grad`` and
-            returns a constant loss whose backward touches no parameter."""
+        def private_step(batch: dict) -> None:
+            """One DP-SGD step's gradient into ``.grad`` of the trainer's model, counted."""
             if self.steps >= self.max_steps:  # the loader never yields past the budget: fail closed
                 raise RuntimeError(f"DP: step {self.steps + 1} would exceed the budget of {self.max_steps}")
-            grad, nonfinite = private_gradient(
+            model = trainer.model
+            grad = private_gradient(
                 model, batch, method=method, max_grad_norm=self.max_grad_norm,
                 noise_multiplier=self.noise_multiplier, expected_batch_size=self.sample_rate * self.num_samples,
                 physical_batch=self.physical_batch, secure=self.secure_mode,
             )
-            self.nonfinite_samples += nonfinite
             for k, p in trainable_params(model).items():
                 p.grad = grad[k].to(p.dtype)
             self.noise_draws += 1
@@ -504,32 +493,31 @@ class DifferentialPrivacy:
             if self.steps >= self.max_steps:
                 trainer.stop = True
                 self.stopped_by_budget = self.steps < self.planned_steps
-            dummy = torch.zeros((), device=batch["img"].device, requires_grad=True)
-            # training losses are private statistics: report zeros, not un-noised values
-            return dummy, {name: torch.zeros((), device=dummy.device) for name in names}
 
         return private_step
 
     # ----------------------------------------------------------------- reporting
     def on_train_epoch_end(self, trainer: Any) -> None:
+        self.guard.on_train_epoch_end(trainer)
         eps = self.epsilon
         _log(f"epoch {trainer.epoch + 1}: epsilon={eps:.4f} (target {self.target_epsilon:g}), delta={self.delta:g}, "
-             f"steps={self.steps}" + (f", {self.nonfinite_samples} non-finite per-image gradients skipped"
-                                      if self.nonfinite_samples else ""))
+             f"steps={self.steps}")
         trainer.lr["dp/epsilon"] = round(eps, 6)  # saved into results.csv with this epoch's row
 
     def on_model_save(self, trainer: Any) -> None:
-        """Write the ``dp`` entry into the checkpoints just saved."""
-        files = [trainer.last] + ([trainer.best] if trainer.best_fitness == trainer.fitness else [])
-        for f in files:
-            if Path(f).exists():
+        """Every checkpoint on disk states the epsilon of every step taken so far: best.pt too, since
+        which epoch it holds depends on every epoch validated since (it is a function of the run)."""
+        period = trainer.save_period > 0 and trainer.epoch % trainer.save_period == 0
+        epoch_file = trainer.wdir / f"epoch{trainer.epoch}.pt" if period else None
+        for f in (trainer.last, trainer.best, epoch_file):
+            if f is not None and Path(f).exists():
                 write_dp_entry(f, self.info())
 
     def on_train_end(self, trainer: Any) -> None:
+        """The checkpoints the run releases state the whole run (after Ultralytics' final rewrite)."""
         for f in (trainer.last, trainer.best):
-            if Path(f).exists() and not torch.load(f, map_location="cpu", weights_only=False).get("dp"):
+            if Path(f).exists():
                 write_dp_entry(f, self.info())
-        trainer.model.__dict__.pop("loss", None)  # back to the class's loss
         _log(summary_line(self.info()))
 
 
@@ -546,33 +534,30 @@ def resolve_grad_method(model: nn.Module, method: str) -> str:
 def private_gradient(
     model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
     expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
-) -> tuple[dict[str, Tensor], int]:
-    """The DP gradient of one logical (Poisson) batch and the number of non-finite images skipped:
-    per-image clipped gradients summed over physical chunks, one Gaussian draw, divided by the
-    expected batch size. ``batch`` is a preprocessed Ultralytics training batch."""
+) -> dict[str, Tensor]:
+    """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
+    physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
+    by the expected batch size. ``batch`` is a preprocessed Ultralytics training batch."""
     check_no_train_batchnorm(model)
     total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
-    nonfinite = 0
     n = batch["img"].shape[0]
     loss_fn = per_image_loss_fn(model)
     try:
         for idx in split_physical(list(range(n)), physical_batch or max(n, 1)):
             chunk = _select(batch, idx)
             if method == "ghost":
-                sums, norms = ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk),
+                sums, _ = ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk),
                                                            max_grad_norm=max_grad_norm)
             else:
-                sums, norms = clipped_grad_sum(model, loss_fn, sample_batch(model, chunk), max_grad_norm=max_grad_norm)
+                sums, _ = clipped_grad_sum(model, loss_fn, sample_batch(model, chunk), max_grad_norm=max_grad_norm)
             for k in total:
                 total[k] += sums[k]
-            nonfinite += int((~torch.isfinite(norms)).sum())
     except RuntimeError as err:
         if "out of memory" in str(err).lower():  # Ultralytics would halve `batch` and change q
             raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
         raise
-    grad = private_mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    return private_mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                         expected_batch_size=expected_batch_size, secure=secure)
-    return grad, nonfinite
 
 
 def dataset_records(dataset: Any) -> list[tuple[str, str]]:
@@ -646,7 +631,24 @@ def check_supported_task(task: str) -> None:
         raise ValueError(f"task={task!r} is not supported in DP mode; supported: detect, classify")
 
 
-def _loss_names(model: nn.Module) -> tuple[str, ...]:
-    crit = getattr(model, "criterion", None)
-    names = getattr(getattr(crit, "one2one", crit), "loss_names", None)
-    return tuple(names) if names else ("loss",)
+
+def check_single_process(trainer: Any) -> None:
+    """Refuse a multi-device (DDP) run on whichever rank gets here: each rank would sample with the
+    global q and add its own noise, and gradients written to ``.grad`` bypass DDP's all-reduce."""
+    from ultralytics.utils import RANK
+
+    if trainer.world_size > 1 or RANK != -1:
+        raise ValueError(f"device={trainer.args.device}: private training on several devices is not supported "
+                         "yet; train on one device (e.g. device=0)")
+
+
+def _planned_args(model: Any, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The training arguments ``model.train(**explicit)`` will use, as far as they can be known in the
+    launching process (a resumed run takes its checkpoint's, which the new ones may override)."""
+    planned = dict(model.overrides)
+    resume = explicit.get("resume")
+    if resume:
+        path = resume if isinstance(resume, (str, Path)) and Path(resume).exists() else model.ckpt_path
+        if path and Path(path).exists():
+            planned.update(torch.load(path, map_location="cpu", weights_only=False).get("train_args") or {})
+    return {**planned, **explicit}

@@ -6,6 +6,10 @@ labels), records each run, and records the steps a run is *about to* take, durab
 them (``reserve``). A process killed at any moment therefore never leaves the ledger below what
 was actually spent; it may be above (a reserved epoch that did not finish), which is conservative.
 
+A run is known outside the ledger only by a random id (UUID4, in its checkpoints): the ledger's
+fingerprints are hashes of the private data, which would let anyone holding the data test
+membership, so they never leave this file.
+
 All runs on a dataset compose, with the PRV accountant (heterogeneous segments), into one epsilon
 at the dataset's delta (the delta of its first run). Writes use ``BEGIN IMMEDIATE`` transactions
 so concurrent processes never lose an update.
@@ -19,13 +23,14 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .accounting import PrivacyAccountant, Segment
 
-SCHEMA = "ultralytics-dp-ledger/1"
+SCHEMA = "ultralytics-dp-ledger/2"  # /2 added runs.uid; /1 ledgers are upgraded in place
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS datasets (
@@ -33,7 +38,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     budget REAL, created REAL NOT NULL, description TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL REFERENCES datasets(fingerprint),
-    created REAL NOT NULL, name TEXT, settings TEXT NOT NULL);
+    created REAL NOT NULL, name TEXT, settings TEXT NOT NULL, uid TEXT UNIQUE);
 CREATE TABLE IF NOT EXISTS spends (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL REFERENCES runs(id),
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL, created REAL NOT NULL);
@@ -66,7 +71,9 @@ class Ledger:
                     raise ValueError
                 if existed and "meta" in tables:
                     row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                    if not row or row[0] != SCHEMA:
+                    if row and row[0] == "ultralytics-dp-ledger/1":
+                        _upgrade_from_1(db)
+                    elif not row or row[0] != SCHEMA:
                         raise ValueError
                 for statement in _TABLES.split(";"):
                     if statement.strip():
@@ -130,19 +137,30 @@ class Ledger:
                            " WHERE fingerprint=?", (budget, budget, fingerprint))
             return db.execute("SELECT delta FROM datasets WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
 
-    def start_run(self, fingerprint: str, settings: dict[str, Any], name: str = "") -> int:
+    def start_run(self, fingerprint: str, settings: dict[str, Any], name: str = "") -> str:
+        """Record a run on the dataset; returns its random id, the only link a checkpoint may carry."""
+        uid = str(uuid.uuid4())
         with self._connect() as db:
-            cur = db.execute("INSERT INTO runs (fingerprint, created, name, settings) VALUES (?, ?, ?, ?)",
-                             (fingerprint, time.time(), name, json.dumps(settings, sort_keys=True)))
-            return int(cur.lastrowid)
+            db.execute("INSERT INTO runs (fingerprint, created, name, settings, uid) VALUES (?, ?, ?, ?, ?)",
+                       (fingerprint, time.time(), name, json.dumps(settings, sort_keys=True), uid))
+        return uid
 
-    def reserve(self, run_id: int, *, steps: int, noise_multiplier: float, sample_rate: float) -> None:
-        """Durably record ``steps`` steps of (sigma, q) for ``run_id`` before they are taken."""
+    def run(self, uid: str | None) -> dict[str, Any] | None:
+        """The run with random id ``uid`` (its dataset fingerprint and settings), or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT fingerprint, settings FROM runs WHERE uid=?", (uid,)).fetchone()
+        return None if row is None else {"fingerprint": row[0], "settings": json.loads(row[1])}
+
+    def reserve(self, uid: str, *, steps: int, noise_multiplier: float, sample_rate: float) -> None:
+        """Durably record ``steps`` steps of (sigma, q) for run ``uid`` before they are taken."""
         if steps <= 0:
             return
         with self._connect() as db:
+            row = db.execute("SELECT id FROM runs WHERE uid=?", (uid,)).fetchone()
+            if row is None:
+                raise ValueError(f"no run {uid} in ledger {self.path}")
             db.execute("INSERT INTO spends (run_id, noise_multiplier, sample_rate, steps, created) "
-                       "VALUES (?, ?, ?, ?, ?)", (run_id, noise_multiplier, sample_rate, steps, time.time()))
+                       "VALUES (?, ?, ?, ?, ?)", (row[0], noise_multiplier, sample_rate, steps, time.time()))
 
     def segments(self, fingerprint: str) -> list[Segment]:
         with self._connect() as db:
@@ -175,14 +193,24 @@ class Ledger:
         with self._connect() as db:
             datasets = db.execute("SELECT fingerprint, delta, num_samples, budget, description FROM datasets "
                                   "ORDER BY created").fetchall()
-            runs = db.execute("SELECT r.id, r.fingerprint, r.name, r.settings, COALESCE(SUM(s.steps), 0) FROM runs r "
-                              "LEFT JOIN spends s ON s.run_id = r.id GROUP BY r.id ORDER BY r.id").fetchall()
+            runs = db.execute("SELECT r.id, r.uid, r.fingerprint, r.name, r.settings, COALESCE(SUM(s.steps), 0) "
+                              "FROM runs r LEFT JOIN spends s ON s.run_id = r.id GROUP BY r.id ORDER BY r.id").fetchall()
         out = []
         for fp, delta, n, budget, description in datasets:
             out.append({
                 "fingerprint": fp, "description": description, "num_samples": n, "delta": delta, "budget": budget,
                 "epsilon": self.epsilon(fp),
-                "runs": [{"id": rid, "name": name, "steps": steps, **json.loads(settings)}
-                         for rid, rfp, name, settings, steps in runs if rfp == fp],
+                "runs": [{"id": rid, "run_id": uid, "name": name, "steps": steps, **json.loads(settings)}
+                         for rid, uid, rfp, name, settings, steps in runs if rfp == fp],
             })
         return out
+
+
+def _upgrade_from_1(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: give every run a random id (its checkpoints carried the integer id, which stays
+    in ``runs.id``; resuming such a checkpoint is refused, as it names no random id)."""
+    db.execute("ALTER TABLE runs ADD COLUMN uid TEXT")
+    for (rid,) in db.execute("SELECT id FROM runs").fetchall():
+        db.execute("UPDATE runs SET uid=? WHERE id=?", (str(uuid.uuid4()), rid))
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_uid ON runs(uid)")
+    db.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA,))

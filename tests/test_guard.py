@@ -1,0 +1,247 @@
+"""What the Ultralytics trainer may do in a private run (``ultralytics_dp.guard``): each test drives a
+private run through the public API and provokes one side path of the trainer (what it writes, what
+it prints, its out-of-memory and NaN recoveries, resume), then checks the run against an
+independent record (the spy's optimizer steps, the ledger, the files on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+from ultralytics import YOLO
+from ultralytics.cfg import DEFAULT_CFG_DICT
+
+from ultralytics_dp import DifferentialPrivacy
+from ultralytics_dp.guard import TRAINING_ARGS
+from ultralytics_dp.ledger import Ledger
+
+from helpers import train_tiny
+
+# What a private run may write: its arguments, the per-epoch metrics, validation plots (the
+# validation set is public) and checkpoints. Training images and training-label plots are not.
+ALLOWED_FILES = re.compile(
+    r"args\.yaml|results\.(csv|png)|weights/(last|best|epoch\d+)\.pt|val_batch\d+_(labels|pred)\.jpg"
+    r"|confusion_matrix(_normalized)?\.png|Box(F1|P|R|PR)_curve\.png"
+)
+CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours
+    "epoch", "best_fitness", "stopper", "model", "ema", "updates", "modelopt", "optimizer", "scaler", "train_args",
+    "train_metrics", "train_results", "date", "version", "git", "license", "docs", "dp",
+}
+DP_ENTRY_KEYS = {
+    "epsilon", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm",
+    "stopped_by_budget", "num_samples", "accountant", "accountant_state", "secure_mode", "run_id", "privacy_unit",
+    "version",
+}
+# attributes a trained model carries beyond a freshly built one (set by Ultralytics' trainer and
+# validator from public values: class count, an emptied criterion, the head's last validation shapes)
+MODEL_ATTRIBUTES = {"": {"nc", "criterion"}, "model.23": {"strides", "anchors", "shape", "_end2end", "max_det"}}
+
+
+def ledger_segments(path: Path) -> int:
+    book = Ledger(path)
+    return sum(seg.steps for ds in book.summary() for seg in book.segments(ds["fingerprint"]))
+
+
+def private_secrets(data: Path, ledger: Path) -> list[str]:
+    """Hashes that identify the training set: the ledger's fingerprint and every training file's SHA-256."""
+    (dataset,) = Ledger(ledger).summary()
+    files = [p for p in (data.parent / "images" / "train").iterdir()]
+    files += [p for p in (data.parent / "labels" / "train").iterdir() if p.suffix == ".txt"]
+    return [dataset["fingerprint"], *(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)]
+
+
+def test_a_private_run_releases_only_allowed_files_and_keys(tiny_det, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=ledger)
+    _, _, save_dir = train_tiny(tiny_det, tmp_path, dp, plots=True, save_period=1)
+    files = sorted(p.relative_to(save_dir).as_posix() for p in save_dir.rglob("*") if p.is_file())
+    assert {"args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "weights/epoch0.pt"} <= set(files)
+    assert [f for f in files if not ALLOWED_FILES.fullmatch(f)] == []
+
+    secrets = private_secrets(tiny_det, ledger)
+    for f in files:
+        raw = (save_dir / f).read_bytes()
+        assert not [s for s in secrets if s.encode() in raw or bytes.fromhex(s) in raw], f
+    fresh = dict(YOLO("yolo26n.yaml").model.named_modules())
+    for f in (f for f in files if f.endswith(".pt")):
+        ckpt = torch.load(save_dir / f, map_location="cpu", weights_only=False)
+        assert set(ckpt) <= CHECKPOINT_KEYS, f
+        assert set(ckpt["dp"]) == DP_ENTRY_KEYS, f
+        assert set(ckpt["train_args"]) <= set(DEFAULT_CFG_DICT) | {"save_dir"}, f
+        assert uuid.UUID(ckpt["dp"]["run_id"]).version == 4
+        for key in ("model", "ema"):
+            for name, module in (ckpt[key].named_modules() if ckpt[key] is not None else ()):
+                extra = set(module.__dict__) - set(fresh[name].__dict__) - MODEL_ATTRIBUTES.get(name, set())
+                assert not extra, (f, key, name, extra)
+    # the random id resolves to the run only through the local ledger
+    run_id = torch.load(save_dir / "weights" / "last.pt", weights_only=False)["dp"]["run_id"]
+    assert Ledger(ledger).run(run_id)["fingerprint"] == secrets[0]
+    header, *rows = (save_dir / "results.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert all(re.fullmatch(r"epoch|time|train/\w+|metrics/.+|val/\w+|lr/pg\d|dp/epsilon", c) for c in columns)
+    for row in rows:  # training losses are private statistics: zeros
+        assert all(float(v) == 0 for c, v in zip(columns, row.split(",")) if c.startswith("train/"))
+
+
+def test_best_pt_states_the_whole_runs_epsilon(tiny_det, tmp_path):
+    """best.pt is chosen by comparing every epoch, so it states every step, not those before it was saved."""
+    seen = []
+
+    def first_epoch_best(trainer):
+        validate = trainer.validate
+
+        def decreasing():  # the first epoch's fitness stays the best
+            metrics, _ = validate()
+            seen.append(1.0 / (len(seen) + 1))
+            trainer.best_fitness = max(seen)
+            return metrics, seen[-1]
+
+        trainer.validate = decreasing
+
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=False)
+    _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=3, save_period=1,
+                                  callbacks={"on_pretrain_routine_end": first_epoch_best})
+    best = torch.load(save_dir / "weights" / "best.pt", weights_only=False)
+    first = torch.load(save_dir / "weights" / "epoch0.pt", weights_only=False)
+    # the weights are those of the first epoch ...
+    assert all(torch.equal(v, first["ema"].state_dict()[k]) for k, v in best["model"].state_dict().items())
+    assert first["dp"]["steps"] == 4  # (epochN.pt may state the epsilon at its writing)
+    assert best["dp"]["steps"] == dp.steps == spy.optimizer_steps == 12  # ... the guarantee is the run's
+    assert best["dp"]["epsilon"] == pytest.approx(dp.epsilon)
+
+
+def test_out_of_memory_outside_the_private_step_stops_the_run(tiny_det, tmp_path):
+    """Ultralytics' recovery would halve batch, rebuild a shuffled loader and raise accumulate."""
+    calls = []
+
+    def oom_on_second_batch(trainer):
+        preprocess = trainer.preprocess_batch
+
+        def flaky(batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return preprocess(batch)
+
+        trainer.preprocess_batch = flaky
+
+    ledger = tmp_path / "ledger.sqlite"
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=ledger)
+    with pytest.raises(MemoryError, match="physical_batch") as err:
+        train_tiny(tiny_det, tmp_path, dp, callbacks={"on_pretrain_routine_end": oom_on_second_batch})
+    assert len(str(err.value).splitlines()) == 1
+    assert dp.steps == dp.noise_draws == 1 and len(calls) == 2
+    assert ledger_segments(ledger) >= dp.steps  # the step taken was reserved first
+
+
+@pytest.mark.parametrize("epochs,expected_steps", [(3, 12), (2, 8)])  # (2, 8): the redone epoch has no step left
+def test_nan_recovery_keeps_every_step_private_and_counted(tiny_det, tmp_path, epochs, expected_steps):
+    """A non-finite fitness at epoch 1 makes Ultralytics reload last.pt, deep-copy the model into a
+    new EMA and redo the epoch: the copy must not carry the private step, the discarded epoch's
+    steps stay spent, and every optimizer step is one counted, reserved private step."""
+    fired = []
+
+    def nan_fitness_once(trainer):
+        validate = trainer.validate
+
+        def nan_once():
+            metrics, fitness = validate()
+            if trainer.epoch == 1 and not fired:
+                fired.append(1)
+                return metrics, float("nan")
+            return metrics, fitness
+
+        trainer.validate = nan_once
+
+    ledger = tmp_path / "ledger.sqlite"
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, noise_multiplier=1.0, ledger=ledger)
+    _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=epochs,
+                                  callbacks={"on_pretrain_routine_end": nan_fitness_once})
+    assert fired
+    assert dp.steps == dp.noise_draws == spy.optimizer_steps == ledger_segments(ledger) == expected_steps
+    assert dp.epsilon <= 6.0
+    assert torch.load(save_dir / "weights" / "last.pt", weights_only=False)["dp"]["steps"] == expected_steps
+
+
+def test_console_shows_no_statistic_of_the_private_data(tiny_det, tmp_path, capfd):
+    """The progress bar's Instances column (boxes in the Poisson batch), the training-set scan line
+    (backgrounds, corrupt) and a count of non-finite per-image gradients are private statistics."""
+    boxes = []
+
+    def count_and_poison(trainer):
+        preprocess = trainer.preprocess_batch
+
+        def spied(batch):
+            batch = preprocess(batch)
+            boxes.append(int(batch["cls"].shape[0]))
+            if batch["img"].shape[0]:
+                batch["img"][0] = float("nan")  # an image whose gradient is not finite
+            return batch
+
+        trainer.preprocess_batch = spied
+
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=False)
+    train_tiny(tiny_det, tmp_path, dp, callbacks={"on_pretrain_routine_end": count_and_poison})
+    console = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "\n", "".join(capfd.readouterr()))
+    assert any(boxes) and dp.steps == 8
+    progress = re.findall(r"^\s*\d+/2\s+\S+G\s+(?:\S+\s+){3}(\d+)\s+64:", console, flags=re.M)
+    assert progress and set(progress) == {"0"}, progress
+    assert "backgrounds" not in console.split("val:")[0]  # the validation scan (public) may say it
+    assert "non-finite" not in console
+
+
+def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+
+    def crash_in_epoch_2(trainer):
+        if trainer.epoch == 1:
+            raise KeyboardInterrupt
+
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, noise_multiplier=1.0, ledger=ledger)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tiny_det, tmp_path, dp, callbacks={"on_train_epoch_start": crash_in_epoch_2})
+    last = tmp_path / "run" / "weights" / "last.pt"
+    spent, checkpoint = ledger_segments(ledger), last.read_bytes()
+
+    other = tmp_path / "other"  # the same number of images, one of them different
+    shutil.copytree(tiny_det.parent, other)
+    yaml = other / "data.yaml"
+    yaml.write_text(yaml.read_text().replace(str(tiny_det.parent), str(other)))
+    image = sorted((other / "images" / "train").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:-4] + b"\0\0\0\0")
+    attempts = [
+        (dict(ledger=ledger), dict(data=str(yaml)), "training data of the run"),
+        (dict(ledger=False), {}, "resume with the ledger"),
+        (dict(ledger=tmp_path / "elsewhere.sqlite"), {}, "not in the ledger"),
+    ]
+    for dp_kwargs, train_kwargs, match in attempts:
+        resumed = DifferentialPrivacy(epsilon=6.0, delta=1e-3, noise_multiplier=1.0, **dp_kwargs)
+        model = YOLO(last)
+        resumed.attach(model)
+        with pytest.raises(ValueError, match=match) as err:
+            model.train(resume=True, **train_kwargs)
+        assert len(str(err.value).splitlines()) == 1
+        assert ledger_segments(ledger) == spent and last.read_bytes() == checkpoint  # no step, nothing written
+
+
+def test_every_rank_refuses_a_multi_device_run():
+    from types import SimpleNamespace
+
+    from ultralytics_dp.adapter import check_single_process
+
+    with pytest.raises(ValueError, match="several devices"):
+        check_single_process(SimpleNamespace(world_size=2, args=SimpleNamespace(device="0,1")))
+    check_single_process(SimpleNamespace(world_size=1, args=SimpleNamespace(device="0")))
+
+
+def test_readme_lists_every_training_argument_as_the_guard_handles_it():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (refused|neutralised|guarded|safe) \|", readme, flags=re.M))
+    assert rows == {key: handling for key, (handling, _) in TRAINING_ARGS.items()}
