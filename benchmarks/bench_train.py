@@ -36,7 +36,7 @@ from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 
 from ultralytics_dp import datasets
-from ultralytics_dp.adapter import private_gradient, resolve_grad_method
+from ultralytics_dp.private_step import private_gradient, resolve_grad_method
 from ultralytics_dp.guard import freeze_batchnorm
 
 HERE = Path(__file__).resolve().parent

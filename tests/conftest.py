@@ -11,9 +11,10 @@ import pytest
 
 _TMP = Path(tempfile.mkdtemp(prefix="ultralytics-dp-tests-"))
 # Before anything imports Ultralytics: its settings and font live here, datasets are built here.
-os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP / "config"))
-os.environ.setdefault("ULTRALYTICS_DP_DATA", str(_TMP / "data"))
-os.environ.setdefault("ULTRALYTICS_DP_LEDGER", str(_TMP / "ledger.sqlite"))
+# Set unconditionally: a test run never touches the user's settings, data cache or privacy ledger.
+os.environ["YOLO_CONFIG_DIR"] = str(_TMP / "config")
+os.environ["ULTRALYTICS_DP_DATA"] = str(_TMP / "data")
+os.environ["ULTRALYTICS_DP_LEDGER"] = str(_TMP / "ledger.sqlite")
 
 
 @pytest.fixture

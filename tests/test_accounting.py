@@ -73,6 +73,7 @@ def test_edge_cases():
     )
 
 
+@pytest.mark.slow
 def test_get_noise_multiplier_round_trips():
     kw = dict(delta=1e-5, sample_rate=0.05, steps=200)
     sigma = get_noise_multiplier(target_epsilon=3.0, **kw)
@@ -80,6 +81,7 @@ def test_get_noise_multiplier_round_trips():
     assert compute_epsilon(noise_multiplier=sigma - 0.01, **kw) > 3.0
 
 
+@pytest.mark.slow
 def test_max_steps_is_the_last_step_within_budget():
     kw = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.02)
     t = max_steps(target_epsilon=1.5, **kw)
@@ -91,6 +93,7 @@ def test_max_steps_is_the_last_step_within_budget():
 SEGMENTS = [(1.0, 0.02, 300), (2.0, 0.05, 100), (0.9, 0.01, 500)]
 
 
+@pytest.mark.slow
 def test_heterogeneous_segments_compose_like_the_reference():
     acc = PrivacyAccountant()
     for sigma, q, steps in SEGMENTS:

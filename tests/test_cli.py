@@ -1,14 +1,18 @@
-"""The yolo-dp command line: planning, and one-line errors with exit code 2."""
+"""The yolo-dp command line: planning, Ultralytics' key parsing with the DP keys added, one-line
+errors with exit code 2, read-only commands that create nothing, and a private run."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ultralytics_dp.accounting import compute_epsilon
-from ultralytics_dp.cli import main
+from ultralytics_dp.cli import main, split_train_args
+from ultralytics_dp.ledger import Ledger
 
 
 def yolo_dp(*args: str) -> subprocess.CompletedProcess:
@@ -59,3 +63,76 @@ def test_privacy_bad_input_is_one_line_and_exit_2(args, capsys):
 def test_console_exit_code_on_bad_input():
     out = yolo_dp("privacy", "n=0", "batch=1", "epochs=1", "noise=1")
     assert out.returncode == 2 and "dataset size" in out.stderr
+
+
+def test_help_imports_neither_torch_nor_ultralytics():
+    code = ("import sys; from ultralytics_dp.cli import main; main(['--help']);"
+            "print('LOADED', 'torch' in sys.modules, 'ultralytics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "epsilon" in out and out.strip().endswith("LOADED False False")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["n=1000", "batch=50", "epochs=2", "delta=0.01", "noise=1"], "1/N"),    # train refuses it too
+    (["n=1000", "batch=50", "epochs=2", "epsilon=-1"], "epsilon"),
+    (["n=1000", "batch=50", "epochs=2", "noise=1", "colour=red"], "not a valid key"),
+])
+def test_privacy_checks_everything_before_printing(args, match, capsys):
+    assert main(["privacy", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and match in err
+
+
+def test_train_keys_typo_gets_ultralytics_suggestion_in_one_line():
+    out = yolo_dp("train", "epsilon=8", "epohcs=1", "data=digits-det")
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "'epohcs' is not a valid YOLO argument" in line and "epochs" in line
+
+
+def test_train_keys_split_into_dp_settings_and_ultralytics_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, overrides = split_train_args(["epsilon=8", "ledger=false", "max_grad_norm", "=", "0.5", "epochs=3",
+                                          "data=digits-det", "secure_mode=true"])
+    assert config.epsilon == 8 and config.ledger is False and config.max_grad_norm == 0.5 and config.secure_mode
+    assert overrides == {"epochs": 3, "data": "digits-det"}
+    with pytest.raises(ValueError, match="epsilon= is required"):
+        split_train_args(["epochs=3"])
+    with pytest.raises(ValueError, match="epochs"):  # Ultralytics' own type check
+        split_train_args(["epsilon=8", "epochs=abc"])
+    assert list(tmp_path.iterdir()) == []  # no ledger file named 'false'
+
+
+def test_read_only_commands_create_nothing(tmp_path, capsys):
+    missing = tmp_path / "new" / "ledger.sqlite"
+    assert main(["ledger", f"ledger={missing}"]) == 2
+    assert "no ledger" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["report", str(tmp_path / "none.pt")]) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_ledger_cli_lists_datasets(tmp_path, capsys):
+    from ultralytics_dp.accounting import Segment
+
+    book = Ledger(tmp_path / "l.sqlite")
+    book.register_dataset("f" * 64, delta=1e-5, num_samples=100, description="toy")
+    run = book.start_run("f" * 64, {"settings": {"epsilon": 1.0}, "noise_multiplier": 1.0, "sample_rate": 0.1,
+                                    "num_samples": 100})
+    book.reserve(run, steps=10, noise_multiplier=1.0, sample_rate=0.1)
+    assert main(["ledger", "--json", f"ledger={tmp_path / 'l.sqlite'}"]) == 0
+    out = capsys.readouterr().out
+    (ds,) = json.loads(out)["datasets"]
+    assert ds["runs"][0]["steps"] == 10
+    assert ds["epsilon"] == pytest.approx(book.epsilon("f" * 64, [Segment(1.0, 0.1, 0)]))
+    assert main(["ledger", f"ledger={tmp_path / 'l.sqlite'}"]) == 0
+    assert "1 run(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_trains_end_to_end(tiny_det, tmp_path):
+    out = yolo_dp("train", "model=yolo26n.yaml", f"data={tiny_det}", "epochs=1", "imgsz=64", "batch=8", "workers=0",
+                  "epsilon=5", "delta=1e-3", "max_grad_norm=0.5", f"project={tmp_path}", "name=cli")
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = torch.load(tmp_path / "cli" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert info["steps"] == 4 and info["settings"]["max_grad_norm"] == 0.5 and info["epsilon"] <= 5
+    assert (out.stdout + out.stderr).count("-DP per image") == 1  # the guarantee's summary, once

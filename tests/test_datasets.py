@@ -20,6 +20,7 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_default_det_dataset_is_well_formed() -> None:
     yaml = datasets.build("digits-det")
     root = yaml.parent
@@ -84,6 +85,7 @@ def test_classification_layout(tmp_path: Path) -> None:
     assert img.shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_resolve_names_and_passes_other_values_through() -> None:
     assert datasets.resolve("coco8.yaml") == "coco8.yaml"
     assert datasets.resolve(None) is None

@@ -22,7 +22,7 @@ from ultralytics_dp import DifferentialPrivacy
 from ultralytics_dp.guard import TRAINING_ARGS
 from ultralytics_dp.ledger import Ledger
 
-from helpers import train_tiny
+from helpers import assert_refused, copy_dataset, train_tiny
 
 # What a private run may write: its arguments, the per-epoch metrics, validation plots (the
 # validation set is public) and checkpoints. Training images and training-label plots are not.
@@ -35,9 +35,8 @@ CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours
     "train_metrics", "train_results", "date", "version", "git", "license", "docs", "dp",
 }
 DP_ENTRY_KEYS = {
-    "epsilon", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm",
-    "stopped_by_budget", "num_samples", "accountant", "accountant_state", "secure_mode", "run_id", "privacy_unit",
-    "version",
+    "settings", "epsilon", "noise_multiplier", "sample_rate", "num_samples", "steps", "stopped_by_budget",
+    "accountant", "accountant_state", "run_id", "privacy_unit", "version",
 }
 # attributes a trained model carries beyond a freshly built one (set by Ultralytics' trainer and
 # validator from public values: class count, an emptied criterion, the head's last validation shapes)
@@ -57,6 +56,7 @@ def private_secrets(data: Path, ledger: Path) -> list[str]:
     return [dataset["fingerprint"], *(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)]
 
 
+@pytest.mark.slow
 def test_a_private_run_releases_only_allowed_files_and_keys(tiny_det, tmp_path):
     ledger = tmp_path / "ledger.sqlite"
     dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=ledger)
@@ -90,6 +90,7 @@ def test_a_private_run_releases_only_allowed_files_and_keys(tiny_det, tmp_path):
         assert all(float(v) == 0 for c, v in zip(columns, row.split(",")) if c.startswith("train/"))
 
 
+@pytest.mark.slow
 def test_best_pt_states_the_whole_runs_epsilon(tiny_det, tmp_path):
     """best.pt is chosen by comparing every epoch, so it states every step, not those before it was saved."""
     seen = []
@@ -117,6 +118,7 @@ def test_best_pt_states_the_whole_runs_epsilon(tiny_det, tmp_path):
     assert best["dp"]["epsilon"] == pytest.approx(dp.epsilon)
 
 
+@pytest.mark.slow
 def test_out_of_memory_outside_the_private_step_stops_the_run(tiny_det, tmp_path):
     """Ultralytics' recovery would halve batch, rebuild a shuffled loader and raise accumulate."""
     calls = []
@@ -141,6 +143,7 @@ def test_out_of_memory_outside_the_private_step_stops_the_run(tiny_det, tmp_path
     assert ledger_segments(ledger) >= dp.steps  # the step taken was reserved first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs,expected_steps", [(3, 12), (2, 8)])  # (2, 8): the redone epoch has no step left
 def test_nan_recovery_keeps_every_step_private_and_counted(tiny_det, tmp_path, epochs, expected_steps):
     """A non-finite fitness at epoch 1 makes Ultralytics reload last.pt, deep-copy the model into a
@@ -170,9 +173,15 @@ def test_nan_recovery_keeps_every_step_private_and_counted(tiny_det, tmp_path, e
     assert torch.load(save_dir / "weights" / "last.pt", weights_only=False)["dp"]["steps"] == expected_steps
 
 
-def test_console_shows_no_statistic_of_the_private_data(tiny_det, tmp_path, capfd):
+@pytest.mark.slow
+def test_console_and_checkpoints_show_no_statistic_of_the_private_data(tiny_det, tmp_path, capfd):
     """The progress bar's Instances column (boxes in the Poisson batch), the training-set scan line
-    (backgrounds, corrupt) and a count of non-finite per-image gradients are private statistics."""
+    (backgrounds, corrupt), the largest object count of a training image (which Ultralytics also
+    writes into max_det), the training images' mean file size and a count of non-finite per-image
+    gradients are private statistics."""
+    data = copy_dataset(tiny_det, tmp_path)
+    crowded = "".join(f"1 {0.02 + 0.003 * i:.4f} 0.5 0.01 0.01\n" for i in range(301))
+    (data.parent / "labels" / "train" / "00005.txt").write_text(crowded)
     boxes = []
 
     def count_and_poison(trainer):
@@ -188,15 +197,19 @@ def test_console_shows_no_statistic_of_the_private_data(tiny_det, tmp_path, capf
         trainer.preprocess_batch = spied
 
     dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=False)
-    train_tiny(tiny_det, tmp_path, dp, callbacks={"on_pretrain_routine_end": count_and_poison})
+    _, _, save_dir = train_tiny(data, tmp_path, dp, callbacks={"on_pretrain_routine_end": count_and_poison})
     console = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "\n", "".join(capfd.readouterr()))
     assert any(boxes) and dp.steps == 8
+    assert "301 objects" not in console and "train=301" not in console and "train: Fast image access" not in console
+    ckpt = torch.load(save_dir / "weights" / "last.pt", weights_only=False)
+    assert ckpt["train_args"]["max_det"] == 300 and ckpt["model"].model[-1].max_det == 300
     progress = re.findall(r"^\s*\d+/2\s+\S+G\s+(?:\S+\s+){3}(\d+)\s+64:", console, flags=re.M)
     assert progress and set(progress) == {"0"}, progress
     assert "backgrounds" not in console.split("val:")[0]  # the validation scan (public) may say it
     assert "non-finite" not in console
 
 
+@pytest.mark.slow
 def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
     ledger = tmp_path / "ledger.sqlite"
 
@@ -234,7 +247,7 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
 def test_every_rank_refuses_a_multi_device_run():
     from types import SimpleNamespace
 
-    from ultralytics_dp.adapter import check_single_process
+    from ultralytics_dp.guard import check_single_process
 
     with pytest.raises(ValueError, match="several devices"):
         check_single_process(SimpleNamespace(world_size=2, args=SimpleNamespace(device="0,1")))
@@ -245,3 +258,29 @@ def test_readme_lists_every_training_argument_as_the_guard_handles_it():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| (refused|neutralised|guarded|safe) \|", readme, flags=re.M))
     assert rows == {key: handling for key, (handling, _) in TRAINING_ARGS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "train_kwargs,match",
+    [
+        (dict(mosaic=1.0), "mosaic"), (dict(mixup=0.2), "mixup"), (dict(cutmix=0.5), "cutmix"),
+        (dict(copy_paste=0.1), "copy_paste"), (dict(rect=True), "rect"), (dict(batch=-1), "auto-batch"),
+        (dict(batch=0.7), "auto-batch"), (dict(batch=64), "exceeds the dataset size"),
+        (dict(cls_pw=0.5), "cls_pw"), (dict(time=0.01), "time"), (dict(quantize=8), "quantize"),
+        (dict(distill_model="yolo26n.yaml"), "distill_model"), (dict(device="0,1"), "several devices"),
+        (dict(device=[0, 1]), "several devices"), (dict(split="train"), "split=train"),
+    ],
+)
+def test_bad_training_keys_are_refused(tiny_det, tmp_path, train_kwargs, match):
+    assert_refused(tmp_path, tiny_det, match, **train_kwargs)
+
+
+@pytest.mark.slow
+def test_a_list_of_datasets_is_refused(tiny_det, tmp_path):
+    assert_refused(tmp_path, [tiny_det, tiny_det], "data as a list")
+
+
+@pytest.mark.slow
+def test_unsupported_task_is_refused(tiny_det, tmp_path):
+    assert_refused(tmp_path, tiny_det, "segment.*supported", cfg="yolo26n-seg.yaml")

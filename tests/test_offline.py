@@ -8,6 +8,8 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _run(*cmd: object, cwd: Path | None = None) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_non_private_training_runs_offline(no_network: None, tiny_det: Path, tmp_path: Path) -> None:
     import ultralytics_dp  # noqa: F401  (sets the offline switches)
     from ultralytics import YOLO
@@ -32,6 +35,7 @@ def test_non_private_training_runs_offline(no_network: None, tiny_det: Path, tmp
     assert (tmp_path / "run" / "weights" / "last.pt").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_pip_install_into_fresh_venv(tmp_path: Path) -> None:
     """Build a wheel of the package and install it into a new venv; the heavy dependencies come
     from this environment through a .pth file, so pip has nothing to download."""

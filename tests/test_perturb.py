@@ -16,6 +16,7 @@ from ultralytics_dp import datasets
 from ultralytics_dp.perturb import InputNoise, evaluate
 
 
+
 def test_noise_has_requested_std_and_leaves_input_alone():
     img = torch.full((8, 3, 64, 64), 0.5)
     before = img.clone()
@@ -44,6 +45,7 @@ def tiny_classifier(tmp_path_factory):
     return tmp / "t" / "weights" / "last.pt", root
 
 
+@pytest.mark.slow
 def test_zero_noise_reproduces_plain_validation(tiny_classifier):
     weights, root = tiny_classifier
     plain = YOLO(weights).val(data=str(root), imgsz=32, batch=64, plots=False)
@@ -51,6 +53,7 @@ def test_zero_noise_reproduces_plain_validation(tiny_classifier):
     assert row["metric"] == "top1" and row["value"] == float(plain.top1)
 
 
+@pytest.mark.slow
 def test_metric_degrades_with_noise_and_report_is_written(tiny_classifier, tmp_path):
     from ultralytics_dp.cli import main
 
@@ -65,6 +68,7 @@ def test_metric_degrades_with_noise_and_report_is_written(tiny_classifier, tmp_p
     assert (tmp_path / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_predict_sees_noisy_images(tiny_classifier):
     weights, _ = tiny_classifier
     image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)

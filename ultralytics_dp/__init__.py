@@ -1,8 +1,7 @@
 """ultralytics-dp: differentially private (DP-SGD) training for Ultralytics YOLO.
 
-Importing this package sets Ultralytics' offline switches before Ultralytics is imported. The
-engine, sampling and accounting modules never import Ultralytics; the Ultralytics-facing names
-below are loaded on first use.
+Importing this package sets Ultralytics' offline switches before Ultralytics is imported, and
+imports nothing else: every public name below is loaded on first use (``yolo-dp --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -15,11 +14,11 @@ _set_offline_env()
 
 __version__ = "0.1.0"
 
-
-from .sampling import PoissonBatchSampler, split_physical  # noqa: E402
-
-_LAZY = {  # name -> module; these import Ultralytics
+_LAZY = {  # name -> module
     "DifferentialPrivacy": ".adapter",
+    "DPConfig": ".config",
+    "PoissonBatchSampler": ".sampling",
+    "split_physical": ".sampling",
     "per_sample_losses": ".losses",
     "per_sample_grad_norms": ".losses",
 }
@@ -31,4 +30,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'ultralytics_dp' has no attribute {name!r}")
 
 
-__all__ = ["PoissonBatchSampler", "split_physical", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]

@@ -1,26 +1,32 @@
 """``yolo-dp``: the ``yolo`` command line with differential privacy.
 
-Usage: ``yolo-dp MODE key=value ...``. Unknown modes and keys go to Ultralytics unchanged.
-Bad input gives a one-line error on stderr and exit code 2.
+``yolo-dp train`` takes every Ultralytics training key, parsed by Ultralytics' own rules
+(``merge_equals_args``, ``parse_key_value_pair``, ``check_dict_alignment`` with its "Similar
+arguments are ..." suggestions, ``check_cfg`` type checks), plus the DP keys of
+``config.DPConfig``. ``val``, ``predict`` and ``export`` go to Ultralytics unchanged. Bad input
+gives one line on stderr and exit code 2. ``help`` and ``version`` import neither torch nor
+Ultralytics; ``ledger`` and ``report`` create nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from . import __version__
+from .config import SETTINGS, DPConfig, check_setting, defaults, one_line, usage
 
 HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytics YOLO
 
 Usage:
-  yolo-dp train epsilon=EPS [delta=1e-5] [max_grad_norm=1.0] [noise_multiplier=SIGMA] [physical_batch=B]
-          [dataset_budget=EPS] [ledger=PATH] [secure_mode=true] [grad_method=auto|ghost|vmap]
+  yolo-dp train {usage()}
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
-      private training; every key but the DP keys goes to Ultralytics unchanged,
-      batch is the expected (Poisson) batch size
+      private training; every other key is an Ultralytics training key, batch is the expected
+      (Poisson) batch size
   yolo-dp ledger [--json] [ledger=PATH]
       every dataset trained on privately, its runs and the epsilon they add up to
   yolo-dp report path/to/weights.pt
@@ -33,25 +39,32 @@ Usage:
   yolo-dp privacy n=N batch=B epochs=E [delta=1e-5] (noise=SIGMA | epsilon=EPS)
       plan a run without training: epsilon for a noise multiplier, or the noise for an epsilon
   yolo-dp help | version
-"""
+
+DP keys:
+""" + "\n".join(f"  {k:<17}{f.metadata['help']}" for k, f in SETTINGS.items())
 
 
 class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
-def parse_pairs(args: list[str]) -> dict[str, str]:
-    """``key=value`` tokens to a dict (values stay strings)."""
+def parse_pairs(args: list[str], allowed: set[str], mode: str) -> dict[str, str]:
+    """``key=value`` tokens of a yolo-dp mode (values stay strings); an unknown key gets the
+    closest allowed ones, as Ultralytics does."""
     out = {}
     for token in args:
         key, sep, value = token.partition("=")
         if not sep or not key:
             raise UsageError(f"expected key=value, got {token!r}")
+        if key not in allowed:
+            similar = difflib.get_close_matches(key, sorted(allowed))
+            raise UsageError(f"'{key}' is not a valid key for '{mode}'."
+                             + (f" Similar keys are i.e. {similar}." if similar else f" Valid keys: {sorted(allowed)}"))
         out[key] = value
     return out
 
 
-def _number(pairs: dict[str, str], key: str, kind: Callable[[str], object] = float, default: object = None):
+def _number(pairs: dict[str, str], key: str, kind: Callable[[str], Any] = float, default: Any = None) -> Any:
     if key not in pairs:
         if default is None:
             raise UsageError(f"missing {key}=")
@@ -59,75 +72,88 @@ def _number(pairs: dict[str, str], key: str, kind: Callable[[str], object] = flo
     try:
         return kind(pairs[key])
     except ValueError:
-        name = {"flag": "true/false"}.get(kind.__name__, kind.__name__)
-        raise UsageError(f"{key} must be a {name}, got {pairs[key]!r}") from None
+        raise UsageError(f"{key} must be a {kind.__name__}, got {pairs[key]!r}") from None
 
 
 def privacy(args: list[str]) -> int:
-    """``yolo-dp privacy``: like TF Privacy's compute_dp_sgd_privacy, for a planned run."""
+    """``yolo-dp privacy``: like TF Privacy's compute_dp_sgd_privacy, for a planned run, with the
+    same checks as ``train`` (the settings' own, delta < 1/N, batch <= N) before anything prints."""
     from .accounting import compute_epsilon, get_noise_multiplier, plan
+    from .planning import check_delta
 
-    pairs = parse_pairs(args)
-    unknown = set(pairs) - {"n", "batch", "epochs", "delta", "noise", "epsilon"}
-    if unknown:
-        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))} for 'privacy'")
+    pairs = parse_pairs(args, {"n", "batch", "epochs", "delta", "noise", "epsilon"}, "privacy")
     if ("noise" in pairs) == ("epsilon" in pairs):
         raise UsageError("give exactly one of noise= (to get epsilon) or epsilon= (to get the noise)")
-    n = _number(pairs, "n", int)
-    batch = _number(pairs, "batch")
-    epochs = _number(pairs, "epochs")
-    delta = _number(pairs, "delta", default=1e-5)
+    n, batch, epochs = _number(pairs, "n", int), _number(pairs, "batch"), _number(pairs, "epochs")
+    delta = _number(pairs, "delta", default=SETTINGS["delta"].default)
+    sigma = _number(pairs, "noise") if "noise" in pairs else None
+    target = _number(pairs, "epsilon") if "epsilon" in pairs else None
+    for key, value in (("epsilon", target), ("delta", delta), ("noise_multiplier", sigma)):
+        if value is not None:
+            check_setting(key, value)
     q, steps = plan(num_samples=n, batch_size=batch, epochs=epochs)
+    check_delta(delta, n)
+    if sigma is None:
+        sigma = get_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
+    eps = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
     print(f"dataset n={n}, expected batch {batch:g} -> sampling rate q={q:.6g}, {steps} steps, delta={delta:g}")
-    if "noise" in pairs:
-        sigma = _number(pairs, "noise")
-        eps = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    if target is None:
         print(f"noise_multiplier={sigma:g} spends epsilon={eps:.4f} (PRV upper bound)")
     else:
-        target = _number(pairs, "epsilon")
-        sigma = get_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
-        eps = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
         print(f"epsilon={target:g} needs noise_multiplier={sigma:.4f} (spends {eps:.4f})")
     return 0
 
 
-def flag(value: str) -> bool:
-    """'true'/'false' (any case), '1'/'0'."""
-    lowered = value.strip().lower()
-    if lowered not in {"true", "false", "1", "0"}:
-        raise ValueError(f"expected true or false, got {value!r}")
-    return lowered in {"true", "1"}
+@contextlib.contextmanager
+def _quiet_ultralytics() -> Iterator[None]:
+    """Ultralytics logs its whole CLI help before raising on a bad key: keep the error one line."""
+    from ultralytics.utils import LOGGER
+
+    disabled, LOGGER.disabled = LOGGER.disabled, True
+    try:
+        yield
+    finally:
+        LOGGER.disabled = disabled
 
 
-DP_KEYS = {"epsilon": float, "delta": float, "max_grad_norm": float, "noise_multiplier": float,
-           "physical_batch": int, "dataset_budget": float, "ledger": str, "secure_mode": flag, "grad_method": str}
+def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
+    """The DP settings and the Ultralytics training overrides of ``yolo-dp train ...``, each checked
+    the way its owner checks it; a bad key or value is one UsageError line."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, check_dict_alignment, merge_equals_args
+    from ultralytics.cfg import parse_key_value_pair
+
+    dp, overrides = {}, {}
+    for token in merge_equals_args(args):
+        key, sep, value = token.partition("=")
+        if not sep or not key or not value.strip():
+            raise UsageError(f"expected key=value, got {token!r}")
+        if key in SETTINGS:
+            dp[key] = value
+        else:
+            k, v = parse_key_value_pair(token)
+            overrides[k] = v
+    if "epsilon" not in dp:
+        raise UsageError("epsilon= is required for private training (the privacy budget, e.g. epsilon=8)")
+    try:
+        with _quiet_ultralytics():
+            check_dict_alignment({**DEFAULT_CFG_DICT, **defaults()}, overrides)
+            check_cfg({k: v for k, v in overrides.items() if k != "model"})
+    except (SyntaxError, TypeError) as err:
+        raise UsageError(one_line(err)) from None
+    return DPConfig.from_strings(dp), overrides
 
 
 def train(args: list[str]) -> int:
-    """``yolo-dp train``: DP keys are taken out, the rest goes to ``YOLO(model).train(...)``."""
-    from ultralytics.utils import checks  # noqa: F401  (imports Ultralytics after the offline switches)
-
-    from .adapter import DifferentialPrivacy, summary_line
-
-    pairs = parse_pairs(args)
-    if "epsilon" not in pairs:
-        raise UsageError("epsilon= is required for private training (the privacy budget, e.g. epsilon=8)")
-    dp_kwargs = {k: _number(pairs, k, kind) for k, kind in DP_KEYS.items() if k in pairs}
-    overrides = {k: _smart(v) for k, v in pairs.items() if k not in DP_KEYS}
+    """``yolo-dp train``: DP keys to ``DifferentialPrivacy``, the rest to ``YOLO(model).train(...)``."""
+    config, overrides = split_train_args(args)
     from ultralytics import YOLO
 
+    from .adapter import DifferentialPrivacy
+
     model = YOLO(overrides.pop("model", "yolo26n.yaml"))
-    dp = DifferentialPrivacy(**dp_kwargs).attach(model)
-    model.train(**overrides)
-    print(summary_line(dp.info()))
+    DifferentialPrivacy(config).attach(model)
+    model.train(**overrides)  # the guarantee's summary line is logged at the end of training
     return 0
-
-
-def _smart(value: str) -> object:
-    """Ultralytics' own conversion of CLI strings ('8' -> 8, 'True' -> True, ...)."""
-    from ultralytics.cfg import smart_value
-
-    return smart_value(value)
 
 
 def ledger(args: list[str]) -> int:
@@ -137,11 +163,8 @@ def ledger(args: list[str]) -> int:
     from .ledger import Ledger
 
     as_json = "--json" in args
-    pairs = parse_pairs([a for a in args if a != "--json"])
-    unknown = set(pairs) - {"ledger"}
-    if unknown:
-        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))} for 'ledger'")
-    book = Ledger(pairs.get("ledger"))
+    pairs = parse_pairs([a for a in args if a != "--json"], {"ledger"}, "ledger")
+    book = Ledger(pairs.get("ledger"), create=False)
     summary = book.summary()
     if as_json:
         print(json.dumps({"ledger": str(book.path), "datasets": summary}, indent=2))
@@ -153,19 +176,19 @@ def ledger(args: list[str]) -> int:
               f"epsilon={ds['epsilon']:.4f} at delta={ds['delta']:g}{budget}, {len(ds['runs'])} run(s)")
         for run in ds["runs"]:
             print(f"  run {run['id']}: {run['steps']} steps, noise_multiplier={run['noise_multiplier']:.4f}, "
-                  f"q={run['sample_rate']:.5g}, target epsilon={run['target_epsilon']:g}  {run['name']}")
+                  f"q={run['sample_rate']:.5g}, target epsilon={run['settings']['epsilon']:g}  {run['name']}")
     return 0
 
 
 def report(args: list[str]) -> int:
     """``yolo-dp report weights.pt``: the guarantee stored in a checkpoint."""
-    from .adapter import DifferentialPrivacy
+    from .checkpoint import read_dp_entry, summary_line
 
     if len(args) != 1:
         raise UsageError("usage: yolo-dp report path/to/weights.pt")
     if not Path(args[0]).is_file():
         raise UsageError(f"no such checkpoint: {args[0]}")
-    DifferentialPrivacy.report(args[0])
+    print(summary_line(read_dp_entry(args[0])))
     return 0
 
 
@@ -192,7 +215,12 @@ def robustness(args: list[str]) -> int:
     """``yolo-dp robustness``: validate each model at each input-noise level, write CSV + PNG."""
     from .perturb import evaluate, write_report
 
-    pairs = parse_pairs(args)
+    pairs = {}
+    for token in args:
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got {token!r}")
+        pairs[key] = value
     for key in ("model", "data", "noise"):
         if not pairs.get(key):
             raise UsageError(f"missing {key}=")
@@ -207,7 +235,9 @@ def robustness(args: list[str]) -> int:
     seed = _number(pairs, "seed", int, default=0)
     pairs.pop("seed", None)
     out = pairs.pop("out", "runs/robustness")
-    rows = evaluate(models, data, levels, seed=seed, **{k: _smart(v) for k, v in pairs.items()})
+    from ultralytics.cfg import smart_value
+
+    rows = evaluate(models, data, levels, seed=seed, **{k: smart_value(v) for k, v in pairs.items()})
     csv_path, png_path = write_report(rows, out)
     for row in rows:
         print(f"{row['model']}  noise={row['noise']:g}  {row['metric']}={row['value']:.4f}")
@@ -241,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return mode(args[1:])
     except ValueError as err:  # UsageError and the library's own input checks
-        print(f"yolo-dp {args[0]}: {err}", file=sys.stderr)
+        print(f"yolo-dp {args[0]}: {one_line(err)}", file=sys.stderr)
         return 2
 
 

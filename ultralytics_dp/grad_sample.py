@@ -8,9 +8,8 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -53,16 +52,6 @@ def batch_size(batch: Batch) -> int:
     return next(iter(sizes.values()))
 
 
-def iter_chunks(batch: Batch, chunk_size: int | None) -> Iterator[Batch]:
-    """Slices of ``batch`` of at most ``chunk_size`` samples (the whole batch if None)."""
-    n = batch_size(batch)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, max(step, 1)):
-        yield {k: v[start : start + step] for k, v in batch.items()}
-
-
 def per_sample_grads(
     model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size: int | None = None
 ) -> dict[str, Tensor]:
@@ -71,7 +60,7 @@ def per_sample_grads(
     ``loss_fn(model_call, sample)`` gets a callable running the model functionally and ONE sample
     as a batch of one (each tensor keeps a leading dim of size 1). Buffers pass through unchanged;
     frozen parameters (``requires_grad=False``) get no gradient and cost no memory.
-    ``chunk_size`` bounds how many samples are vmapped at once.
+    ``chunk_size`` bounds how many samples ``vmap`` runs at once (memory only).
     """
     check_no_train_batchnorm(model)
     n = batch_size(batch)
@@ -91,8 +80,4 @@ def per_sample_grads(
 
         return loss_fn(model_call, one)
 
-    grad_fn = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")
-    chunks = [grad_fn(params, chunk) for chunk in iter_chunks(batch, chunk_size)]
-    if len(chunks) == 1:
-        return chunks[0]
-    return {k: torch.cat([c[k] for c in chunks]) for k in params}
+    return vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(params, batch)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
+SUPPORTED_TASKS = ("detect", "classify")
 
 # Every Ultralytics training argument that touches the training data, what DP mode does with it
 # ("refused", "neutralised", "guarded" or "safe") and why. The README's table is checked against it.
@@ -55,6 +56,9 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
     "distill_model": ("refused", "the distillation loss has no per-image form here"),
     "compile": ("refused", "not supported with per-image gradients"),
     "device": ("refused", "several devices: private multi-GPU training is not supported yet"),
+    "split": ("refused", "other than val or test: the validation set is public (metrics, plots, best.pt), so it "
+                         "must not be the training set; a validation set sharing images with it is refused too"),
+    "data": ("guarded", "a list of datasets trains several runs with one DP object: refused"),
     "resume": ("guarded", "the DP settings, the ledger and the training data (by the ledger's identity) "
                           "must be those of the run"),
     "amp": ("safe", "the grad scaler is disabled, so clipping sees true gradients; off by default on GPU"),
@@ -111,9 +115,62 @@ def refuse_unsafe_args(args: Mapping[str, Any], explicit: Mapping[str, Any]) -> 
                          "without noise; remove quantize (quantise the private model at export)")
     if _on(args.get("distill_model")):
         raise ValueError("distill_model is not supported in DP mode (no per-image distillation loss); remove it")
+    if args.get("split") not in (None, "val", "test"):
+        raise ValueError(f"split={args['split']} validates on data that is not held out, and validation metrics, "
+                         "plots and best.pt are released without noise; use split=val or split=test")
+    if isinstance(args.get("data"), (list, tuple)):
+        raise ValueError("data as a list trains one run per dataset with one DifferentialPrivacy object; train them "
+                         "one by one, each with its own DifferentialPrivacy (the ledger composes them)")
     if devices(args.get("device")) > 1:
-        raise ValueError(f"device={args['device']}: private training on several devices is not supported yet; "
-                         "train on one device (e.g. device=0)")
+        raise _several_devices(args["device"])
+
+
+def log(message: str) -> None:
+    """One ``DP:`` line on Ultralytics' logger."""
+    from ultralytics.utils import LOGGER
+
+    LOGGER.info(f"DP: {message}")
+
+
+def check_single_process(trainer: Any) -> None:
+    """Refuse a multi-device (DDP) run on whichever rank gets here: each rank would sample with the
+    global q and add its own noise, and gradients written to ``.grad`` bypass DDP's all-reduce."""
+    from ultralytics.utils import RANK
+
+    if trainer.world_size > 1 or RANK != -1:
+        raise _several_devices(trainer.args.device)
+
+
+def _several_devices(device: Any) -> ValueError:
+    return ValueError(f"device={device}: private training on several devices is not supported yet; train on one "
+                      "device (e.g. device=0)")
+
+
+def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
+    """``on_pretrain_routine_start``, before the dataset is built: refuse or neutralise every
+    argument in ``TRAINING_ARGS`` that needs it, and silence what would print training-set
+    statistics. ``explicit``: the arguments the user set."""
+    args = trainer.args
+    refuse_unsafe_args(vars(args), explicit)
+    check_single_process(trainer)
+    if args.task not in SUPPORTED_TASKS:
+        raise ValueError(f"task={args.task!r} is not supported in DP mode; supported: {', '.join(SUPPORTED_TASKS)}")
+    was_on = neutralise_args(args)
+    if was_on and args.task == "detect":  # classification never uses them
+        log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
+            "augmentations stay on)")
+    if not explicit.get("amp") and args.amp and trainer.device.type != "cpu":
+        args.amp = False
+        log("amp=False: Ultralytics' AMP check downloads yolo26n.pt; pass amp=True explicitly to use AMP "
+            "(gradients are clipped unscaled either way)")
+    no_training_plots(trainer)
+    quiet_training_set_scan(trainer)
+    build_loaders_once(trainer)
+    if explicit.get("plots"):
+        log("plots=True: validation plots only; train_batch*.jpg and labels.jpg (private images and label "
+            "statistics) are not drawn in DP mode")
+    else:
+        args.plots = False
 
 
 def neutralise_args(args: Any) -> list[str]:
@@ -125,6 +182,27 @@ def neutralise_args(args: Any) -> list[str]:
     return was_on
 
 
+def build_loaders_once(trainer: Any) -> None:
+    """Ultralytics 8.4.190 builds the loaders with ``_build_train_pipeline`` (a private name: there is
+    no public hook) once at set-up, and again only in its out-of-memory recovery, which would swap in
+    a shuffled loader with half the batch (q changes) and raise accumulate: that is refused. Its
+    detection version also scans every training label for the largest object count, prints it and
+    raises ``max_det`` to it (written into checkpoints): the base version is used, which does not."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    built = []
+
+    def build_once() -> None:
+        if built:
+            raise MemoryError("DP: out of memory in a private run; Ultralytics' recovery would rebuild a shuffled "
+                              "loader with half the batch, which breaks Poisson sampling: lower physical_batch (or "
+                              "imgsz) and start again")
+        built.append(True)
+        BaseTrainer._build_train_pipeline(trainer)
+
+    trainer._build_train_pipeline = build_once
+
+
 def no_training_plots(trainer: Any) -> None:
     """Never draw training images or training-label statistics (train_batch*.jpg, labels.jpg), even
     with plots=True: only validation plots (a public set) are drawn."""
@@ -133,7 +211,9 @@ def no_training_plots(trainer: Any) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_console() -> Iterator[None]:
+def quiet_console() -> Iterator[None]:
+    """Nothing Ultralytics logs or prints inside reaches the console (for code that would print
+    statistics of the training set)."""
     from ultralytics.utils import LOGGER
 
     disabled, LOGGER.disabled = LOGGER.disabled, True
@@ -153,7 +233,7 @@ def quiet_training_set_scan(trainer: Any) -> None:
     def build_dataset(img_path: Any, mode: str = "train", batch: Any = None) -> Any:
         if mode != "train":
             return build(img_path, mode, batch)
-        with _quiet_console():
+        with quiet_console():
             return build(img_path, mode, batch)
 
     trainer.build_dataset = build_dataset
@@ -181,7 +261,8 @@ class _PrivateLoss:
 
 
 class TrainerGuard:
-    """Holds one trainer to DP-SGD: installs the Poisson loader, the private step and the refusals.
+    """Holds one trainer to DP-SGD from ``on_pretrain_routine_end`` on: the Poisson loader, the private
+    step, one optimizer step per private gradient.
 
     ``step(batch)`` computes the private gradient of one Poisson batch into the parameters' ``.grad``
     and counts it; the guard calls it for the trainer, once per optimizer step, and only from the
@@ -197,7 +278,8 @@ class TrainerGuard:
         self._fresh = False  # a private gradient waits for its optimizer step
 
     def install(self, trainer: Any) -> None:
-        """Wire the trainer: Poisson loader, accumulate 1, no loss scaling, guarded recoveries."""
+        """Wire the trainer: Poisson loader, accumulate 1, no loss scaling, guarded optimizer step, no
+        memory figure in the progress bar."""
         self.trainer = trainer
         trainer.train_loader = self.loader
         trainer.accumulate = 1  # one noise draw per logical batch; the warm-up ramps 1 -> 1
@@ -212,20 +294,10 @@ class TrainerGuard:
             optimizer_step()
 
         trainer.optimizer_step = guarded_optimizer_step
-        # Ultralytics 8.4.190 calls _build_train_pipeline after set-up only from its out-of-memory
-        # recovery, which would swap in a shuffled loader with half the batch (q changes) and raise
-        # accumulate. There is no public hook: override the private name, fail closed.
-        trainer._build_train_pipeline = self._refuse_rebuild
         # The progress bar prints accelerator memory reserved, which grows with the largest Poisson
         # batch so far. _get_memory (private in 8.4.190) also feeds cache clearing: keep fractions.
         get_memory = trainer._get_memory
         trainer._get_memory = lambda fraction=False: get_memory(fraction=True) if fraction else 0.0
-
-    @staticmethod
-    def _refuse_rebuild() -> None:
-        raise MemoryError("DP: out of memory in a private run; Ultralytics' recovery would rebuild a shuffled "
-                          "loader with half the batch, which breaks Poisson sampling: lower physical_batch (or "
-                          "imgsz) and start again")
 
     def on_train_batch_start(self, trainer: Any) -> None:
         """BatchNorm frozen (the trainer puts the model in train mode every epoch); private step on."""

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .accounting import PrivacyAccountant, Segment
+from .planning import DatasetBudget
 
 SCHEMA = "ultralytics-dp-ledger/2"  # /2 added runs.uid; /1 ledgers are upgraded in place
 _TABLES = """
@@ -56,13 +57,16 @@ def default_path() -> Path:
 
 
 class Ledger:
-    """The SQLite ledger at ``path`` (created if missing; refused if it is some other file)."""
+    """The SQLite ledger at ``path`` (created if missing, unless ``create=False``; refused if it is
+    some other file)."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, create: bool = True) -> None:
         self.path = Path(path) if path else default_path()
         existed = self.path.exists()
         if existed and self.path.is_dir():
             raise ValueError(f"ledger path {self.path} is a directory, not a ledger file")
+        if not existed and not create:
+            raise ValueError(f"no ledger at {self.path}: no private run has been recorded there")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connect() as db:
@@ -174,6 +178,17 @@ class Ledger:
             row = db.execute("SELECT delta, num_samples, budget, description FROM datasets WHERE fingerprint=?",
                              (fingerprint,)).fetchone()
         return None if row is None else dict(zip(("delta", "num_samples", "budget", "description"), row))
+
+    def budget(self, fingerprint: str, budget: float | None, delta: float) -> DatasetBudget | None:
+        """The dataset's lifetime budget for planning: the tighter of ``budget`` and the recorded one,
+        at the dataset's delta (its first run's; ``delta`` for a new dataset). None if it has none."""
+        known = self.dataset(fingerprint) or {}
+        budgets = [b for b in (budget, known.get("budget")) if b is not None]
+        if not budgets:
+            return None
+        dataset_delta = known.get("delta", delta)
+        return DatasetBudget(min(budgets), dataset_delta,
+                             lambda extra: self.epsilon(fingerprint, extra, delta=dataset_delta))
 
     def epsilon(self, fingerprint: str, extra: Iterable[Segment] = (), delta: float | None = None) -> float:
         """Epsilon of every run recorded on the dataset plus ``extra`` planned segments, at ``delta``

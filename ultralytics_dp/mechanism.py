@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from .grad_sample import Batch, LossFn, batch_size, iter_chunks, per_sample_grads, trainable_params
+from .grad_sample import Batch, LossFn, batch_size, per_sample_grads, trainable_params
 
 CLIP_EPS = 1e-6
 _generators: dict[torch.device, torch.Generator] = {}
@@ -84,34 +84,28 @@ def clipped_grad_sum(
     batch: Batch,
     *,
     max_grad_norm: float,
-    chunk_size: int | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """``sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` per parameter, and the per-sample norms ``[B]``.
 
     Clipping is flat: ``||g_i||`` is the L2 norm over all trainable parameters together. A sample
     whose gradient is not finite contributes zero (its norm in the returned tensor is NaN or inf,
-    so callers can count it) and does not affect the others. Only ``chunk_size`` samples'
-    gradients are alive at once, so peak memory is bounded by the chunk, not by B.
+    so callers can count it) and does not affect the others. All B per-sample gradients are alive
+    at once: callers bound B (``private_step`` splits a Poisson batch into physical chunks).
     """
     check_positive("max_grad_norm", max_grad_norm)
     params = trainable_params(model)
     total = {k: torch.zeros_like(v, memory_format=torch.preserve_format) for k, v in params.items()}
-    norms = []
     if batch_size(batch) == 0:
         return total, torch.zeros(0, device=next(iter(params.values())).device)
-    for chunk in iter_chunks(batch, chunk_size):
-        grads = per_sample_grads(model, loss_fn, chunk)
-        sq = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())
-        norm = sq.sqrt()
-        finite = torch.isfinite(norm)
-        factor = clip_factors(norm, max_grad_norm)
-        for k, g in grads.items():
-            # where(), not multiplication: NaN * 0 would still be NaN
-            g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
-            total[k] += torch.einsum("b,b...->...", factor.to(g.dtype), g)
-        norms.append(norm.float())
-        del grads
-    return total, torch.cat(norms)
+    grads = per_sample_grads(model, loss_fn, batch)
+    norm = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()).sqrt()
+    finite = torch.isfinite(norm)
+    factor = clip_factors(norm, max_grad_norm)
+    for k, g in grads.items():
+        # where(), not multiplication: NaN * 0 would still be NaN
+        g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
+        total[k] += torch.einsum("b,b...->...", factor.to(g.dtype), g)
+    return total, norm.float()
 
 
 def add_noise(

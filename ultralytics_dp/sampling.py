@@ -5,6 +5,8 @@ Privacy assumptions relied on here:
 * Each step includes every record independently with probability q, so batch sizes vary and
   empty batches happen; they are yielded (an empty step is still a step the accountant counts).
   Shuffled fixed-size batches do not give this amplification (Chua et al. 2024).
+* The trainer's loader is replaced by ``PoissonLoader``: one Poisson logical batch per optimizer
+  step, its steps reserved in the ledger (write-ahead) before the first of them is drawn.
 * Which records were sampled must be secret, so the default generator is seeded from OS entropy,
   not from Ultralytics' public ``seed``.
 This module must not import Ultralytics.
@@ -13,9 +15,10 @@ This module must not import Ultralytics.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import Tensor
 
 from .mechanism import os_seeded_generator, secure_uniform
 
@@ -70,3 +73,48 @@ def split_physical(indices: list[int], max_physical_batch_size: int) -> list[lis
         raise ValueError(f"max_physical_batch_size must be an integer >= 1, got {max_physical_batch_size!r}")
     n = math.ceil(len(indices) / max_physical_batch_size)
     return [indices[i * max_physical_batch_size : (i + 1) * max_physical_batch_size] for i in range(n)]
+
+
+class PoissonLoader:
+    """Drop-in for a trainer's train loader: each item is one collated Poisson logical batch.
+
+    ``len()`` is the steps per epoch; an epoch yields fewer when ``budget()`` (steps still allowed)
+    runs out. Empty batches are yielded (zero-length, with the dataset's structure): they are steps
+    too. ``reserve(steps)`` is called with the epoch's step count before its first batch is drawn.
+    """
+
+    def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
+                 reserve: Callable[[int], None], workers: int = 0, secure: bool = False) -> None:
+        self.dataset = dataset
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.budget = budget
+        self.reserve = reserve
+        self.num_workers = workers
+        self.secure = secure
+        self._collate = getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate
+        self._empty: dict | None = None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def reset(self) -> None:
+        """Ultralytics calls this after closing mosaic; our batches are drawn fresh every epoch."""
+
+    def _collate_or_empty(self, items: list) -> dict:
+        if items:
+            return self._collate(items)
+        if self._empty is None:  # a zero-length batch with the dataset's structure
+            one = self._collate([self.dataset[0]])
+            self._empty = {k: v[:0] for k, v in one.items()}
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._empty.items()}
+
+    def __iter__(self) -> Iterator[dict]:
+        # a generator: nothing runs (and nothing is reserved) until the first batch is asked for;
+        # Ultralytics' trainer creates, and drops, one extra iterator per epoch
+        steps = min(self.steps_per_epoch, self.budget())
+        self.reserve(steps)
+        sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps, secure=self.secure)
+        yield from torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self._collate_or_empty, num_workers=self.num_workers
+        )

@@ -1,0 +1,78 @@
+"""Ghost clipping against the torch.func path, on plain layers and on YOLO models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ultralytics_dp.ghost import clipped_grad_sum_ghost, supports
+from ultralytics_dp.losses import batch_losses, per_image_loss_fn, sample_batch
+from ultralytics_dp.mechanism import clipped_grad_sum
+
+from helpers import SmallCNN, ce_loss, det_batch, max_rel_err, trainer_model
+
+
+def test_ghost_path_on_plain_layers_and_refusals():
+    """The ghost path against the torch.func path on a conv/linear/BN net with a frozen conv weight
+    (bias still trained), and its refusal of tied weights and unsupported layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+    ).double().eval()
+    model[0].weight.requires_grad_(False)
+    batch = {"x": torch.randn(5, 3, 8, 8, dtype=torch.float64), "y": torch.randint(0, 4, (5,))}
+
+    def losses(m):
+        return nn.functional.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    assert supports(model)
+    ref, ref_norms = clipped_grad_sum(model, ce_loss, batch, max_grad_norm=0.1)
+    ours, norms = clipped_grad_sum_ghost(model, losses, max_grad_norm=0.1)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-5)
+    assert "0.weight" not in ours and set(ours) == set(ref)
+    assert max_rel_err(ours, ref) <= 1e-5
+
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    assert not supports(tied)
+    assert not supports(SmallCNN())  # GroupNorm / LayerNorm are not handled by the ghost path
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        clipped_grad_sum_ghost(model, losses, max_grad_norm=0.0)
+
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml", "yolo26n-cls.yaml"])
+@pytest.mark.parametrize("max_grad_norm", [1e6, 0.003])
+def test_ghost_path_matches_torch_func_path(cfg, max_grad_norm):
+    model = trainer_model(cfg)
+    assert supports(model)
+    if cfg.endswith("-cls.yaml"):
+        batch = {"img": torch.rand(5, 3, 32, 32), "cls": torch.tensor([1, 2, 3, 4, 0])}
+    else:
+        batch = det_batch([1, 0, 3, 2, 5])
+    ref, ref_norms = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch),
+                                      max_grad_norm=max_grad_norm)
+    ours, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=max_grad_norm)
+    assert torch.allclose(norms, ref_norms, rtol=1e-5)
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert ((flat(ours) - flat(ref)).norm() / flat(ref).norm()).item() <= 1e-5
+    if max_grad_norm < 1:
+        assert (ref_norms > max_grad_norm).any()  # clipping was exercised
+
+
+def test_ghost_path_skips_a_non_finite_image():
+    model = trainer_model("yolo26n.yaml")
+    batch = det_batch([1, 2, 1])
+    bad = {**batch, "img": batch["img"].clone()}
+    bad["img"][1] = float("nan")
+    total, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, bad), max_grad_norm=0.5)
+    assert torch.isfinite(norms[[0, 2]]).all() and not torch.isfinite(norms[1])
+    keep = batch["batch_idx"] != 1
+    rest = {"img": batch["img"][[0, 2]], "batch_idx": (batch["batch_idx"][keep] > 1).float(),
+            "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep]}
+    expected, _ = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, rest), max_grad_norm=0.5)
+    for k in expected:
+        assert torch.isfinite(total[k]).all()
+        assert torch.allclose(total[k], expected[k], rtol=1e-4, atol=1e-7)

@@ -1,0 +1,48 @@
+"""The training set is checked before any step: bad labels, dropped images, too few images
+(each refused in one line, nothing spent, recorded or written)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import assert_refused, copy_dataset
+
+
+@pytest.mark.slow
+def test_out_of_range_label_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    (yaml.parent / "labels" / "train" / "00003.txt").write_text("12 0.5 0.5 0.1 0.1\n")
+    assert_refused(tmp_path, yaml, "class 12 outside 0..9")
+
+
+@pytest.mark.slow
+def test_corrupt_label_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    (yaml.parent / "labels" / "train" / "00004.txt").write_text("3 0.5 oops 0.1\n")
+    assert_refused(tmp_path, yaml, "corrupt label file")
+
+
+@pytest.mark.slow
+def test_single_image_dataset_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    for p in list((yaml.parent / "images" / "train").glob("*.png"))[1:]:
+        p.unlink()
+    assert_refused(tmp_path, yaml, "at least 2", batch=1)
+
+
+@pytest.mark.slow
+def test_empty_dataset_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    for p in (yaml.parent / "images" / "train").glob("*.png"):
+        p.unlink()
+    assert_refused(tmp_path, yaml, "cannot load the training set")
+
+
+@pytest.mark.slow
+def test_a_validation_set_sharing_an_image_with_the_training_set_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    train_image = sorted((yaml.parent / "images" / "train").iterdir())[3]
+    val_image = sorted((yaml.parent / "images" / "val").iterdir())[0]
+    val_image.write_bytes(train_image.read_bytes())  # a copy under another name
+    assert_refused(tmp_path, yaml, "validation set shares images with the training set")
+

@@ -1,0 +1,111 @@
+"""Planning a private run: N, q, sigma and the step budget, as a pure function of the settings, the
+training set's size, a resumed run's state and the ledger's view of the dataset. No trainer.
+
+Privacy assumptions relied on here:
+
+* Poisson sampling at q = expected batch / N for every step (``sampling``); the planned steps are
+  ``ceil(epochs * N / batch)`` rounded to whole epochs (``accounting.plan``).
+* delta < 1/N: a delta of 1/N allows leaking one whole image.
+* The step budget is the largest T whose PRV upper bound on epsilon is <= the target; a resumed
+  run continues its own accountant, so its steps count against the same budget.
+* A dataset's lifetime budget composes every run the ledger recorded on the same data with this
+  run's steps, at the dataset's delta (that of its first run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .accounting import Segment, get_noise_multiplier, max_steps, plan
+from .config import DPConfig
+
+
+@dataclass(frozen=True)
+class DatasetBudget:
+    """What the ledger knows of a training set: its lifetime ``budget``, its ``delta``, and
+    ``epsilon(extra)``: the epsilon of every recorded run plus ``extra`` planned segments."""
+
+    budget: float
+    delta: float
+    epsilon: Callable[[Sequence[Segment]], float]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A private run's sampling and budget. ``max_steps`` counts a resumed run's earlier steps."""
+
+    num_samples: int
+    sample_rate: float
+    steps_per_epoch: int
+    planned_steps: int
+    noise_multiplier: float
+    max_steps: int
+    calibrated: bool
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.num_samples
+
+
+def check_delta(delta: float, num_samples: int) -> None:
+    if delta >= 1 / num_samples:
+        raise ValueError(f"delta={delta:g} must be < 1/N = {1 / num_samples:.3g} for N={num_samples} training images "
+                         f"(a delta of 1/N allows leaking one whole image); use delta <= {0.1 / num_samples:.1g}")
+
+
+def check_resume(config: DPConfig, entry: dict[str, Any], *, num_samples: int, sample_rate: float) -> None:
+    """A resumed run keeps its DP settings, N and q (any change is one error naming each)."""
+    changed = config.changed_on_resume(entry.get("settings", {}))
+    for key, new in (("num_samples", num_samples), ("sample_rate", sample_rate)):
+        if entry.get(key) is None or not math.isclose(entry[key], new, rel_tol=1e-9):
+            changed.append(f"{key}: {entry.get(key)} -> {new}")
+    if changed:
+        raise ValueError(f"resume must keep the DP settings of the run ({', '.join(changed)}); start a new run "
+                         "instead (the ledger composes it with this one)")
+
+
+def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, resumed: dict[str, Any] | None = None,
+             dataset: DatasetBudget | None = None) -> Plan:
+    """The plan of a run, or a one-line ValueError if it may not take a single step.
+
+    ``resumed`` is the ``dp`` entry of a checkpoint being resumed: its settings, N and q must be
+    unchanged, and its steps and sigma carry on. Otherwise sigma is the configured one or, if None,
+    calibrated so the planned steps spend exactly ``config.epsilon``. With a ``dataset`` budget, a
+    run whose planned steps would exceed it is refused, unless sigma was given: then it takes the
+    steps that fit."""
+    check_delta(config.delta, num_samples)
+    q, planned = plan(num_samples=num_samples, batch_size=float(batch), epochs=float(epochs))
+    steps_taken, sigma = 0, config.noise_multiplier
+    if resumed is not None:
+        check_resume(config, resumed, num_samples=num_samples, sample_rate=q)
+        steps_taken, sigma = resumed["steps"], resumed["noise_multiplier"]
+    calibrated = sigma is None
+    if calibrated:
+        sigma = get_noise_multiplier(target_epsilon=config.epsilon, delta=config.delta, sample_rate=q, steps=planned)
+    budget = max_steps(target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
+                       sample_rate=q) - steps_taken
+    if budget <= 0:
+        raise ValueError(f"epsilon={config.epsilon:g} does not allow another step at noise_multiplier={sigma:g}, "
+                         f"q={q:.4g}; raise epsilon or the noise multiplier")
+    remaining = min(budget, planned - steps_taken)
+    if dataset is not None and dataset.epsilon([Segment(sigma, q, remaining)]) > dataset.budget:
+        allowed = _steps_within(dataset, sigma, q, remaining) if config.noise_multiplier is not None else 0
+        if allowed == 0:
+            spent = dataset.epsilon([])
+            raise ValueError(f"this run would take the dataset past its lifetime budget epsilon={dataset.budget:g}: "
+                             f"it has spent {spent:.4f} (at delta={dataset.delta:g}), {max(dataset.budget - spent, 0):.4f}"
+                             " is left; lower epsilon or epochs, or give noise_multiplier to train until the budget "
+                             "is reached")
+        remaining = allowed
+    return Plan(num_samples, q, planned // epochs, planned, sigma, steps_taken + remaining, calibrated)
+
+
+def _steps_within(dataset: DatasetBudget, sigma: float, q: float, upper: int) -> int:
+    """Largest T <= upper whose addition keeps the dataset's epsilon within its budget (bisection)."""
+    lo, hi = 0, upper + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if dataset.epsilon([Segment(sigma, q, mid)]) <= dataset.budget else (lo, mid)
+    return lo

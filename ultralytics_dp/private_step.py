@@ -1,0 +1,97 @@
+"""One private step: from a Poisson batch to the noisy mean gradient the optimizer steps on.
+
+sampler (``sampling.PoissonLoader``) -> physical chunks (``sampling.split_physical``) -> per-image
+losses (``losses``) -> per-image clipped gradient sums (a clipping back-end) -> one Gaussian draw
+and division by q*N (``mechanism.private_mean``) -> ``.grad`` (the trainer's ``guard``).
+
+Privacy assumptions relied on here:
+
+* Each image's loss depends on that image and its labels only (``losses``), and BatchNorm is in
+  eval mode (checked here before every step), so each image's clipped gradient has norm <= C and
+  the sum over the batch has sensitivity C for adding or removing one image.
+* Physical chunks only bound memory: their clipped sums are added before the single noise draw.
+* Both back-ends compute the same clipped sum (tested to 1e-5): "ghost" (mixed ghost clipping and
+  book-keeping, no per-sample gradients; Conv2d, Linear and BatchNorm layers) and "vmap"
+  (``torch.func`` per-sample gradients, any layer).
+* An out-of-memory error becomes a ``MemoryError`` that names ``physical_batch``: Ultralytics'
+  own recovery (halve ``batch``, rebuild a shuffled loader) would change q and break sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import ghost
+from .grad_sample import check_no_train_batchnorm, trainable_params
+from .losses import batch_losses, per_image_loss_fn, sample_batch
+from .mechanism import clipped_grad_sum, private_mean
+from .sampling import split_physical
+
+# (model, chunk, C) -> (sum of clipped per-image gradients by parameter name, per-image norms)
+ClippedSum = Callable[[nn.Module, dict, float], tuple[dict[str, Tensor], Tensor]]
+
+
+def resolve_grad_method(model: nn.Module, method: str) -> str:
+    """'auto' -> 'ghost' when every trainable layer supports it, else 'vmap'."""
+    if method == "auto":
+        return "ghost" if ghost.supports(model) else "vmap"
+    if method == "ghost" and not ghost.supports(model):
+        raise ValueError("grad_method='ghost' needs a model whose trainable layers are Conv2d, Linear and "
+                         "BatchNorm only; use grad_method='vmap'")
+    return method
+
+
+def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float) -> tuple[dict[str, Tensor], Tensor]:
+    return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk), max_grad_norm=max_grad_norm)
+
+
+def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float) -> tuple[dict[str, Tensor], Tensor]:
+    return clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, chunk), max_grad_norm=max_grad_norm)
+
+
+CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
+
+
+def select(batch: dict, idx: list[int]) -> dict:
+    """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels are
+    re-indexed to the chunk)."""
+    index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
+    out = {"img": batch["img"][index]}
+    if "batch_idx" in batch:
+        owner = batch["batch_idx"].long()
+        remap = torch.full((batch["img"].shape[0],), -1, dtype=torch.long, device=owner.device)
+        remap[index.to(owner.device)] = torch.arange(len(idx), device=owner.device)
+        keep = remap[owner] >= 0
+        out.update(batch_idx=remap[owner][keep].to(batch["batch_idx"].dtype),
+                   cls=batch["cls"][keep], bboxes=batch["bboxes"][keep])
+    else:
+        out["cls"] = batch["cls"][index]
+    return out
+
+
+def private_gradient(
+    model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
+    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
+) -> dict[str, Tensor]:
+    """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
+    physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
+    by the expected batch size. ``batch`` is a preprocessed Ultralytics training batch; ``method``
+    is "ghost" or "vmap" (see ``resolve_grad_method``)."""
+    check_no_train_batchnorm(model)
+    clipped_sum = CLIPPED_SUM[method]
+    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    n = batch["img"].shape[0]
+    try:
+        for idx in split_physical(list(range(n)), physical_batch or max(n, 1)):
+            sums, _ = clipped_sum(model, select(batch, idx), max_grad_norm)
+            for k in total:
+                total[k] += sums[k]
+    except RuntimeError as err:
+        if "out of memory" in str(err).lower():
+            raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
+        raise
+    return private_mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                        expected_batch_size=expected_batch_size, secure=secure)

@@ -1,0 +1,87 @@
+"""The training set as the trainer will sample it: checked before any step, and named for the ledger.
+
+Privacy assumptions relied on here: the records are exactly the images the trainer samples from
+(N = len(dataset)); Ultralytics silently drops images it finds corrupt, which would make N and the
+ledger's record set wrong, so that is refused, as are labels outside the dataset's classes or not
+normalised. An image without labels is a valid record (background). The validation set is public
+(metrics, plots and best.pt selection are released without noise), so it must share no image with
+the training set, by path or by content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def image_files(dataset: Any) -> list[str]:
+    """The image file of every record, for detection (``im_files``) and classification (``samples``)."""
+    if hasattr(dataset, "im_files"):
+        return list(dataset.im_files)
+    return [str(sample[0]) for sample in dataset.samples]
+
+
+def dataset_records(dataset: Any) -> list[tuple[str, str]]:
+    """(image path, label text) for every record the trainer will sample from: the input of the
+    ledger's fingerprint. Detection: the YOLO label file; classification: the class index."""
+    if hasattr(dataset, "label_files"):
+        return [(im, Path(lb).read_text() if Path(lb).exists() else "")
+                for im, lb in zip(dataset.im_files, dataset.label_files)]
+    return [(str(sample[0]), str(sample[1])) for sample in dataset.samples]
+
+
+def check_held_out(train: Any, val: Any) -> None:
+    """Refuse a validation set that shares an image with the training set: the same path, or the
+    same bytes (only files of a size found in both sets are hashed, so this stays cheap)."""
+    by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
+    for side, files in (("train", image_files(train)), ("val", image_files(val))):
+        for f in files:
+            path = Path(f).resolve()
+            by_size[path.stat().st_size].append((side, path))
+    for group in by_size.values():
+        if len({side for side, _ in group}) < 2:
+            continue
+        seen: dict[str, tuple[str, Path]] = {}
+        for side, path in group:
+            key = hashlib.sha256(path.read_bytes()).hexdigest()
+            if key in seen and seen[key][0] != side:
+                raise ValueError(f"the validation set shares images with the training set (e.g. {path}); the "
+                                 "validation set is released through metrics, plots and best.pt: use held-out images")
+            seen.setdefault(key, (side, path))
+
+
+def check_training_set(dataset: Any) -> None:
+    """Refuse, before any step, a training set that is too small, has corrupt or out-of-range
+    labels, or lost images that Ultralytics silently dropped as corrupt (N would be wrong)."""
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"the training set has {n} image(s); differential privacy needs at least 2")
+    if not hasattr(dataset, "label_files"):
+        return
+    from ultralytics.data.utils import img2label_paths
+
+    every_image = dataset.get_img_files(dataset.img_path)
+    nc = len(dataset.data["names"])
+    for label_file in img2label_paths(every_image):
+        path = Path(label_file)
+        if not path.exists():
+            continue  # an image without labels is a valid record (background)
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                raise ValueError(f"corrupt label file {path} line {lineno}: {line!r} is not numbers") from None
+            if len(values) < 5 or len(values) % 2 == 0:
+                raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h', got {line!r}")
+            if not values[0].is_integer() or not 0 <= values[0] < nc:
+                raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside 0..{nc - 1}")
+            if not all(0 <= v <= 1 for v in values[1:]):
+                raise ValueError(f"label file {path} line {lineno}: coordinates must be normalised to [0, 1]")
+    if len(every_image) != n:
+        raise ValueError(f"Ultralytics dropped {len(every_image) - n} of {len(every_image)} training images as "
+                         "corrupt; fix or remove them so the training set is what you think it is")
