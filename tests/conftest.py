@@ -36,3 +36,9 @@ def tiny_det(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ultralytics_dp import datasets
 
     return datasets.build("digits-det", imgsz=64, n_train=32, n_val=16, root=tmp_path_factory.mktemp("det"))
+
+
+@pytest.fixture(autouse=True)
+def own_default_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's default ledger is its own: runs of different tests (and deltas) never compose."""
+    monkeypatch.setenv("ULTRALYTICS_DP_LEDGER", str(tmp_path / "default-ledger.sqlite"))

@@ -220,6 +220,15 @@ def assert_refused(tmp_path, data, match, dp_kwargs=None, cfg="yolo26n.yaml", **
         model.train(**{**kwargs, **train_kwargs})
     assert len(str(err.value).splitlines()) == 1
     assert dp.steps == 0 and dp.noise_draws == 0
-    assert Ledger(ledger).summary() == []  # nothing spent or recorded
+    book = Ledger(ledger)
+    assert ledger_steps(ledger) == 0 and book.summary()["datasets"] == []  # nothing spent or recorded
+    assert book.epsilons()["histogram"] == []  # not even the training images' hashes
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def ledger_steps(path: Path) -> int:
+    """Every step the ledger at ``path`` has reserved, over all runs."""
+    summary = Ledger(path).summary()
+    return sum(r["steps"] for ds in summary["datasets"] for r in ds["runs"]) + sum(
+        r["steps"] for r in summary["legacy_runs"])
 

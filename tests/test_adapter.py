@@ -19,7 +19,7 @@ from ultralytics_dp import DifferentialPrivacy
 from ultralytics_dp.accounting import compute_epsilon
 from ultralytics_dp.ledger import Ledger
 
-from helpers import train_tiny
+from helpers import ledger_steps, train_tiny
 
 
 @pytest.mark.slow
@@ -153,16 +153,14 @@ def test_kill_9_mid_epoch_then_resume(tiny_det, tmp_path):
     assert 6 <= taken_before_kill < 16
 
     # changing DP settings on resume is refused and spends nothing
-    book = Ledger(ledger_path)
-    (fp,) = [d["fingerprint"] for d in book.summary()]
-    reserved = sum(s.steps for s in book.segments(fp))
+    reserved = ledger_steps(ledger_path)
     changed = DifferentialPrivacy(epsilon=20.0, delta=1e-3, noise_multiplier=2.0, max_grad_norm=0.5,
                                   ledger=ledger_path)
     model = YOLO(tmp_path / "run" / "weights" / "last.pt")
     changed.attach(model)
     with pytest.raises(ValueError, match="max_grad_norm"):
         model.train(resume=True)
-    assert sum(s.steps for s in book.segments(fp)) == reserved
+    assert ledger_steps(ledger_path) == reserved
 
     out = subprocess.run([*args, "1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -172,6 +170,6 @@ def test_kill_9_mid_epoch_then_resume(tiny_det, tmp_path):
     # the resumed run continued its own accountant from the checkpoint and stayed within budget
     assert final_eps <= 20.0 and final_steps == 16
     # the ledger never undercounts what was actually spent, crash included
-    ledger_eps = Ledger(ledger_path).epsilon(fp)
-    assert ledger_eps >= compute_epsilon(noise_multiplier=2.0, sample_rate=0.25, steps=taken, delta=1e-3)
-    assert sum(s.steps for s in Ledger(ledger_path).segments(fp)) >= taken
+    ledger_eps = Ledger(ledger_path).epsilons()["worst_epsilon"]
+    assert ledger_eps >= compute_epsilon(noise_multiplier=2.0, sample_rate=0.25, steps=taken, delta=1e-3) - 1e-6
+    assert ledger_steps(ledger_path) >= taken

@@ -111,21 +111,25 @@ def test_read_only_commands_create_nothing(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.pt")]) == 2 and list(tmp_path.iterdir()) == []
 
 
-def test_ledger_cli_lists_datasets(tmp_path, capsys):
-    from ultralytics_dp.accounting import Segment
-
+def test_ledger_cli_reports_each_images_epsilon(tmp_path, capsys):
     book = Ledger(tmp_path / "l.sqlite")
-    book.register_dataset("f" * 64, delta=1e-5, num_samples=100, description="toy")
-    run = book.start_run("f" * 64, {"settings": {"epsilon": 1.0}, "noise_multiplier": 1.0, "sample_rate": 0.1,
-                                    "num_samples": 100})
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(bytes([i]) * 10)
+    hashes = book.record_hashes(sorted(images.iterdir()))
+    run = book.start_run(hashes[:3], fingerprint="v1", settings={"settings": {"epsilon": 1.0}, "noise_multiplier": 1.0,
+                         "sample_rate": 0.1, "num_samples": 3}, delta=1e-5, description="toy")
     book.reserve(run, steps=10, noise_multiplier=1.0, sample_rate=0.1)
+    expected = compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5)
     assert main(["ledger", "--json", f"ledger={tmp_path / 'l.sqlite'}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (ds,) = report["datasets"]
+    assert ds["runs"][0]["steps"] == 10 and ds["worst_epsilon"] == pytest.approx(expected, abs=1e-5)
+    assert report["histogram"] == [{"epsilon": pytest.approx(expected, abs=1e-5), "records": 3}]
+    assert main(["ledger", f"ledger={tmp_path / 'l.sqlite'}", f"records={images}"]) == 0
     out = capsys.readouterr().out
-    (ds,) = json.loads(out)["datasets"]
-    assert ds["runs"][0]["steps"] == 10
-    assert ds["epsilon"] == pytest.approx(book.epsilon("f" * 64, [Segment(1.0, 0.1, 0)]))
-    assert main(["ledger", f"ledger={tmp_path / 'l.sqlite'}"]) == 0
-    assert "1 run(s)" in capsys.readouterr().out
+    assert f"worst epsilon={expected:.4f}" in out and "1 never trained on" in out
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ from ultralytics.cfg import DEFAULT_CFG_DICT
 
 from ultralytics_dp import DifferentialPrivacy
 from ultralytics_dp.guard import TRAINING_ARGS
-from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.ledger import Ledger, version_fingerprint
 
-from helpers import assert_refused, copy_dataset, train_tiny
+from helpers import assert_refused, copy_dataset, ledger_steps, train_tiny
 
 # What a private run may write: its arguments, the per-epoch metrics, validation plots (the
 # validation set is public) and checkpoints. Training images and training-label plots are not.
@@ -43,17 +43,13 @@ DP_ENTRY_KEYS = {
 MODEL_ATTRIBUTES = {"": {"nc", "criterion"}, "model.23": {"strides", "anchors", "shape", "_end2end", "max_det"}}
 
 
-def ledger_segments(path: Path) -> int:
-    book = Ledger(path)
-    return sum(seg.steps for ds in book.summary() for seg in book.segments(ds["fingerprint"]))
-
-
 def private_secrets(data: Path, ledger: Path) -> list[str]:
     """Hashes that identify the training set: the ledger's fingerprint and every training file's SHA-256."""
-    (dataset,) = Ledger(ledger).summary()
-    files = [p for p in (data.parent / "images" / "train").iterdir()]
-    files += [p for p in (data.parent / "labels" / "train").iterdir() if p.suffix == ".txt"]
-    return [dataset["fingerprint"], *(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)]
+    images = sorted((data.parent / "images" / "train").iterdir())
+    records = [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]
+    labels = [(data.parent / "labels" / "train" / f"{p.stem}.txt") for p in images]
+    version = version_fingerprint(records, [lb.read_text() if lb.exists() else "" for lb in labels])
+    return [version, *records, *(hashlib.sha256(lb.read_bytes()).hexdigest() for lb in labels if lb.exists())]
 
 
 @pytest.mark.slow
@@ -140,7 +136,7 @@ def test_out_of_memory_outside_the_private_step_stops_the_run(tiny_det, tmp_path
         train_tiny(tiny_det, tmp_path, dp, callbacks={"on_pretrain_routine_end": oom_on_second_batch})
     assert len(str(err.value).splitlines()) == 1
     assert dp.steps == dp.noise_draws == 1 and len(calls) == 2
-    assert ledger_segments(ledger) >= dp.steps  # the step taken was reserved first
+    assert ledger_steps(ledger) >= dp.steps  # the step taken was reserved first
 
 
 @pytest.mark.slow
@@ -168,7 +164,7 @@ def test_nan_recovery_keeps_every_step_private_and_counted(tiny_det, tmp_path, e
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=epochs,
                                   callbacks={"on_pretrain_routine_end": nan_fitness_once})
     assert fired
-    assert dp.steps == dp.noise_draws == spy.optimizer_steps == ledger_segments(ledger) == expected_steps
+    assert dp.steps == dp.noise_draws == spy.optimizer_steps == ledger_steps(ledger) == expected_steps
     assert dp.epsilon <= 6.0
     assert torch.load(save_dir / "weights" / "last.pt", weights_only=False)["dp"]["steps"] == expected_steps
 
@@ -221,7 +217,7 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_tiny(tiny_det, tmp_path, dp, callbacks={"on_train_epoch_start": crash_in_epoch_2})
     last = tmp_path / "run" / "weights" / "last.pt"
-    spent, checkpoint = ledger_segments(ledger), last.read_bytes()
+    spent, checkpoint = ledger_steps(ledger), last.read_bytes()
 
     other = tmp_path / "other"  # the same number of images, one of them different
     shutil.copytree(tiny_det.parent, other)
@@ -241,7 +237,7 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
         with pytest.raises(ValueError, match=match) as err:
             model.train(resume=True, **train_kwargs)
         assert len(str(err.value).splitlines()) == 1
-        assert ledger_segments(ledger) == spent and last.read_bytes() == checkpoint  # no step, nothing written
+        assert ledger_steps(ledger) == spent and last.read_bytes() == checkpoint  # no step, nothing written
 
 
 def test_every_rank_refuses_a_multi_device_run():
@@ -270,6 +266,7 @@ def test_readme_lists_every_training_argument_as_the_guard_handles_it():
         (dict(cls_pw=0.5), "cls_pw"), (dict(time=0.01), "time"), (dict(quantize=8), "quantize"),
         (dict(distill_model="yolo26n.yaml"), "distill_model"), (dict(device="0,1"), "several devices"),
         (dict(device=[0, 1]), "several devices"), (dict(split="train"), "split=train"),
+        (dict(cache="disk"), "cache=disk"),
     ],
 )
 def test_bad_training_keys_are_refused(tiny_det, tmp_path, train_kwargs, match):

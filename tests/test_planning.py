@@ -8,7 +8,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
 from ultralytics_dp.config import DPConfig
-from ultralytics_dp.planning import DatasetBudget, plan_run
+from ultralytics_dp.accounting import Segment
+from ultralytics_dp.planning import BudgetGroup, RecordBudgets, plan_run
 
 from helpers import assert_refused
 
@@ -38,24 +39,35 @@ def test_calibrated_sigma_spends_the_target_over_the_planned_steps():
     assert pld_epsilon(0.97 * plan.noise_multiplier, 0.05, 60, 1e-5) > 3.0  # not needlessly noisy
 
 
-def fake_dataset(spent: float, per_step: float, budget: float) -> DatasetBudget:
-    """A dataset whose recorded runs spent ``spent`` and whose epsilon grows by ``per_step``."""
-    return DatasetBudget(budget, 1e-5, lambda extra: spent + per_step * sum(s.steps for s in extra))
+def groups(*spec):
+    """RecordBudgets from (records, budget, (sigma, q, steps) spent) per group."""
+    return RecordBudgets(1e-5, tuple(BudgetGroup(n, b, (Segment(*spent),)) for n, b, spent in spec))
 
 
 @pytest.mark.slow  # calibration takes seconds
-def test_dataset_budget_refuses_a_calibrated_run():
-    with pytest.raises(ValueError, match=r"lifetime budget epsilon=2: it has spent 1.5000 .* 0.5000 is left"):
-        plan_run(DPConfig(epsilon=8), num_samples=1000, batch=100, epochs=2, dataset=fake_dataset(1.5, 0.1, 2.0))
+def test_record_budgets_refuse_a_calibrated_run():
+    with pytest.raises(ValueError, match=r"this run would take 7 training image\(s\) past"):
+        plan_run(DPConfig(epsilon=8), num_samples=1000, batch=100, epochs=2,
+                 records=groups((7, 2.5, (1.8, 0.1, 60)), (90, 100.0, (1.8, 0.1, 60))))
 
 
-def test_dataset_budget_cuts_a_run_with_a_given_sigma():
-    cut = plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=1000, batch=100, epochs=2,
-                   dataset=fake_dataset(1.5, 0.1, 2.0))
-    assert cut.max_steps == 5  # 1.5 + 0.1 * 5 = 2.0 <= 2 < 2.1
-    whole = plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=1000, batch=100, epochs=2,
-                     dataset=fake_dataset(0.0, 0.01, 2.0))
-    assert whole.max_steps == whole.planned_steps == 20
+@pytest.mark.slow  # accounting searches take seconds
+def test_record_budgets_cut_a_run_with_a_given_sigma_at_the_first_image_to_reach_its_budget():
+    records = groups((7, 2.5, (1.8, 0.1, 60)), (90, 3.0, (5.0, 0.1, 10)))
+    cut = plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=1000, batch=100, epochs=2, records=records)
+    assert 0 < cut.max_steps < cut.planned_steps == 20
+    assert pld_epsilon_of([(1.8, 0.1, 60), (1.0, 0.1, cut.max_steps)]) <= 2.5 * 1.005
+    assert pld_epsilon_of([(1.8, 0.1, 60), (1.0, 0.1, cut.max_steps + 2)]) > 2.5
+    loose = groups((7, 50.0, (1.8, 0.1, 60)))
+    assert plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=1000, batch=100, epochs=2,
+                    records=loose).max_steps == 20
+
+
+def pld_epsilon_of(segments):
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    for sigma, q, steps in segments:
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(1e-5)
 
 
 def test_a_resumed_run_carries_on_and_keeps_its_settings():

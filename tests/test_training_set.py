@@ -46,3 +46,22 @@ def test_a_validation_set_sharing_an_image_with_the_training_set_is_refused(tiny
     val_image.write_bytes(train_image.read_bytes())  # a copy under another name
     assert_refused(tmp_path, yaml, "validation set shares images with the training set")
 
+
+@pytest.mark.slow
+def test_the_same_image_twice_in_the_training_set_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    first, second = sorted((yaml.parent / "images" / "train").iterdir())[:2]
+    second.write_bytes(first.read_bytes())  # one record, sampled twice per step: twice the sensitivity
+    assert_refused(tmp_path, yaml, "the training set holds the same image twice")
+
+
+@pytest.mark.slow
+def test_an_npy_image_cache_in_the_training_set_is_refused(tiny_det, tmp_path):
+    """Ultralytics trains on image.npy when it exists: not the file the ledger would name."""
+    import numpy as np
+
+    yaml = copy_dataset(tiny_det, tmp_path)
+    image = sorted((yaml.parent / "images" / "train").iterdir())[2]
+    np.save(image.with_suffix(".npy"), np.zeros((64, 64, 3), dtype=np.uint8))
+    assert_refused(tmp_path, yaml, "image cache Ultralytics would train on")
+

@@ -185,6 +185,17 @@ def epsilon_bounds(segments: Sequence[Segment], delta: float) -> tuple[float, fl
     return bounds
 
 
+def compose(segments: Sequence[Segment], delta: float) -> float:
+    """Upper bound on epsilon of composing ``segments`` (heterogeneous sigma and q) at ``delta``.
+
+    Composition is commutative, so segments with the same (sigma, q) are merged first: the cost
+    grows with the number of distinct (sigma, q), not of segments (a ledger records one per epoch)."""
+    steps: dict[tuple[float, float], int] = {}
+    for s in segments:
+        steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
+    return max(epsilon_bounds([Segment(sigma, q, t) for (sigma, q), t in steps.items()], delta)[2], 0.0)
+
+
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Upper bound on epsilon after ``steps`` Poisson-subsampled Gaussian steps (sigma, q) at delta."""
     _check_segment(noise_multiplier, sample_rate, steps)
@@ -348,7 +359,7 @@ class PrivacyAccountant:
 
     def get_epsilon(self, delta: float) -> float:
         """Upper bound on epsilon of everything recorded, at ``delta``."""
-        return max(epsilon_bounds(self.history, delta)[2], 0.0)
+        return compose(self.history, delta)
 
     def state_dict(self) -> dict:
         """Plain, JSON-serialisable state."""

@@ -33,12 +33,12 @@ from .checkpoint import read_dp_entry, summary_line, write_dp_entry
 from .config import DPConfig, one_line
 from .grad_sample import trainable_params
 from .guard import TrainerGuard, freeze_batchnorm, log
-from .ledger import Ledger
+from .ledger import Ledger, version_fingerprint
 from .losses import check_supported
 from .planning import Plan, plan_run
 from .private_step import private_gradient, resolve_grad_method
 from .sampling import PoissonLoader
-from .training_set import check_held_out, check_training_set, dataset_records
+from .training_set import check_distinct_images, check_training_set, dataset_records
 
 PRIVACY_UNIT = "image"
 EPSILON_METRIC = "dp/epsilon"
@@ -61,6 +61,7 @@ class DifferentialPrivacy:
         self.ledger = None if ledger is False else Ledger(None if ledger in (None, True) else ledger)
         self.accountant = PrivacyAccountant()
         self.plan: Plan | None = None
+        self.max_steps = 0  # the plan's, lowered if the ledger grants fewer (another run on the same images)
         self.run_id: str | None = None  # random; only the local ledger links it to the training data
         self.noise_draws = 0
         self.stopped_by_budget = False
@@ -210,12 +211,12 @@ class DifferentialPrivacy:
         dataset = trainer.train_loader.dataset
         with guard.quiet_console():  # Ultralytics' file listing prints the images' mean size
             check_training_set(dataset)
-        check_held_out(dataset, trainer.test_loader.dataset)
+        check_distinct_images(dataset, trainer.test_loader.dataset)
         resume = self._resume
-        fingerprint = self._check_ledger_record(dataset) if self.ledger is not None else None
+        records, fingerprint = self._ledger_view(dataset) if self.ledger is not None else ([], None)
         self.plan = plan = plan_run(
             self.config, num_samples=len(dataset), batch=trainer.args.batch, epochs=trainer.epochs, resumed=resume,
-            dataset=self.ledger.budget(fingerprint, self.config.dataset_budget, self.delta) if fingerprint else None,
+            records=self.ledger.budgets(records, self.config.dataset_budget, self.delta) if fingerprint else None,
         )
         if resume is not None:
             self.accountant.load_state_dict(resume["accountant_state"])
@@ -224,15 +225,16 @@ class DifferentialPrivacy:
         elif plan.calibrated:
             log(f"calibrated noise_multiplier={plan.noise_multiplier:.4f} to spend epsilon={self.config.epsilon:g} "
                 f"over {plan.planned_steps} steps")
-        if fingerprint is not None:
-            self._record_run(trainer, fingerprint)
         log(f"N={plan.num_samples} images, q={plan.sample_rate:.5g} (expected batch {trainer.args.batch}), "
             f"{plan.steps_per_epoch} steps/epoch, {plan.planned_steps} planned, {plan.max_steps - self.steps} allowed "
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
-        loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: plan.max_steps - self.steps,
+        loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
                                self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode)
         self.guard = TrainerGuard(self._private_step_fn(trainer), loader)
+        if fingerprint is not None:  # the last step that can refuse the run: nothing is recorded before it
+            self._record_run(trainer, records, fingerprint)
+        self.max_steps = plan.max_steps
         self.guard.install(trainer)
         validate = trainer.validate
 
@@ -263,9 +265,14 @@ class DifferentialPrivacy:
         log(summary_line(self.info()))
 
     # ----------------------------------------------------------------- ledger and the private step
-    def _check_ledger_record(self, dataset: Any) -> str:
-        """The ledger's name for the training set; a resumed run must train on its recorded data."""
-        fingerprint = self.ledger.fingerprint(dataset_records(dataset))
+    def _ledger_view(self, dataset: Any) -> tuple[list[str], str]:
+        """The training set's records (image hashes) and version fingerprint (records and labels), as
+        the ledger names them; the ledger's delta must be this run's, and a resumed run must train on
+        the data version it was recorded with."""
+        images, labels = zip(*dataset_records(dataset))
+        records = self.ledger.record_hashes(images)
+        fingerprint = version_fingerprint(records, labels)
+        self.ledger.check_delta(self.delta)
         if self._resume is not None:
             run_id = self._resume["run_id"]
             recorded = self.ledger.run(run_id)
@@ -275,23 +282,33 @@ class DifferentialPrivacy:
             if recorded["fingerprint"] != fingerprint:
                 raise ValueError("resume must train on the training data of the run it continues, and this data "
                                  "differs (by the ledger's identity of the data); start a new run instead")
-        return fingerprint
+        return records, fingerprint
 
-    def _record_run(self, trainer: Any, fingerprint: str) -> None:
-        """Register the dataset and the run (a resumed run keeps appending to its own record)."""
-        plan = self.plan
-        self.ledger.register_dataset(fingerprint, delta=self.delta, num_samples=plan.num_samples,
-                                     budget=self.config.dataset_budget, description=str(trainer.args.data))
+    def _record_run(self, trainer: Any, records: list[str], fingerprint: str) -> None:
+        """Record the run and its records before its first step (a resumed run keeps its record)."""
         if self.run_id is None:
-            record = {"settings": self.config.released(), "noise_multiplier": plan.noise_multiplier,
-                      "sample_rate": plan.sample_rate, "num_samples": plan.num_samples}
-            self.run_id = self.ledger.start_run(fingerprint, record, name=str(trainer.save_dir))
+            plan = self.plan
+            summary = {"settings": self.config.released(), "noise_multiplier": plan.noise_multiplier,
+                       "sample_rate": plan.sample_rate, "num_samples": plan.num_samples}
+            self.run_id = self.ledger.start_run(records, fingerprint=fingerprint, settings=summary, delta=self.delta,
+                                                budget=self.config.dataset_budget, name=str(trainer.save_dir),
+                                                description=str(trainer.args.data))
 
-    def _reserve(self, steps: int) -> None:
-        """Write-ahead: record the epoch's steps in the ledger before the first of them is taken."""
-        if self.ledger is not None:
-            self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.plan.noise_multiplier,
-                                sample_rate=self.plan.sample_rate)
+    def _reserve(self, steps: int) -> int:
+        """Write-ahead: record the epoch's steps in the ledger before the first of them is taken. The
+        ledger grants fewer when another run has spent on the same images since this one was planned
+        and more would take one past its lifetime budget: the run then stops after those."""
+        if self.ledger is None:
+            return steps
+        granted = self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.plan.noise_multiplier,
+                                      sample_rate=self.plan.sample_rate)
+        if granted < steps:
+            self.max_steps = self.steps + granted
+            self.stopped_by_budget = True
+            self.guard.trainer.stop = True
+            log(f"an image's lifetime budget (dataset_budget) allows {granted} more step(s), not {steps}: another run "
+                "spent on the same images; stopping after them")
+        return granted
 
     def _private_step_fn(self, trainer: Any) -> Callable[[dict], None]:
         method = resolve_grad_method(trainer.model, self.config.grad_method)
@@ -300,8 +317,8 @@ class DifferentialPrivacy:
 
         def private_step(batch: dict) -> None:
             """One DP-SGD step's gradient into ``.grad`` of the trainer's model, counted."""
-            if self.steps >= plan.max_steps:  # the loader never yields past the budget: fail closed
-                raise RuntimeError(f"DP: step {self.steps + 1} would exceed the budget of {plan.max_steps}")
+            if self.steps >= self.max_steps:  # the loader never yields past the budget: fail closed
+                raise RuntimeError(f"DP: step {self.steps + 1} would exceed the budget of {self.max_steps}")
             grad = private_gradient(
                 trainer.model, batch, method=method, max_grad_norm=config.max_grad_norm,
                 noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
@@ -311,7 +328,7 @@ class DifferentialPrivacy:
                 p.grad = grad[k].to(p.dtype)
             self.noise_draws += 1
             self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-            if self.steps >= plan.max_steps:
+            if self.steps >= self.max_steps:
                 trainer.stop = True
                 self.stopped_by_budget = self.steps < plan.planned_steps
 

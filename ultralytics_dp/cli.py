@@ -27,8 +27,9 @@ Usage:
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
       private training; every other key is an Ultralytics training key, batch is the expected
       (Poisson) batch size
-  yolo-dp ledger [--json] [ledger=PATH]
-      every dataset trained on privately, its runs and the epsilon they add up to
+  yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]
+      every training image's epsilon (the worst, a histogram), each dataset version and its runs;
+      with records=, the epsilon of the images in FOLDER (the worst, and how many are new)
   yolo-dp report path/to/weights.pt
       print the privacy guarantee recorded in a checkpoint
   yolo-dp robustness model=a.pt[,b.pt] data=D noise=0,0.05,0.1,0.2 [seed=0] [out=runs/robustness] ...
@@ -157,26 +158,43 @@ def train(args: list[str]) -> int:
 
 
 def ledger(args: list[str]) -> int:
-    """``yolo-dp ledger [--json] [ledger=PATH]``: datasets, runs and total epsilon per dataset."""
+    """``yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]``: per-record epsilon, versions, runs."""
     import json
 
     from .ledger import Ledger
 
     as_json = "--json" in args
-    pairs = parse_pairs([a for a in args if a != "--json"], {"ledger"}, "ledger")
+    pairs = parse_pairs([a for a in args if a != "--json"], {"ledger", "records"}, "ledger")
     book = Ledger(pairs.get("ledger"), create=False)
-    summary = book.summary()
+    if "records" in pairs:
+        from ultralytics.data.utils import IMG_FORMATS
+
+        folder = Path(pairs["records"])
+        if not folder.is_dir():
+            raise UsageError(f"records= must be a folder of images, got {folder}")
+        images = sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+        report = {"records": str(folder), "images": len(images), **book.epsilons(book.record_hashes(images))}
+    else:
+        report = {"ledger": str(book.path), **book.summary()}
     if as_json:
-        print(json.dumps({"ledger": str(book.path), "datasets": summary}, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
-    print(f"ledger {book.path}: {len(summary)} dataset(s)")
-    for ds in summary:
-        budget = f", budget {ds['budget']:g}" if ds["budget"] else ""
-        print(f"dataset {ds['fingerprint'][:12]} ({ds['description']}, N={ds['num_samples']}): "
-              f"epsilon={ds['epsilon']:.4f} at delta={ds['delta']:g}{budget}, {len(ds['runs'])} run(s)")
+    head = f"{report['images']} images in {folder}" if "records" in pairs else f"ledger {book.path}"
+    print(f"{head}: worst epsilon={report['worst_epsilon']:.4f} per image at delta={report['delta']}, "
+          f"{report['new_records']} never trained on")
+    for row in report["histogram"]:
+        print(f"  epsilon={row['epsilon']:.4f}: {row['records']} image(s)")
+    if report["legacy_epsilon"]:
+        print(f"  every image, known or not, has spent at least epsilon={report['legacy_epsilon']:.4f} (legacy runs)")
+    for ds in report.get("datasets", []):
+        print(f"dataset version {ds['id']} ({ds['description']}, N={ds['num_samples']}): worst epsilon="
+              f"{ds['worst_epsilon']:.4f}, {len(ds['runs'])} run(s)")
         for run in ds["runs"]:
+            budget = f", budget {run['budget']:g}" if run["budget"] is not None else ""
             print(f"  run {run['id']}: {run['steps']} steps, noise_multiplier={run['noise_multiplier']:.4f}, "
-                  f"q={run['sample_rate']:.5g}, target epsilon={run['settings']['epsilon']:g}  {run['name']}")
+                  f"q={run['sample_rate']:.5g}, target epsilon={run['settings']['epsilon']:g}{budget}  {run['name']}")
+    for run in report.get("legacy_runs", []):
+        print(f"legacy run {run['id']} (schema 1/2, counted for every image): {run['steps']} steps  {run['name']}")
     return 0
 
 

@@ -96,7 +96,7 @@ class DPConfig:
     physical_batch: int | None = _setting(None, _optional(_positive_int), int, metavar="B", resume=False, help=(
         "how many images' gradients are computed at once (memory only; does not change q)"))
     dataset_budget: float | None = _setting(None, _optional(_finite_positive), float, metavar="EPS", help=(
-        "lifetime epsilon for every run on this training set together (needs the ledger)"))
+        "lifetime epsilon of every training image, over all runs and dataset versions (needs the ledger)"))
     ledger: str | Path | bool | None = _setting(None, _ledger, parse_ledger, metavar="PATH", released=False, help=(
         "ledger path (default in the user config dir, or `$ULTRALYTICS_DP_LEDGER`); false for none"))
     secure_mode: bool = _setting(False, _flag, parse_flag, metavar="BOOL", resume=False, help=(

@@ -62,7 +62,9 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
     "resume": ("guarded", "the DP settings, the ledger and the training data (by the ledger's identity) "
                           "must be those of the run"),
     "amp": ("safe", "the grad scaler is disabled, so clipping sees true gradients; off by default on GPU"),
-    "cache": ("safe", "caches each image's own pixels (RAM, or .npy beside the images); nothing is released"),
+    "cache": ("guarded", "RAM caches each image's own pixels: safe; disk writes .npy files beside the images that "
+                         "Ultralytics then trains on instead of the files the ledger names: refused, as are .npy files "
+                         "already there"),
     "fraction": ("safe", "a fixed subset of the training files; N is its size and the ledger identifies it"),
     "multi_scale": ("safe", "one random size per batch, drawn independently of the images"),
     "patience": ("safe", "early stopping on validation metrics (public set) of private iterates"),
@@ -113,6 +115,9 @@ def refuse_unsafe_args(args: Mapping[str, Any], explicit: Mapping[str, Any]) -> 
     if str(args.get("quantize")).lower() in {"8", "int8"}:
         raise ValueError(f"quantize={args['quantize']} calibrates quantisation-aware training on training batches "
                          "without noise; remove quantize (quantise the private model at export)")
+    if str(args.get("cache")).lower() == "disk":
+        raise ValueError("cache=disk trains on .npy copies of the images instead of the files the ledger names; use "
+                         "cache=ram or cache=False")
     if _on(args.get("distill_model")):
         raise ValueError("distill_model is not supported in DP mode (no per-image distillation loss); remove it")
     if args.get("split") not in (None, "val", "test"):

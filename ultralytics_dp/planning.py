@@ -8,28 +8,55 @@ Privacy assumptions relied on here:
 * delta < 1/N: a delta of 1/N allows leaking one whole image.
 * The step budget is the largest T whose PRV upper bound on epsilon is <= the target; a resumed
   run continues its own accountant, so its steps count against the same budget.
-* A dataset's lifetime budget composes every run the ledger recorded on the same data with this
-  run's steps, at the dataset's delta (that of its first run).
+* A record's lifetime budget (the smallest ``dataset_budget`` of any run that included it) composes
+  every run the ledger recorded on that record with this run's steps, at the ledger's delta.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from .accounting import Segment, get_noise_multiplier, max_steps, plan
+from .accounting import Segment, compose, get_noise_multiplier, max_steps, plan
 from .config import DPConfig
 
 
 @dataclass(frozen=True)
-class DatasetBudget:
-    """What the ledger knows of a training set: its lifetime ``budget``, its ``delta``, and
-    ``epsilon(extra)``: the epsilon of every recorded run plus ``extra`` planned segments."""
+class BudgetGroup:
+    """Records included by the same recorded runs: how many, their lifetime budget, those runs' segments."""
 
+    records: int
     budget: float
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class RecordBudgets:
+    """What the ledger knows of this run's records that have a lifetime budget, at ``delta``."""
+
     delta: float
-    epsilon: Callable[[Sequence[Segment]], float]
+    groups: tuple[BudgetGroup, ...]
+
+    def over(self, extra: Sequence[Segment]) -> tuple[int, float]:
+        """How many records ``extra`` more steps would take past their budget, and the worst epsilon
+        they would reach ((0, 0.0) if none)."""
+        count, worst = 0, 0.0
+        for group in self.groups:
+            eps = compose([*group.segments, *extra], self.delta)
+            if eps > group.budget:
+                count, worst = count + group.records, max(worst, eps)
+        return count, worst
+
+    def steps_within(self, sigma: float, q: float, upper: int) -> int:
+        """Largest T <= upper whose addition keeps every record within its budget (bisection)."""
+        if self.over([Segment(sigma, q, upper)])[0] == 0:
+            return upper
+        lo, hi = 0, upper
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.over([Segment(sigma, q, mid)])[0] == 0 else (lo, mid)
+        return lo
 
 
 @dataclass(frozen=True)
@@ -67,14 +94,14 @@ def check_resume(config: DPConfig, entry: dict[str, Any], *, num_samples: int, s
 
 
 def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, resumed: dict[str, Any] | None = None,
-             dataset: DatasetBudget | None = None) -> Plan:
+             records: RecordBudgets | None = None) -> Plan:
     """The plan of a run, or a one-line ValueError if it may not take a single step.
 
     ``resumed`` is the ``dp`` entry of a checkpoint being resumed: its settings, N and q must be
     unchanged, and its steps and sigma carry on. Otherwise sigma is the configured one or, if None,
-    calibrated so the planned steps spend exactly ``config.epsilon``. With a ``dataset`` budget, a
-    run whose planned steps would exceed it is refused, unless sigma was given: then it takes the
-    steps that fit."""
+    calibrated so the planned steps spend exactly ``config.epsilon``. With ``records`` budgets, a run
+    whose planned steps would take any record past its budget is refused, unless sigma was given:
+    then it trains until the first record reaches its budget."""
     check_delta(config.delta, num_samples)
     q, planned = plan(num_samples=num_samples, batch_size=float(batch), epochs=float(epochs))
     steps_taken, sigma = 0, config.noise_multiplier
@@ -90,22 +117,14 @@ def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, r
         raise ValueError(f"epsilon={config.epsilon:g} does not allow another step at noise_multiplier={sigma:g}, "
                          f"q={q:.4g}; raise epsilon or the noise multiplier")
     remaining = min(budget, planned - steps_taken)
-    if dataset is not None and dataset.epsilon([Segment(sigma, q, remaining)]) > dataset.budget:
-        allowed = _steps_within(dataset, sigma, q, remaining) if config.noise_multiplier is not None else 0
-        if allowed == 0:
-            spent = dataset.epsilon([])
-            raise ValueError(f"this run would take the dataset past its lifetime budget epsilon={dataset.budget:g}: "
-                             f"it has spent {spent:.4f} (at delta={dataset.delta:g}), {max(dataset.budget - spent, 0):.4f}"
-                             " is left; lower epsilon or epochs, or give noise_multiplier to train until the budget "
-                             "is reached")
-        remaining = allowed
+    if records is not None:
+        over, worst = records.over([Segment(sigma, q, remaining)])
+        if over:
+            allowed = records.steps_within(sigma, q, remaining) if config.noise_multiplier is not None else 0
+            if allowed == 0:
+                raise ValueError(f"this run would take {over} training image(s) past their lifetime budget (dataset_budget),"
+                                 f" the worst to epsilon={worst:.4f} at delta={records.delta:g}; lower epsilon or "
+                                 "epochs, or give noise_multiplier to train until the first image reaches its budget")
+            remaining = allowed
     return Plan(num_samples, q, planned // epochs, planned, sigma, steps_taken + remaining, calibrated)
 
-
-def _steps_within(dataset: DatasetBudget, sigma: float, q: float, upper: int) -> int:
-    """Largest T <= upper whose addition keeps the dataset's epsilon within its budget (bisection)."""
-    lo, hi = 0, upper + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if dataset.epsilon([Segment(sigma, q, mid)]) <= dataset.budget else (lo, mid)
-    return lo

@@ -80,11 +80,12 @@ class PoissonLoader:
 
     ``len()`` is the steps per epoch; an epoch yields fewer when ``budget()`` (steps still allowed)
     runs out. Empty batches are yielded (zero-length, with the dataset's structure): they are steps
-    too. ``reserve(steps)`` is called with the epoch's step count before its first batch is drawn.
+    too. ``reserve(steps)`` is called with the epoch's step count before its first batch is drawn, and
+    returns how many were granted (the ledger may grant fewer): the epoch takes that many.
     """
 
     def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
-                 reserve: Callable[[int], None], workers: int = 0, secure: bool = False) -> None:
+                 reserve: Callable[[int], int], workers: int = 0, secure: bool = False) -> None:
         self.dataset = dataset
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
@@ -112,8 +113,7 @@ class PoissonLoader:
     def __iter__(self) -> Iterator[dict]:
         # a generator: nothing runs (and nothing is reserved) until the first batch is asked for;
         # Ultralytics' trainer creates, and drops, one extra iterator per epoch
-        steps = min(self.steps_per_epoch, self.budget())
-        self.reserve(steps)
+        steps = self.reserve(min(self.steps_per_epoch, self.budget()))
         sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps, secure=self.secure)
         yield from torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=self._collate_or_empty, num_workers=self.num_workers

@@ -5,7 +5,8 @@ Privacy assumptions relied on here: the records are exactly the images the train
 ledger's record set wrong, so that is refused, as are labels outside the dataset's classes or not
 normalised. An image without labels is a valid record (background). The validation set is public
 (metrics, plots and best.pt selection are released without noise), so it must share no image with
-the training set, by path or by content.
+the training set, by path or by content. The same image twice in the training set would be one
+record (one person's image) sampled twice per step, with twice the sensitivity: refused too.
 """
 
 from __future__ import annotations
@@ -32,21 +33,24 @@ def dataset_records(dataset: Any) -> list[tuple[str, str]]:
     return [(str(sample[0]), str(sample[1])) for sample in dataset.samples]
 
 
-def check_held_out(train: Any, val: Any) -> None:
-    """Refuse a validation set that shares an image with the training set: the same path, or the
-    same bytes (only files of a size found in both sets are hashed, so this stays cheap)."""
+def check_distinct_images(train: Any, val: Any) -> None:
+    """Refuse the same image (path or bytes) twice in the training set, or in both the training and
+    the validation set. Only files whose size occurs more than once are hashed, so this stays cheap."""
     by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
     for side, files in (("train", image_files(train)), ("val", image_files(val))):
         for f in files:
             path = Path(f).resolve()
             by_size[path.stat().st_size].append((side, path))
     for group in by_size.values():
-        if len({side for side, _ in group}) < 2:
+        if len(group) < 2 or {side for side, _ in group} == {"val"}:
             continue
         seen: dict[str, tuple[str, Path]] = {}
         for side, path in group:
             key = hashlib.sha256(path.read_bytes()).hexdigest()
-            if key in seen and seen[key][0] != side:
+            if key in seen and "train" in (side, seen[key][0]):
+                if side == seen[key][0]:
+                    raise ValueError(f"the training set holds the same image twice ({seen[key][1]} and {path}); one "
+                                     "image is one record: remove the copy")
                 raise ValueError(f"the validation set shares images with the training set (e.g. {path}); the "
                                  "validation set is released through metrics, plots and best.pt: use held-out images")
             seen.setdefault(key, (side, path))
@@ -54,10 +58,17 @@ def check_held_out(train: Any, val: Any) -> None:
 
 def check_training_set(dataset: Any) -> None:
     """Refuse, before any step, a training set that is too small, has corrupt or out-of-range
-    labels, or lost images that Ultralytics silently dropped as corrupt (N would be wrong)."""
+    labels, lost images that Ultralytics silently dropped as corrupt (N would be wrong), or has
+    ``.npy`` image caches, which Ultralytics would train on instead of the image files the ledger
+    names (a leftover or stale cache is another image)."""
     n = len(dataset)
     if n < 2:
         raise ValueError(f"the training set has {n} image(s); differential privacy needs at least 2")
+    cached = next((f for f in image_files(dataset) if Path(f).with_suffix(".npy").exists()), None)
+    if cached is not None:
+        raise ValueError(f"{Path(cached).with_suffix('.npy')} is an image cache Ultralytics would train on instead of "
+                         f"{cached}; delete the training set's .npy files (cache=disk leaves them) and use cache=ram or "
+                         "cache=False")
     if not hasattr(dataset, "label_files"):
         return
     from ultralytics.data.utils import img2label_paths
