@@ -4,7 +4,6 @@ concurrency, refusal of other files, the upgrade of schema 1/2 ledgers, and read
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import subprocess
 import sys
