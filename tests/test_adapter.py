@@ -49,6 +49,14 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
     assert not (tmp_path / "again").exists()
 
 
+def test_a_missing_resume_checkpoint_is_refused(tmp_path):
+    """Ultralytics would silently resume the latest run under the working directory instead."""
+    model = YOLO("yolo26n.yaml")
+    DifferentialPrivacy(epsilon=1.0, ledger=False).attach(model)
+    with pytest.raises(ValueError, match="resume=.* does not exist"):
+        model.train(resume=str(tmp_path / "missing.pt"))
+
+
 def test_tuning_is_refused_after_attach():
     """Ultralytics' tuner trains through trainers that never see the DP callbacks."""
     model = YOLO("yolo26n.yaml")

@@ -103,6 +103,26 @@ def test_train_keys_split_into_dp_settings_and_ultralytics_overrides(tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no ledger file named 'false'
 
 
+def test_a_cfg_file_holds_dp_and_ultralytics_keys_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epsilon: 4\nmax_grad_norm: 0.5\nepochs: 2\nimgsz: 64\n")
+    config, overrides = split_train_args([f"cfg={cfg}", "epochs=3", "max_grad_norm=2"])
+    assert (config.epsilon, config.max_grad_norm) == (4.0, 2.0) and overrides == {"epochs": 3, "imgsz": 64}
+    cfg.write_text("epsilon: 4\nepohcs: 2\n")
+    with pytest.raises(ValueError, match="'epohcs' is not a valid YOLO argument"):
+        split_train_args([f"cfg={cfg}"])
+    with pytest.raises(ValueError, match="does not exist"):
+        split_train_args(["epsilon=8", f"cfg={tmp_path / 'none.yaml'}"])
+
+
+def test_report_on_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    assert main(["report", str(junk)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is not a checkpoint" in line
+
+
 def test_read_only_commands_create_nothing(tmp_path, capsys):
     missing = tmp_path / "new" / "ledger.sqlite"
     assert main(["ledger", f"ledger={missing}"]) == 2

@@ -35,7 +35,7 @@ from .grad_sample import trainable_params
 from .guard import TrainerGuard, freeze_batchnorm, log
 from .ledger import Ledger, version_fingerprint
 from .losses import check_supported
-from .planning import Plan, plan_run
+from .planning import Plan, check_resume, plan_run
 from .private_step import private_gradient, resolve_grad_method
 from .sampling import PoissonLoader
 from .training_set import check_distinct_images, check_training_set, dataset_records
@@ -142,6 +142,10 @@ class DifferentialPrivacy:
         def private_train(*args: Any, **kwargs: Any) -> Any:
             self._check_unused()
             self._explicit = dict(kwargs)
+            for key in ("cfg", "resume"):  # Ultralytics would pick the latest run for a missing resume file
+                value = kwargs.get(key)
+                if isinstance(value, (str, Path)) and not Path(value).is_file():
+                    raise ValueError(f"{key}={value} does not exist")
             if kwargs.get("cfg"):
                 from ultralytics.utils import YAML
 
@@ -197,6 +201,7 @@ class DifferentialPrivacy:
             if not entry:
                 raise ValueError(f"{trainer.args.resume} has no 'dp' entry: it was not trained privately, so it "
                                  "cannot resume a private run; start a new run instead")
+            check_resume(self.config, entry)  # the settings now; N and q once the training set is known
             if (entry.get("run_id") is None) != (self.ledger is None):
                 raise ValueError("resume must keep the ledger setting of the run: it was trained with "
                                  + ("ledger=False; resume with ledger=False" if entry.get("run_id") is None

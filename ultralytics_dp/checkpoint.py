@@ -27,7 +27,10 @@ def write_dp_entry(path: str | Path, entry: dict[str, Any]) -> None:
 
 def read_dp_entry(path: str | Path) -> dict[str, Any]:
     """The ``dp`` entry of a checkpoint; a one-line error if it was not trained privately."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a file that is not a checkpoint: torch raises pickle and zip errors of every kind
+        raise ValueError(f"{path} is not a checkpoint ({type(err).__name__}: {err})") from None
     entry = ckpt.get("dp") if isinstance(ckpt, dict) else None
     if not entry:
         raise ValueError(f"{path} has no 'dp' entry: it was not trained with ultralytics-dp")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -133,6 +134,17 @@ def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
         else:
             k, v = parse_key_value_pair(token)
             overrides[k] = v
+    if "cfg" in overrides:  # a cfg= file holds defaults, DP keys included; the command line wins
+        from ultralytics.utils import YAML
+
+        path = Path(str(overrides.pop("cfg")))
+        if not path.is_file():
+            raise UsageError(f"cfg={path} does not exist")
+        for key, value in (YAML.load(path) or {}).items():
+            if key in SETTINGS:
+                dp.setdefault(key, str(value))
+            else:
+                overrides.setdefault(key, value)
     if "epsilon" not in dp:
         raise UsageError("epsilon= is required for private training (the privacy budget, e.g. epsilon=8)")
     try:
@@ -288,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return mode(args[1:])
-    except ValueError as err:  # UsageError and the library's own input checks
+    except (ValueError, OSError, SyntaxError, AssertionError, pickle.UnpicklingError) as err:
+        # UsageError, the library's own input checks, and Ultralytics' refusals of missing or bad files
         print(f"yolo-dp {args[0]}: {one_line(err)}", file=sys.stderr)
         return 2
 

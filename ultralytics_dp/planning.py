@@ -82,11 +82,12 @@ def check_delta(delta: float, num_samples: int) -> None:
                          f"(a delta of 1/N allows leaking one whole image); use delta <= {0.1 / num_samples:.1g}")
 
 
-def check_resume(config: DPConfig, entry: dict[str, Any], *, num_samples: int, sample_rate: float) -> None:
+def check_resume(config: DPConfig, entry: dict[str, Any], *, num_samples: int | None = None,
+                 sample_rate: float | None = None) -> None:
     """A resumed run keeps its DP settings, N and q (any change is one error naming each)."""
     changed = config.changed_on_resume(entry.get("settings", {}))
     for key, new in (("num_samples", num_samples), ("sample_rate", sample_rate)):
-        if entry.get(key) is None or not math.isclose(entry[key], new, rel_tol=1e-9):
+        if new is not None and (entry.get(key) is None or not math.isclose(entry[key], new, rel_tol=1e-9)):
             changed.append(f"{key}: {entry.get(key)} -> {new}")
     if changed:
         raise ValueError(f"resume must keep the DP settings of the run ({', '.join(changed)}); start a new run "
