@@ -10,13 +10,12 @@ Ultralytics; ``ledger`` and ``report`` create nothing.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import __version__
 from .config import SETTINGS, DPConfig, check_setting, defaults, one_line, usage
@@ -106,23 +105,13 @@ def privacy(args: list[str]) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _quiet_ultralytics() -> Iterator[None]:
-    """Ultralytics logs its whole CLI help before raising on a bad key: keep the error one line."""
-    from ultralytics.utils import LOGGER
-
-    disabled, LOGGER.disabled = LOGGER.disabled, True
-    try:
-        yield
-    finally:
-        LOGGER.disabled = disabled
-
-
 def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
     """The DP settings and the Ultralytics training overrides of ``yolo-dp train ...``, each checked
     the way its owner checks it; a bad key or value is one UsageError line."""
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, check_dict_alignment, merge_equals_args
     from ultralytics.cfg import parse_key_value_pair
+
+    from .guard import quiet_console  # Ultralytics logs its whole help before raising on a bad key
 
     dp, overrides = {}, {}
     for token in merge_equals_args(args):
@@ -148,7 +137,7 @@ def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
     if "epsilon" not in dp:
         raise UsageError("epsilon= is required for private training (the privacy budget, e.g. epsilon=8)")
     try:
-        with _quiet_ultralytics():
+        with quiet_console():
             check_dict_alignment({**DEFAULT_CFG_DICT, **defaults()}, overrides)
             check_cfg({k: v for k, v in overrides.items() if k != "model"})
     except (SyntaxError, TypeError) as err:
