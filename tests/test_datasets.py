@@ -94,3 +94,70 @@ def test_resolve_names_and_passes_other_values_through() -> None:
     assert datasets.resolve("digits-det.yaml") == resolved
     with pytest.raises(ValueError, match="unknown embedded dataset"):
         datasets.build("digits-xyz")
+
+
+def test_public_digits_never_read_the_handwritten_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn.datasets
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the public generator read the handwritten digits")
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", refuse)
+    monkeypatch.setattr(datasets, "PUBLIC_POOL", (30, 10))
+    cls = datasets.build("digits-public-cls", root=tmp_path)
+    det = datasets.build("digits-public-det", imgsz=32, n_train=6, n_val=3, root=tmp_path)
+    assert sorted(p.name for p in (cls / "train").iterdir()) == datasets.NAMES
+    assert len(list((cls / "train").rglob("*.png"))) == 30 and len(list((cls / "val").rglob("*.png"))) == 10
+    assert len(list((det.parent / "images" / "train").glob("*.png"))) == 6
+    with pytest.raises(AssertionError, match="handwritten"):  # the guard above does fire
+        datasets.build("digits-cls", root=tmp_path)
+
+
+def test_public_digits_are_deterministic_balanced_and_in_the_8x8_format() -> None:
+    from ultralytics_dp.font_digits import font_paths, render_pool
+
+    images, labels = render_pool(40, seed=5)
+    again, _ = render_pool(40, seed=5)
+    other, _ = render_pool(40, seed=6)
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    assert images.shape == (40, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert np.array_equal(np.bincount(labels), [4] * 10)
+    # the optdigits format: counts of 4x4 blocks, so multiples of 1/16, every digit inked
+    assert np.allclose(images * 16, np.round(images * 16)) and (images.reshape(40, -1).max(1) > 0).all()
+    assert len(font_paths()) >= 15  # several families, weights and slants
+
+
+def test_embedded_names_resolve_for_plain_ultralytics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-private training and validation (no DifferentialPrivacy attached) accept the names."""
+    import ultralytics_dp  # noqa: F401  (registers the hook)
+    from ultralytics.engine import trainer, validator
+
+    monkeypatch.setenv("ULTRALYTICS_DP_DATA", str(tmp_path))
+    data = validator.check_cls_dataset("digits-cls")
+    assert Path(data["train"]) == datasets.build("digits-cls") / "train" and data["nc"] == 10
+    det = trainer.check_det_dataset("digits-det.yaml")
+    assert Path(det["yaml_file"]) == datasets.build("digits-det") and det["nc"] == 10
+
+
+@pytest.mark.slow
+def test_public_weights_are_trained_once_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ultralytics
+    import sklearn.datasets
+
+    from ultralytics_dp import public_weights
+
+    monkeypatch.setenv("ULTRALYTICS_DP_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(datasets, "PUBLIC_POOL", (40, 20))
+    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda *a, **k: pytest.fail("read the private digits"))
+    monkeypatch.setitem(public_weights.RECIPES, "digits-public-cls", ("yolo26n-cls.yaml",
+                                                                      {"imgsz": 32, "epochs": 1, "batch": 16}))
+    weights = public_weights.pretrained("digits-public-cls", root=tmp_path / "weights")
+    assert weights.is_file() and [p.name for p in (tmp_path / "weights").iterdir()] == [weights.name]
+    model = ultralytics.YOLO(weights)
+    assert model.task == "classify" and model.model.names == dict(enumerate(datasets.NAMES))
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ultralytics, "YOLO", no_training)
+    assert public_weights.pretrained("digits-public-cls", root=tmp_path / "weights") == weights

@@ -6,6 +6,9 @@ scikit-learn wheel. From them we build, deterministically for a given seed:
 * ``digits-det``: YOLO detection format, classes ``'0'..'9'``, RGB canvases holding 0-4 upscaled
   digits at non-overlapping positions (some canvases hold none).
 * ``digits-cls``: ImageFolder layout (``train/<class>/*.png``, ``val/<class>/*.png``).
+* ``digits-public-det`` / ``digits-public-cls``: the same formats built from digits typeset in
+  matplotlib's fonts (:mod:`ultralytics_dp.font_digits`): public data for pretraining, which never
+  reads the handwritten set.
 
 The source digits are split once into disjoint train and val pools, so no val image shares a
 source digit with any train image. Datasets are cached under ``$ULTRALYTICS_DP_DATA`` (or the
@@ -15,17 +18,21 @@ so an interrupted build never leaves a half-written dataset behind.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
 
 NAMES = [str(i) for i in range(10)]
-DATASETS = ("digits-det", "digits-cls")
-_FORMAT_VERSION = 1  # bump when the generated files change, so stale caches are not reused
+DATASETS = ("digits-det", "digits-cls", "digits-public-det", "digits-public-cls")
+PUBLIC_POOL = (5000, 1000)  # font-rendered source digits for the public train and val pools
+_FORMAT_VERSION = 2  # bump when the generated files change, so stale caches are not reused
 VAL_FRACTION = 0.2
 
 
@@ -50,6 +57,16 @@ def source_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     n_val = int(round(len(images) * VAL_FRACTION))
     val_idx, train_idx = order[:n_val], order[n_val:]
     return images[train_idx], digits.target[train_idx], images[val_idx], digits.target[val_idx]
+
+
+def _pools(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train_images, train_labels, val_images, val_labels) of 8x8 source digits for ``name``."""
+    if "public" not in name:
+        return source_split(seed)
+    from .font_digits import render_pool
+
+    # distinct seeds give disjoint draws of fonts and distortions for train and val
+    return (*render_pool(PUBLIC_POOL[0], seed * 2 + 1000), *render_pool(PUBLIC_POOL[1], seed * 2 + 1001))
 
 
 def _render_digit(digit: np.ndarray, size: int) -> np.ndarray:
@@ -107,8 +124,8 @@ def _make_canvas(
     return (np.clip(canvas, 0, 1) * 255).astype(np.uint8), rows
 
 
-def _write_det(root: Path, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
-    tr_x, tr_y, va_x, va_y = source_split(seed)
+def _write_det(root: Path, name: str, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
+    tr_x, tr_y, va_x, va_y = _pools(name, seed)
     rng = np.random.default_rng(seed + 1)
     for split, count, pool, labels in (("train", n_train, tr_x, tr_y), ("val", n_val, va_x, va_y)):
         (root / "images" / split).mkdir(parents=True)
@@ -125,8 +142,8 @@ def _write_det(root: Path, seed: int, imgsz: int, n_train: int, n_val: int, max_
     )
 
 
-def _write_cls(root: Path, seed: int, imgsz: int) -> None:
-    tr_x, tr_y, va_x, va_y = source_split(seed)
+def _write_cls(root: Path, name: str, seed: int, imgsz: int) -> None:
+    tr_x, tr_y, va_x, va_y = _pools(name, seed)
     for split, pool, labels in (("train", tr_x, tr_y), ("val", va_x, va_y)):
         for name in NAMES:
             (root / split / name).mkdir(parents=True)
@@ -147,14 +164,15 @@ def build(
 ) -> Path:
     """Build (or reuse) an embedded dataset and return what Ultralytics' ``data=`` expects.
 
-    ``digits-det`` returns the path of its ``data.yaml``; ``digits-cls`` returns its root folder.
+    Detection sets return the path of their ``data.yaml``; classification sets their root folder.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown embedded dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name == "digits-det":
+    detect = name.endswith("-det")
+    if detect:
         imgsz = imgsz or 128
         if imgsz < 24:
-            raise ValueError(f"imgsz must be >= 24 for digits-det, got {imgsz}")
+            raise ValueError(f"imgsz must be >= 24 for {name}, got {imgsz}")
         key = f"{name}-v{_FORMAT_VERSION}-s{seed}-i{imgsz}-n{n_train}x{n_val}-d{max_digits}"
     else:
         imgsz = imgsz or 32
@@ -165,13 +183,13 @@ def build(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            if name == "digits-det":
-                _write_det(tmp, seed, imgsz, n_train, n_val, max_digits)
+            if detect:
+                _write_det(tmp, name, seed, imgsz, n_train, n_val, max_digits)
                 # the yaml must name the final location, not the temporary one
                 yaml = tmp / "data.yaml"
                 yaml.write_text(yaml.read_text().replace(tmp.as_posix(), final.as_posix()))
             else:
-                _write_cls(tmp, seed, imgsz)
+                _write_cls(tmp, name, seed, imgsz)
             try:
                 tmp.rename(final)
             except OSError:  # another process finished the same build first
@@ -179,12 +197,28 @@ def build(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return final / "data.yaml" if name == "digits-det" else final
+    return final / "data.yaml" if detect else final
 
 
 def resolve(data: object) -> object:
-    """Map ``digits-det`` / ``digits-cls`` (optionally with ``.yaml``) to the built dataset; pass
-    anything else through unchanged, the way Ultralytics resolves ``coco8``."""
+    """Map an embedded dataset name (optionally with ``.yaml``) to the built dataset; pass anything
+    else through unchanged, the way Ultralytics resolves ``coco8``."""
     if isinstance(data, str) and data.removesuffix(".yaml") in DATASETS:
         return str(build(data.removesuffix(".yaml")))
     return data
+
+
+def resolve_in(module: ModuleType) -> None:
+    """Make ``module``'s dataset checks (Ultralytics' ``check_det_dataset`` / ``check_cls_dataset``)
+    accept the embedded names, so plain, non-private training and validation can use them too."""
+    for attr in ("check_det_dataset", "check_cls_dataset"):
+        check = getattr(module, attr, None)
+        if check is None or getattr(check, "resolves_embedded", False):
+            continue
+
+        @functools.wraps(check)
+        def resolving(data: object, *args: object, _check: Callable = check, **kwargs: object) -> object:
+            return _check(resolve(data), *args, **kwargs)
+
+        resolving.resolves_embedded = True
+        setattr(module, attr, resolving)

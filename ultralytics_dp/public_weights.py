@@ -1,0 +1,57 @@
+"""Public pretrained weights for the embedded demo: a model trained *non-privately* on public data
+only (``digits-public-det`` / ``digits-public-cls``), cached, to be fine-tuned privately.
+
+Why: DP training from a random init learns little; starting from public weights is the main path
+(De et al. 2022). Users with internet start from Ultralytics' COCO/ImageNet ``*.pt`` instead; this
+module gives the offline demo, tests and benchmarks the same shape of workflow.
+
+Privacy assumptions relied on here: the pretraining set is public (font-rendered digits that never
+read the private handwritten set: :mod:`ultralytics_dp.font_digits`), so training on it without
+noise, with every Ultralytics default (mosaic, BatchNorm in train mode), releases nothing private.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .datasets import cache_dir
+
+# dataset -> (architecture, training arguments); part of the cache key
+RECIPES: dict[str, tuple[str, dict]] = {
+    "digits-public-det": ("yolo26n.yaml", {"imgsz": 128, "epochs": 20, "batch": 32}),
+    "digits-public-cls": ("yolo26n-cls.yaml", {"imgsz": 32, "epochs": 10, "batch": 64}),
+}
+_VERSION = 1  # bump when a recipe or the public data changes
+
+
+def pretrained(dataset: str = "digits-public-det", *, root: Path | None = None) -> Path:
+    """Path of weights pretrained on the public ``dataset``: trained on first use, then reused.
+
+    The training runs in a temporary folder and only its final ``last.pt`` is moved into the cache,
+    so an interrupted run leaves nothing that would be reused.
+    """
+    if dataset not in RECIPES:
+        raise ValueError(f"no public pretraining recipe for {dataset!r}; choose one of {', '.join(RECIPES)}")
+    architecture, args = RECIPES[dataset]
+    key = f"{Path(architecture).stem}-{dataset}-v{_VERSION}-e{args['epochs']}-i{args['imgsz']}.pt"
+    folder = Path(root) if root else cache_dir() / "pretrained"
+    final = folder / key
+    if final.exists():
+        return final
+    from ultralytics import YOLO
+
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=folder))
+    try:
+        print(f"pretraining {architecture} on the public {dataset} (non-private, cached in {final})")
+        YOLO(architecture).train(data=dataset, **args, fliplr=0.0, workers=0, seed=0, plots=False,
+                                 project=str(work), name="run", exist_ok=True, verbose=False)
+        tmp = final.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(work / "run" / "weights" / "last.pt", tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
