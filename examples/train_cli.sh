@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Private training from the command line: `yolo` syntax plus the DP keys (epsilon, delta,
-# max_grad_norm, noise_multiplier, physical_batch). Run from the repository root after `make demo`.
+# Private fine-tuning from the command line: `yolo` syntax plus the DP keys (epsilon, delta,
+# max_grad_norm, noise_multiplier, physical_batch, augmult, ...). Run from the repository root after
+# `make demo` (which caches the public model this starts from).
 set -euo pipefail
+PYTHON=${PYTHON:-.venv/bin/python}
 YOLO_DP=${YOLO_DP:-.venv/bin/yolo-dp}
 
-# plan first: which noise multiplier spends epsilon=8 over 3 epochs of 1,000 images at batch 128?
-"$YOLO_DP" privacy n=1000 batch=128 epochs=3 delta=1e-5 epsilon=8
+# public weights: trained non-privately on the font-rendered public digits (cached after the first run)
+WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; print(pretrained('digits-public-det'))")
 
-"$YOLO_DP" train model=yolo26n.yaml data=digits-det epochs=3 imgsz=128 batch=128 workers=0 \
-    epsilon=8 delta=1e-5 max_grad_norm=1.0 physical_batch=32 project=runs/examples name=private-cli exist_ok=True
+# plan first: which noise multiplier spends epsilon=8 over 5 epochs of 1,000 images at the default batch (750)?
+"$YOLO_DP" privacy n=1000 batch=750 epochs=5 delta=1e-5 epsilon=8
+
+# every training argument not given here takes its DP default (README: "Useful private models")
+"$YOLO_DP" train model="$WEIGHTS" data=digits-det epochs=5 imgsz=128 workers=0 epsilon=8 \
+    project=runs/examples name=private-cli exist_ok=True
 
 "$YOLO_DP" report runs/examples/private-cli/weights/last.pt

@@ -37,3 +37,45 @@ def test_physical_chunks_give_the_sum_of_each_image_alone(method):
         expected = sum(a[k] for a in alone)
         assert torch.allclose(grad[k], expected, rtol=1e-4, atol=1e-7), k
 
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolo26n-cls.yaml"])
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_augmentation_multiplicity_clips_the_mean_of_each_records_views(cfg, method):
+    """views=2: images (2r, 2r+1) are record r's views; its gradient is the mean of theirs, clipped
+    once. Checked against a naive loop over records (autograd of the mean of the two per-image
+    losses), with chunks that hold one or two whole records."""
+    from ultralytics_dp.grad_sample import trainable_params
+    from ultralytics_dp.losses import per_sample_losses
+
+    model = trainer_model(cfg)
+    if cfg.endswith("-cls.yaml"):
+        torch.manual_seed(0)
+        batch = {"img": torch.rand(6, 3, 32, 32), "cls": torch.tensor([1, 1, 3, 3, 0, 0])}
+    else:
+        batch = det_batch([2, 1, 0, 1, 3, 2])
+    params = trainable_params(model)
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    norms = []
+    for r in range(3):
+        loss = sum(per_sample_losses(model, image(batch, i))[0] for i in (2 * r, 2 * r + 1)) / 2
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        norms.append(norm)
+        for k, g in zip(params, grads):
+            expected[k] += g * min(1.0, 0.05 / (norm.item() + 1e-6))
+    assert max(norms) > 0.05  # clipping is exercised
+    for physical_batch in (3, 4):  # one record per chunk, then two
+        grad = private_gradient(model, batch, method=method, max_grad_norm=0.05, noise_multiplier=0.0,
+                                expected_batch_size=1.0, physical_batch=physical_batch, views=2)
+        flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+        assert ((flat(grad) - flat(expected)).norm() / flat(expected).norm()).item() <= 1e-5
+
+
+def test_a_batch_of_partial_records_is_refused():
+    model = trainer_model("yolo26n-cls.yaml")
+    batch = {"img": torch.rand(3, 3, 32, 32), "cls": torch.tensor([1, 1, 2])}
+    with pytest.raises(ValueError, match="whole records"):
+        private_gradient(model, batch, method="ghost", max_grad_norm=1.0, noise_multiplier=0.0,
+                         expected_batch_size=1.0, views=2)

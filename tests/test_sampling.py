@@ -60,3 +60,32 @@ def test_split_physical():
     assert split_physical([], 4) == []
     with pytest.raises(ValueError, match="max_physical_batch_size"):
         split_physical(idx, 0)
+
+
+def test_augmentation_multiplicity_loads_each_sampled_record_k_times_in_a_row():
+    """views=3: every sampled record appears 3 times consecutively, each a fresh load (the dataset's
+    random augmentation runs per load), and the records are a Poisson sample as without views."""
+    from ultralytics_dp.sampling import PoissonLoader
+
+    class Noisy(torch.utils.data.Dataset):
+        loads = 0
+
+        def __len__(self) -> int:
+            return 50
+
+        def __getitem__(self, i: int) -> dict:
+            Noisy.loads += 1
+            return {"idx": torch.tensor(i), "view": torch.rand(())}  # a random "augmentation"
+
+    granted = []
+    loader = PoissonLoader(Noisy(), 0.3, steps_per_epoch=40, budget=lambda: 40,
+                           reserve=lambda s: granted.append(s) or s, views=3)
+    sizes = []
+    for batch in loader:
+        idx, view = batch["idx"].view(-1, 3), batch["view"].view(-1, 3)
+        assert (idx == idx[:, :1]).all() and len(set(idx[:, 0].tolist())) == len(idx)
+        assert (view[:, 0] != view[:, 1]).all()  # distinct views of one record
+        sizes.append(len(idx))
+    assert granted == [40] and Noisy.loads == 3 * sum(sizes)
+    mean, var = 50 * 0.3, 50 * 0.3 * 0.7
+    assert abs(sum(sizes) / len(sizes) - mean) < 5 * math.sqrt(var / len(sizes))

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, datasets, guard, offline
+from . import __version__, datasets, guard, offline, recipe
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant
 from .checkpoint import read_dp_entry, summary_line, write_dp_entry
 from .config import DPConfig, one_line
@@ -69,6 +69,7 @@ class DifferentialPrivacy:
         self.save_dir: Path | None = None
         self._resume: dict[str, Any] | None = None  # the dp entry of a checkpoint being resumed
         self._explicit: dict[str, Any] | None = None  # the training arguments the user set
+        self._defaulted: list[str] = []  # arguments set from recipe.DEFAULTS (batch and lr0 are fitted to the run)
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
@@ -151,6 +152,8 @@ class DifferentialPrivacy:
 
                 self._explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
             guard.refuse_unsafe_args(_planned_args(model, self._explicit), self._explicit)
+            if not self._explicit.get("resume"):  # a resumed run keeps its own arguments (also via cfg=)
+                kwargs = self._with_defaults(kwargs, self._explicit)
             if "data" in kwargs:
                 kwargs["data"] = datasets.resolve(kwargs["data"])
             try:
@@ -168,6 +171,43 @@ class DifferentialPrivacy:
 
         model.train, model.tune = private_train, refuse_tune
         return self
+
+    def _with_defaults(self, args: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+        """``args`` with the DP defaults (``recipe``) for every key the user did not set."""
+        args, changed = recipe.with_defaults(args, explicit, augmult=self.config.augmult)
+        self._defaulted = changed
+        if changed:
+            log("DP defaults for unset arguments: " + ", ".join(
+                f"{k}={'(once sigma is known)' if recipe.DEFAULTS[k][0] is recipe.FITTED else args[k]}" for k in changed))
+        return args
+
+    def _fit_default_batch(self, trainer: Any) -> None:
+        """A default expected batch above 3/4 of the training set becomes 3/4 of it (args.yaml says
+        so); an explicit batch is the user's (``plan`` refuses one above N)."""
+        batch = recipe.fit_batch(trainer.args.batch, len(trainer.train_loader.dataset))
+        if "batch" in self._defaulted and batch != trainer.args.batch:
+            trainer.args.batch = batch
+            log(f"batch={batch}: the default expected batch is at most 3/4 of the training images")
+            self._save_args(trainer)
+
+    def _fit_default_lr(self, trainer: Any, plan: Plan) -> None:
+        """A default lr0 follows the noise once sigma is known (``recipe.learning_rate``): the
+        optimizer and its schedule are set to it, and args.yaml says so."""
+        if "lr0" not in self._defaulted:
+            return
+        trainer.args.lr0 = lr = recipe.learning_rate(trainer.args.task, plan.expected_batch_size, plan.noise_multiplier)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        trainer.scheduler.base_lrs = [lr] * len(trainer.optimizer.param_groups)
+        log(f"lr0={lr:.4g}: the default learning rate for noise_multiplier={plan.noise_multiplier:.3g} at "
+            f"expected batch {plan.expected_batch_size:g}")
+        self._save_args(trainer)
+
+    @staticmethod
+    def _save_args(trainer: Any) -> None:
+        from ultralytics.utils import YAML
+
+        YAML.save(Path(trainer.save_dir) / "args.yaml", vars(trainer.args))
 
     def _check_unused(self) -> None:
         """One object, one run: its accountant, sigma and ledger record belong to that run."""
@@ -194,7 +234,14 @@ class DifferentialPrivacy:
         explicit = self._explicit
         if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
             explicit = {k: v for k, v in vars(trainer.args).items() if v != DEFAULT_CFG_DICT.get(k)}
+            if not trainer.args.resume:
+                vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
+                trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
+                self._save_args(trainer)  # and wrote args.yaml
         guard.prepare_trainer(trainer, explicit)
+        # Ultralytics builds its loaders with batch_size: the training one is replaced by the Poisson
+        # loader, and the validation one (2 x batch_size) must fit in memory as a physical chunk does.
+        trainer.batch_size = min(trainer.args.batch, self.config.physical_batch)
         trainer.args.data = datasets.resolve(trainer.args.data)
         if trainer.args.resume:
             entry = torch.load(trainer.args.resume, map_location="cpu", weights_only=False).get("dp")
@@ -219,6 +266,7 @@ class DifferentialPrivacy:
         check_distinct_images(dataset, trainer.test_loader.dataset)
         resume = self._resume
         records, fingerprint = self._ledger_view(dataset) if self.ledger is not None else ([], None)
+        self._fit_default_batch(trainer)
         self.plan = plan = plan_run(
             self.config, num_samples=len(dataset), batch=trainer.args.batch, epochs=trainer.epochs, resumed=resume,
             records=self.ledger.budgets(records, self.config.dataset_budget, self.delta) if fingerprint else None,
@@ -234,8 +282,10 @@ class DifferentialPrivacy:
             f"{plan.steps_per_epoch} steps/epoch, {plan.planned_steps} planned, {plan.max_steps - self.steps} allowed "
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
+        self._fit_default_lr(trainer, plan)
         loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
-                               self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode)
+                               self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode,
+                               views=self.config.augmult)
         self.guard = TrainerGuard(self._private_step_fn(trainer), loader)
         if fingerprint is not None:  # the last step that can refuse the run: nothing is recorded before it
             self._record_run(trainer, records, fingerprint)
@@ -327,7 +377,7 @@ class DifferentialPrivacy:
             grad = private_gradient(
                 trainer.model, batch, method=method, max_grad_norm=config.max_grad_norm,
                 noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
-                physical_batch=config.physical_batch, secure=config.secure_mode,
+                physical_batch=config.physical_batch, secure=config.secure_mode, views=config.augmult,
             )
             for k, p in trainable_params(trainer.model).items():
                 p.grad = grad[k].to(p.dtype)

@@ -93,8 +93,11 @@ class DPConfig:
         "C, the per-image gradient norm bound (default 1.0)"))
     noise_multiplier: float | None = _setting(None, _optional(_finite_positive), float, metavar="SIGMA", help=(
         "sigma; if omitted, calibrated so the planned epochs spend exactly `epsilon`"))
-    physical_batch: int | None = _setting(None, _optional(_positive_int), int, metavar="B", resume=False, help=(
-        "how many images' gradients are computed at once (memory only; does not change q)"))
+    physical_batch: int = _setting(64, _positive_int, int, metavar="B", resume=False, help=(
+        "how many images' gradients are computed at once (default 64; memory only, does not change q)"))
+    augmult: int = _setting(1, _positive_int, int, metavar="K", resume=False, help=(
+        "augmentation multiplicity: each sampled image is augmented K times and its gradient is the mean "
+        "of its K views, clipped once (same sensitivity; K times the compute)"))
     dataset_budget: float | None = _setting(None, _optional(_finite_positive), float, metavar="EPS", help=(
         "lifetime epsilon of every training image, over all runs and dataset versions (needs the ledger)"))
     ledger: str | Path | bool | None = _setting(None, _ledger, parse_ledger, metavar="PATH", released=False, help=(

@@ -131,16 +131,37 @@ def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
     return torch.einsum("bgot,bgdt->god", left * c.view(-1, 1, 1, 1), right)
 
 
+def _group_views(left: Tensor, right: Tensor | None, views: int) -> tuple[Tensor, Tensor | None]:
+    """A term of B = R * views images (a record's views consecutive) as the term of R records whose
+    gradient is the mean of their views' gradients. Ghost factors keep their form by joining the
+    views' positions (sum over k and t of l r^T / views), unless that makes the ghost norm dearer."""
+    if views == 1:
+        return left, right
+    r = left.shape[0] // views
+    if right is not None:
+        g, o, t, d = left.shape[1], left.shape[2], left.shape[3], right.shape[2]
+        if not _ghost_is_cheaper(views * t, o, d):
+            left, right = _as_gradient(left, right), None
+        else:
+            join = lambda x: x.reshape(r, views, g, x.shape[2], t).permute(0, 2, 3, 1, 4).reshape(r, g, x.shape[2], -1)
+            return join(left) / views, join(right)
+    return left.view(r, views, *left.shape[1:]).mean(1), None
+
+
 def clipped_grad_sum_ghost(
     model: nn.Module,
     losses_fn: Callable[[nn.Module], Tensor],
     *,
     max_grad_norm: float,
+    views: int = 1,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Same contract as ``mechanism.clipped_grad_sum`` (flat clipping over all trainable
     parameters, non-finite samples contribute zero), computed in one forward and one backward.
 
-    ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses.
+    ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses. With
+    ``views`` > 1 the B images are R = B / views records, each ``views`` consecutive augmented
+    images of one record: a record's gradient is the mean of its views' gradients, clipped once
+    (augmentation multiplicity, De et al. 2022), and the R norms are returned.
     """
     check_positive("max_grad_norm", max_grad_norm)
     check_no_train_batchnorm(model)
@@ -162,7 +183,9 @@ def clipped_grad_sum_ghost(
     finally:
         for h in handles:
             h.remove()
-    n = losses.shape[0]
+    if losses.shape[0] % views:
+        raise ValueError(f"{losses.shape[0]} images are not whole records of {views} views")
+    n = losses.shape[0] // views
     total = {name: torch.zeros_like(p) for name, p in trainable_params(model).items()}
     if n == 0:
         return total, losses.new_zeros(0)
@@ -183,6 +206,7 @@ def clipped_grad_sum_ghost(
                 _, left, right = per_call[0][k]
             else:  # a layer called more than once: sum its calls' per-sample gradients first
                 left, right = sum(_as_gradient(*pc[k][1:]) for pc in per_call), None
+            left, right = _group_views(left, right, views)
             sq += _sq_norm(left, right).double()
             kept.append((pname, left, right))
     norms = sq.sqrt()

@@ -46,7 +46,8 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
     "plots": ("neutralised", "off unless set; train_batch*.jpg and labels.jpg (private images and label "
                              "statistics) are never written, validation plots are"),
     "batch": ("guarded", "the expected Poisson batch size (q = batch/N); auto-batch (-1 or a fraction) probes "
-                         "memory with private data and is refused; halving it after out-of-memory is refused"),
+                         "memory with private data and is refused; halving it after out-of-memory is refused; "
+                         "Ultralytics' own loaders (validation: 2 x) are built with physical_batch"),
     "rect": ("refused", "fixed batches sorted by aspect ratio break Poisson sampling"),
     "cls_pw": ("refused", "class weights from every training label multiply each image's loss "
                           "(sensitivity > C) and are stored in checkpoints"),
@@ -289,14 +290,18 @@ class TrainerGuard:
         trainer.train_loader = self.loader
         trainer.accumulate = 1  # one noise draw per logical batch; the warm-up ramps 1 -> 1
         trainer.scaler = torch.amp.GradScaler(enabled=False)  # clip true gradients, never loss-scaled ones
-        optimizer_step = trainer.optimizer_step
 
         def guarded_optimizer_step() -> None:
+            """Ultralytics' optimizer step (8.4.190) without its clip of the batch gradient to norm 10,
+            which after the noise only rescales the learning rate; the scaler is disabled."""
             if not self._fresh:
                 raise RuntimeError("DP: the trainer tried an optimizer step without a fresh private gradient; "
                                    "refusing (every step must be one counted private step)")
             self._fresh = False
-            optimizer_step()
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            if trainer.ema:
+                trainer.ema.update(trainer.model)
 
         trainer.optimizer_step = guarded_optimizer_step
         # The progress bar prints accelerator memory reserved, which grows with the largest Poisson

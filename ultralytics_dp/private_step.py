@@ -10,6 +10,9 @@ Privacy assumptions relied on here:
   eval mode (checked here before every step), so each image's clipped gradient has norm <= C and
   the sum over the batch has sensitivity C for adding or removing one image.
 * Physical chunks only bound memory: their clipped sums are added before the single noise draw.
+* Augmentation multiplicity (``views`` = K > 1): the sampled record is the image; its K views are
+  random functions of that image alone, its gradient is the mean of theirs and is clipped once,
+  so it still adds one vector of norm <= C, and chunks never split a record.
 * Both back-ends compute the same clipped sum (tested to 1e-5): "ghost" (mixed ghost clipping and
   book-keeping, no per-sample gradients; Conv2d, Linear and BatchNorm layers) and "vmap"
   (``torch.func`` per-sample gradients, any layer).
@@ -30,8 +33,8 @@ from .losses import batch_losses, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
 from .sampling import split_physical
 
-# (model, chunk, C) -> (sum of clipped per-image gradients by parameter name, per-image norms)
-ClippedSum = Callable[[nn.Module, dict, float], tuple[dict[str, Tensor], Tensor]]
+# (model, chunk, C, views) -> (sum of clipped per-record gradients by parameter name, per-record norms)
+ClippedSum = Callable[[nn.Module, dict, float, int], tuple[dict[str, Tensor], Tensor]]
 
 
 def resolve_grad_method(model: nn.Module, method: str) -> str:
@@ -44,12 +47,16 @@ def resolve_grad_method(model: nn.Module, method: str) -> str:
     return method
 
 
-def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float) -> tuple[dict[str, Tensor], Tensor]:
-    return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk), max_grad_norm=max_grad_norm)
+def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tuple[dict[str, Tensor], Tensor]:
+    return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk), max_grad_norm=max_grad_norm,
+                                        views=views)
 
 
-def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float) -> tuple[dict[str, Tensor], Tensor]:
-    return clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, chunk), max_grad_norm=max_grad_norm)
+def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tuple[dict[str, Tensor], Tensor]:
+    samples = sample_batch(model, chunk)
+    if views > 1:  # one vmapped sample per record: its views on a second dimension
+        samples = {k: v.view(v.shape[0] // views, views, *v.shape[1:]) for k, v in samples.items()}
+    return clipped_grad_sum(model, per_image_loss_fn(model, views), samples, max_grad_norm=max_grad_norm)
 
 
 CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
@@ -74,19 +81,25 @@ def select(batch: dict, idx: list[int]) -> dict:
 
 def private_gradient(
     model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
-    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
+    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False, views: int = 1,
 ) -> dict[str, Tensor]:
     """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
     physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
     by the expected batch size. ``batch`` is a preprocessed Ultralytics training batch; ``method``
-    is "ghost" or "vmap" (see ``resolve_grad_method``)."""
+    is "ghost" or "vmap" (see ``resolve_grad_method``). With ``views`` > 1 (augmentation
+    multiplicity) the batch holds each sampled record's ``views`` augmented images consecutively;
+    a record's gradient is the mean over its views, clipped once, and chunks hold whole records."""
     check_no_train_batchnorm(model)
     clipped_sum = CLIPPED_SUM[method]
     total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
     n = batch["img"].shape[0]
+    if n % views:
+        raise ValueError(f"a batch of {n} images is not whole records of {views} views")
+    per_chunk = max(1, (physical_batch or max(n, 1)) // views)  # physical_batch counts images
     try:
-        for idx in split_physical(list(range(n)), physical_batch or max(n, 1)):
-            sums, _ = clipped_sum(model, select(batch, idx), max_grad_norm)
+        for records in split_physical(list(range(n // views)), per_chunk):
+            idx = [r * views + k for r in records for k in range(views)]
+            sums, _ = clipped_sum(model, select(batch, idx), max_grad_norm, views)
             for k in total:
                 total[k] += sums[k]
     except RuntimeError as err:

@@ -82,10 +82,12 @@ class PoissonLoader:
     runs out. Empty batches are yielded (zero-length, with the dataset's structure): they are steps
     too. ``reserve(steps)`` is called with the epoch's step count before its first batch is drawn, and
     returns how many were granted (the ledger may grant fewer): the epoch takes that many.
+    ``views`` > 1 (augmentation multiplicity): each sampled record is loaded ``views`` times in a
+    row, so the dataset's random per-image augmentation gives that many views of it.
     """
 
     def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
-                 reserve: Callable[[int], int], workers: int = 0, secure: bool = False) -> None:
+                 reserve: Callable[[int], int], workers: int = 0, secure: bool = False, views: int = 1) -> None:
         self.dataset = dataset
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
@@ -93,6 +95,7 @@ class PoissonLoader:
         self.reserve = reserve
         self.num_workers = workers
         self.secure = secure
+        self.views = views
         self._collate = getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate
         self._empty: dict | None = None
 
@@ -115,6 +118,7 @@ class PoissonLoader:
         # Ultralytics' trainer creates, and drops, one extra iterator per epoch
         steps = self.reserve(min(self.steps_per_epoch, self.budget()))
         sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps, secure=self.secure)
+        views = [[i for i in records for _ in range(self.views)] for records in sampler]
         yield from torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=self._collate_or_empty, num_workers=self.num_workers
+            self.dataset, batch_sampler=views, collate_fn=self._collate_or_empty, num_workers=self.num_workers
         )
