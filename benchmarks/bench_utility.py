@@ -1,0 +1,162 @@
+"""Privacy-utility benchmark: what a private model is worth on the embedded digits.
+
+digits-cls top-1 and digits-det mAP50 on their validation sets for
+  * public only: the model pretrained non-privately on the font-rendered public digits (zero-shot),
+  * private from scratch (yolo26n yaml, BatchNorm frozen at its random init, DP defaults),
+  * public -> private fine-tune with the DP defaults (only model, data, epochs, epsilon set),
+  * the same with augmentation multiplicity (``--augmult``),
+  * public -> non-private fine-tune (the ceiling of this recipe; Ultralytics' defaults, no mirroring),
+at each ``--epsilons`` value, ``--reps`` times (noise and sampling are OS-seeded, so repetitions
+differ; the public model is the cached one). Rows are appended to ``benchmarks/utility.json`` as
+they finish; ``--report`` turns that file into ``UTILITY.md``'s table and ``utility.png``.
+
+    python benchmarks/bench_utility.py --task cls --reps 3
+    python benchmarks/bench_utility.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+from ultralytics import YOLO
+
+from ultralytics_dp import DifferentialPrivacy
+from ultralytics_dp.public_weights import RECIPES, pretrained
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "utility.json"
+TASKS = {  # task -> (private data, public data, architecture, imgsz, metric)
+    "cls": ("digits-cls", "digits-public-cls", "yolo26n-cls.yaml", 32, "top-1"),
+    "det": ("digits-det", "digits-public-det", "yolo26n.yaml", 128, "mAP50"),
+}
+
+
+def _metric(task: str, metrics: object) -> float:
+    return float(metrics.top1 if task == "cls" else metrics.box.map50)
+
+
+def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1) -> dict:
+    """One training (or evaluation) as a user would write it; returns a result row."""
+    data, public, architecture, imgsz, _ = TASKS[task]
+    start = time.perf_counter()
+    common = dict(data=data, imgsz=imgsz, workers=0, verbose=False, plots=False)
+    row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs}
+    if recipe == "public only":
+        metrics = YOLO(pretrained(public)).val(**common)
+    else:
+        model = YOLO(architecture if recipe == "private from scratch" else pretrained(public))
+        dp = None
+        if epsilon is not None:
+            dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=False).attach(model)
+        with tempfile.TemporaryDirectory() as project:
+            extra = {} if dp else {"fliplr": 0.0}  # non-private: Ultralytics' defaults, digits not mirrored
+            metrics = model.train(**common, **extra, epochs=epochs, project=project, name="run")
+        if dp:
+            row.update(spent=round(dp.epsilon, 4), steps=dp.steps, sigma=round(dp.noise_multiplier, 4),
+                       lr0=model.trainer.args.lr0, batch=model.trainer.args.batch)
+    row.update(metric=round(_metric(task, metrics), 4), seconds=round(time.perf_counter() - start, 1))
+    return row
+
+
+def plan(task: str, epsilons: list[float], augmults: list[int], reps: int, epochs: int) -> list[tuple]:
+    runs = [("public only", None, epochs, 1)]
+    for _ in range(reps):
+        runs += [("public -> private", e, epochs, k) for e in epsilons for k in augmults]
+        runs += [("public -> non-private", None, epochs, 1)]
+    runs += [("private from scratch", e, epochs, 1) for e in epsilons]
+    return runs
+
+
+def report() -> None:
+    """UTILITY.md's table (mean +- std over repetitions) and utility.png from utility.json."""
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["recipe"], r["augmult"], r["epsilon"]), []).append(r)
+    lines = ["| task | recipe | augmult | epsilon | metric | mean | std | runs | seconds/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (task, recipe, k, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                            kv[0][3] or float("inf"))):
+        values = [r["metric"] for r in rs]
+        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "—"
+        label = "∞" if eps is None and recipe != "public only" else ("—" if eps is None else f"{eps:g}")
+        lines.append(f"| {task} | {recipe} | {k} | {label} | {TASKS[task][4]} | {statistics.mean(values):.4f} | "
+                     f"{std} | {len(values)} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    print("\n".join(lines))
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, recipe, k, eps), rs in groups.items():
+            if t != task:
+                continue
+            mean = statistics.mean(r["metric"] for r in rs)
+            if eps is None:
+                ax.axhline(mean, ls="--" if recipe == "public -> non-private" else ":",
+                           color="k" if recipe == "public -> non-private" else "grey",
+                           label=recipe + (" (ε=∞)" if recipe != "public only" else ""))
+        curves: dict[tuple, list] = {}
+        for (t, recipe, k, eps), rs in groups.items():
+            if t == task and eps is not None:
+                values = [r["metric"] for r in rs]
+                curves.setdefault((recipe, k), []).append(
+                    (eps, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
+        for (recipe, k), points in sorted(curves.items()):
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=recipe + (f", augmult={k}" if k > 1 else ""))
+        ax.set_xscale("log")
+        ticks = sorted({eps for (t, _, _, eps) in groups if t == task and eps is not None})
+        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("ε (δ = 1e-5)")
+        ax.set_ylabel(f"{TASKS[task][0]} {TASKS[task][4]}")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(HERE / "utility.png", dpi=120)
+    print(f"wrote {HERE / 'utility.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=["cls"])
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
+    parser.add_argument("--augmult", nargs="+", type=int, default=[1], help="augmult values of the private rows")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--only", nargs="+", default=None, help="recipes to run (default: all)")
+    parser.add_argument("--report", action="store_true", help="only write the table and the chart")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return
+    print(f"# {date.today()} on {platform.machine()}, {platform.processor() or 'cpu'}; "
+          f"public recipes: {json.dumps(RECIPES)}")
+    for task in args.task:
+        for recipe, eps, epochs, k in plan(task, args.epsilons, args.augmult, args.reps, args.epochs):
+            if args.only and recipe not in args.only:
+                continue
+            row = run(task, recipe, eps, epochs, k)
+            print(json.dumps(row), flush=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
