@@ -21,7 +21,7 @@ from ultralytics_dp.public_weights import pretrained
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--epsilon", type=float, default=8.0)
     args = parser.parse_args()
 

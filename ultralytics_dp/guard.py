@@ -164,7 +164,7 @@ def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
     was_on = neutralise_args(args)
     if was_on and args.task == "detect":  # classification never uses them
         log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
-            "augmentations stay on)")
+            "augmentations are allowed)")
     if not explicit.get("amp") and args.amp and trainer.device.type != "cpu":
         args.amp = False
         log("amp=False: Ultralytics' AMP check downloads yolo26n.pt; pass amp=True explicitly to use AMP "
