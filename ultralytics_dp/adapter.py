@@ -182,17 +182,16 @@ class DifferentialPrivacy:
         return args
 
     def _fit_default_batch(self, trainer: Any) -> None:
-        """A default expected batch above 3/4 of the training set becomes 3/4 of it (args.yaml says
-        so); an explicit batch is the user's (``plan`` refuses one above N)."""
+        """A default expected batch above 3/4 of the training set becomes 3/4 of it; an explicit batch
+        is the user's (``plan`` refuses one above N)."""
         batch = recipe.fit_batch(trainer.args.batch, len(trainer.train_loader.dataset))
         if "batch" in self._defaulted and batch != trainer.args.batch:
             trainer.args.batch = batch
             log(f"batch={batch}: the default expected batch is at most 3/4 of the training images")
-            self._save_args(trainer)
 
     def _fit_default_lr(self, trainer: Any, plan: Plan) -> None:
         """A default lr0 follows the noise once sigma is known (``recipe.learning_rate``): the
-        optimizer and its schedule are set to it, and args.yaml says so."""
+        optimizer and its schedule are set to it."""
         if "lr0" not in self._defaulted:
             return
         trainer.args.lr0 = lr = recipe.learning_rate(trainer.args.task, plan.expected_batch_size, plan.noise_multiplier)
@@ -201,7 +200,6 @@ class DifferentialPrivacy:
         trainer.scheduler.base_lrs = [lr] * len(trainer.optimizer.param_groups)
         log(f"lr0={lr:.4g}: the default learning rate for noise_multiplier={plan.noise_multiplier:.3g} at "
             f"expected batch {plan.expected_batch_size:g}")
-        self._save_args(trainer)
 
     @staticmethod
     def _save_args(trainer: Any) -> None:
@@ -237,7 +235,6 @@ class DifferentialPrivacy:
             if not trainer.args.resume:
                 vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
                 trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
-                self._save_args(trainer)  # and wrote args.yaml
         guard.prepare_trainer(trainer, explicit)
         # Ultralytics builds its loaders with batch_size: the training one is replaced by the Poisson
         # loader, and the validation one (2 x batch_size) must fit in memory as a physical chunk does.
@@ -283,6 +280,8 @@ class DifferentialPrivacy:
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
         self._fit_default_lr(trainer, plan)
+        if self._defaulted:  # Ultralytics wrote args.yaml before the defaults were applied or fitted
+            self._save_args(trainer)
         loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
                                self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode,
                                views=self.config.augmult)

@@ -212,19 +212,16 @@ def report(args: list[str]) -> int:
 
 
 def passthrough(mode: str) -> Callable[[list[str]], int]:
-    """Hand ``yolo MODE ...`` to Ultralytics, resolving the embedded dataset names."""
+    """Hand ``yolo MODE ...`` to Ultralytics (importing this package made its dataset checks accept
+    the embedded names)."""
 
     def run(args: list[str]) -> int:
         from ultralytics.cfg import entrypoint
 
-        from . import datasets, offline
+        from . import offline
 
         offline.patch_ultralytics()
-        resolved = []
-        for token in args:
-            key, sep, value = token.partition("=")
-            resolved.append(f"{key}={datasets.resolve(value)}" if sep and key == "data" else token)
-        entrypoint(" ".join(["yolo", mode, *resolved]))
+        entrypoint(" ".join(["yolo", mode, *args]))
         return 0
 
     return run
