@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ultralytics_dp  # noqa: F401  (offline switches)
+import ultralytics_dp  # noqa: F401  (import hooks)
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 

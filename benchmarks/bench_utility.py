@@ -25,7 +25,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy

@@ -6,7 +6,7 @@ internet, start from Ultralytics' ImageNet weights instead (``YOLO("yolo26n-cls.
 
 from __future__ import annotations
 
-import ultralytics_dp  # noqa: F401  (sets Ultralytics' offline switches before it is imported)
+import ultralytics_dp  # noqa: F401  (embedded dataset names and the DP keys, before Ultralytics is imported)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Private fine-tuning from the command line: `yolo` syntax plus the DP keys (epsilon, delta,
-# max_grad_norm, noise_multiplier, physical_batch, augmult, ...). Run from the repository root after
-# `make demo` (which caches the public model this starts from).
+# Private fine-tuning from the command line: the stock `yolo` command plus the DP keys (epsilon,
+# delta, max_grad_norm, noise_multiplier, physical_batch, augmult, ...). Run from the repository root
+# after `make demo` (which caches the public model this starts from).
 set -euo pipefail
 PYTHON=${PYTHON:-.venv/bin/python}
+YOLO=${YOLO:-.venv/bin/yolo}
 YOLO_DP=${YOLO_DP:-.venv/bin/yolo-dp}
 
 # public weights: trained non-privately on the font-rendered public digits (cached after the first run)
@@ -13,7 +14,7 @@ WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; pr
 "$YOLO_DP" privacy n=1000 batch=750 epochs=5 delta=1e-5 epsilon=8
 
 # every training argument not given here takes its DP default (README: "Useful private models")
-"$YOLO_DP" train model="$WEIGHTS" data=digits-det epochs=5 imgsz=128 workers=0 epsilon=8 \
+"$YOLO" train model="$WEIGHTS" data=digits-det epochs=5 imgsz=128 workers=0 epsilon=8 \
     project=runs/examples name=private-cli exist_ok=True
 
 "$YOLO_DP" report runs/examples/private-cli/weights/last.pt

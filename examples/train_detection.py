@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import ultralytics_dp  # noqa: F401  (sets Ultralytics' offline switches before it is imported)
+import ultralytics_dp  # noqa: F401  (embedded dataset names and the DP keys, before Ultralytics is imported)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy

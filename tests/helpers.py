@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 

@@ -12,6 +12,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from ultralytics_dp.accounting import (
     PrivacyAccountant,
     compute_epsilon,
+    epsilon_curve,
     get_noise_multiplier,
     max_steps,
 )
@@ -160,3 +161,17 @@ def test_unreachable_target_says_so():
 def test_accountant_rejects_bad_steps():
     with pytest.raises(ValueError, match="sample_rate"):
         PrivacyAccountant().step(noise_multiplier=1.0, sample_rate=2.0)
+
+
+@pytest.mark.parametrize("sigma,q,top", [(1.0, 0.25, 40), (0.7, 0.05, 300), (3.0, 0.01, 2000)])
+def test_epsilon_curve_bounds_the_pld_reference_at_every_count(sigma, q, top):
+    """The display curve shares one grid sized for its largest count: every point must still be an
+    upper bound (never optimistic) and close at the largest count."""
+    counts = [0, 1, top // 7, top // 2, top]
+    curve = epsilon_curve(noise_multiplier=sigma, sample_rate=q, steps=counts, delta=1e-5)
+    assert curve[0] == 0.0
+    for t, ours in zip(counts[1:], curve[1:]):
+        ref = pld_epsilon([(sigma, q, t)], 1e-5)
+        assert ours >= ref * (1 - 0.005), (t, ours, ref)
+    assert curve[-1] <= 1.01 * pld_epsilon([(sigma, q, top)], 1e-5)
+    assert curve == sorted(curve)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 from ultralytics.cfg import DEFAULT_CFG_DICT
 
@@ -27,7 +27,7 @@ from helpers import assert_refused, copy_dataset, ledger_steps, train_tiny
 # What a private run may write: its arguments, the per-epoch metrics, validation plots (the
 # validation set is public) and checkpoints. Training images and training-label plots are not.
 ALLOWED_FILES = re.compile(
-    r"args\.yaml|results\.(csv|png)|weights/(last|best|epoch\d+)\.pt|val_batch\d+_(labels|pred)\.jpg"
+    r"args\.yaml|results\.(csv|png)|privacy\.png|weights/(last|best|epoch\d+)\.pt|val_batch\d+_(labels|pred)\.jpg"
     r"|confusion_matrix(_normalized)?\.png|Box(F1|P|R|PR)_curve\.png"
 )
 CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours

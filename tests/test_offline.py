@@ -21,7 +21,7 @@ def _run(*cmd: object, cwd: Path | None = None) -> str:
 
 @pytest.mark.slow
 def test_non_private_training_runs_offline(no_network: None, tiny_det: Path, tmp_path: Path) -> None:
-    import ultralytics_dp  # noqa: F401  (sets the offline switches)
+    import ultralytics_dp  # noqa: F401  (import hooks)
     from ultralytics import YOLO
 
     from ultralytics_dp.offline import patch_ultralytics

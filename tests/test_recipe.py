@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import ultralytics_dp  # noqa: F401  (offline switches before Ultralytics)
+import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 from ultralytics.utils import YAML
 
@@ -41,7 +41,7 @@ def test_the_optimizer_step_applies_the_noisy_gradient_unclipped() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = SimpleNamespace(model=model, optimizer=optimizer, ema=None, train_loader=None, accumulate=4,
                               scaler=None, optimizer_step=None, _get_memory=lambda fraction=False: 0.0)
-    guard = TrainerGuard(step=lambda batch: None, loader=object())
+    guard = TrainerGuard(step=lambda batch: None, loader=object(), progress=dict)
     guard.install(trainer)
     before = [p.detach().clone() for p in model.parameters()]
     grads = [torch.full_like(p, 5.0) for p in model.parameters()]  # norm 5 * sqrt(110) > 10
@@ -65,6 +65,7 @@ def test_a_private_run_records_the_defaults_it_used(tiny_det, tmp_path) -> None:
     train_args = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["train_args"]
     for recorded in (args, train_args):
         assert recorded["lr0"] == 0.05  # explicit wins
+        assert (recorded["epsilon"], recorded["physical_batch"]) == (8, 4) and recorded.get("ledger") is None  # DP keys
         assert recorded["optimizer"] == "SGD" and recorded["warmup_epochs"] == 0 and recorded["fliplr"] == 0
         assert recorded["batch"] == 24  # the default 1024, fitted to 3/4 of the 32 training images
     entry = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["dp"]

@@ -1,8 +1,10 @@
 """ultralytics-dp: differentially private (DP-SGD) training for Ultralytics YOLO.
 
-Importing this package sets Ultralytics' offline switches before Ultralytics is imported, makes
-Ultralytics' dataset checks accept the embedded dataset names once they are imported, and imports
-nothing else: every public name below is loaded on first use (``yolo-dp --help`` stays fast).
+Importing this package (``ultralytics_dp.pth`` does it at interpreter start-up) imports nothing
+but the standard library and changes nothing in the environment: it registers import hooks that,
+once Ultralytics is imported, make its dataset checks accept the embedded dataset names and give
+the stock ``yolo`` command and ``YOLO.train`` the DP keys (``plugin``; off with
+``ULTRALYTICS_DP_PLUGIN=0``). Every public name below is loaded on first use.
 """
 
 from __future__ import annotations
@@ -10,10 +12,8 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
+from . import plugin as _plugin
 from .hooks import when_imported as _when_imported
-from .offline import set_env as _set_offline_env
-
-_set_offline_env()
 
 
 def _resolve_embedded_names(module: ModuleType) -> None:
@@ -23,6 +23,7 @@ def _resolve_embedded_names(module: ModuleType) -> None:
 # every Ultralytics module that checks a ``data=`` argument by name (8.4.190)
 for _name in ("ultralytics.engine.trainer", "ultralytics.engine.validator", "ultralytics.engine.exporter"):
     _when_imported(_name, _resolve_embedded_names)
+_plugin.install()
 
 __version__ = "0.1.0"
 

@@ -202,6 +202,21 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
     return max(epsilon_bounds([Segment(noise_multiplier, sample_rate, steps)], delta)[2], 0.0)
 
 
+def epsilon_curve(*, noise_multiplier: float, sample_rate: float, steps: Sequence[int], delta: float) -> list[float]:
+    """Upper bounds on epsilon after each count in ``steps``, from one discretisation sized for the
+    largest count (for progress displays and plots: one grid and one FFT per count instead of a
+    grid per count; each value is a rigorous upper bound, looser than ``compute_epsilon``'s at
+    small counts because the grid's error is sized to the largest epsilon)."""
+    _check_delta(delta)
+    top = max(steps, default=0)
+    _check_segment(noise_multiplier, sample_rate, top)
+    if top == 0:
+        return [0.0 for _ in steps]
+    eps_error = max(REL_ERROR * rdp_epsilon([Segment(noise_multiplier, sample_rate, top)], delta), MIN_EPS_ERROR)
+    comp = _Composition([Segment(noise_multiplier, sample_rate, top)], eps_error, delta / 1000)
+    return [max(comp.epsilon(delta, [t])[2], 0.0) if t else 0.0 for t in steps]
+
+
 def _check_target(target_epsilon: float) -> None:
     _check_finite_positive("target_epsilon", target_epsilon)
 

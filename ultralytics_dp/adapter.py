@@ -21,14 +21,17 @@ to its ledger record by a random run id only, never by a hash of the data.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from . import __version__, datasets, guard, offline, recipe
-from .accounting import ACCOUNTANT_NAME, PrivacyAccountant
+from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, epsilon_curve
 from .checkpoint import read_dp_entry, summary_line, write_dp_entry
 from .config import DPConfig, one_line
 from .grad_sample import trainable_params
@@ -36,12 +39,14 @@ from .guard import TrainerGuard, freeze_batchnorm, log
 from .ledger import Ledger, version_fingerprint
 from .losses import check_supported
 from .planning import Plan, check_resume, plan_run
+from .privacy_plot import plot_privacy
 from .private_step import private_gradient, resolve_grad_method
 from .sampling import PoissonLoader
 from .training_set import check_distinct_images, check_training_set, dataset_records
 
 PRIVACY_UNIT = "image"
 EPSILON_METRIC = "dp/epsilon"
+CURVE_POINTS = 25  # step counts at which the planned epsilon is computed for the progress bar and privacy.png
 
 
 class DifferentialPrivacy:
@@ -70,7 +75,10 @@ class DifferentialPrivacy:
         self._resume: dict[str, Any] | None = None  # the dp entry of a checkpoint being resumed
         self._explicit: dict[str, Any] | None = None  # the training arguments the user set
         self._defaulted: list[str] = []  # arguments set from recipe.DEFAULTS (batch and lr0 are fitted to the run)
+        self._args_ready = False  # defaults and neutralised arguments already in the trainer's arguments
+        self._rewrite_args = False  # the trainer's arguments changed after Ultralytics wrote args.yaml
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
+        self._curve: list[tuple[int, float]] = []  # (steps, epsilon upper bound) of the plan, for display
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
@@ -141,29 +149,14 @@ class DifferentialPrivacy:
         train = model.train
 
         def private_train(*args: Any, **kwargs: Any) -> Any:
-            self._check_unused()
-            self._explicit = dict(kwargs)
-            for key in ("cfg", "resume"):  # Ultralytics would pick the latest run for a missing resume file
-                value = kwargs.get(key)
-                if isinstance(value, (str, Path)) and not Path(value).is_file():
-                    raise ValueError(f"{key}={value} does not exist")
-            if kwargs.get("cfg"):
+            explicit = dict(kwargs)
+            if isinstance(kwargs.get("cfg"), (str, Path)) and Path(kwargs["cfg"]).is_file():
                 from ultralytics.utils import YAML
 
-                self._explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
-            guard.refuse_unsafe_args(_planned_args(model, self._explicit), self._explicit)
-            if not self._explicit.get("resume"):  # a resumed run keeps its own arguments (also via cfg=)
-                kwargs = self._with_defaults(kwargs, self._explicit)
-            if "data" in kwargs:
-                kwargs["data"] = datasets.resolve(kwargs["data"])
-            try:
+                explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
+            kwargs = self.prepare(_planned_args(model, explicit), explicit, kwargs)
+            with self.unstarted_run_cleanup():
                 return train(*args, **kwargs)
-            except FileNotFoundError as err:  # Ultralytics' multi-line "Error loading data ..."
-                self._discard_unstarted_run()
-                raise ValueError(f"cannot load the training set: {one_line(err)}") from None
-            except Exception:
-                self._discard_unstarted_run()
-                raise
 
         def refuse_tune(*args: Any, **kwargs: Any) -> None:
             raise ValueError("model.tune() trains many runs without the DP callbacks; tune hyper-parameters on "
@@ -171,6 +164,46 @@ class DifferentialPrivacy:
 
         model.train, model.tune = private_train, refuse_tune
         return self
+
+    def prepare(self, planned: dict[str, Any], explicit: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """Before the trainer exists (so before it writes args.yaml): refuse what DP mode refuses, and
+        return ``overrides`` with the DP defaults and the neutralised arguments added.
+
+        ``planned``: the arguments the run will use; ``explicit``: those the user set (an explicit
+        ``mosaic=1.0`` is refused, a default one is set to 0); ``overrides``: what goes to the trainer."""
+        self._check_unused()
+        self._explicit = dict(explicit)
+        for key in ("cfg", "resume"):  # Ultralytics would pick the latest run for a missing resume file
+            value = explicit.get(key)
+            if isinstance(value, (str, Path)) and not Path(value).is_file():
+                raise ValueError(f"{key}={value} does not exist")
+        guard.refuse_unsafe_args(planned, explicit)
+        if not explicit.get("resume"):  # a resumed run keeps its own arguments (also via cfg=)
+            overrides = {**self._with_defaults(overrides, explicit), **guard.neutralised(planned, log_changes=True)}
+            self._args_ready = True
+        if "data" in overrides:
+            overrides["data"] = datasets.resolve(overrides["data"])
+        return overrides
+
+    def recorded_settings(self) -> dict[str, Any]:
+        """The DP settings as training arguments (args.yaml, the checkpoint's ``train_args``): the
+        released ones (no ledger path), once Ultralytics' configuration knows the keys (``plugin``)."""
+        from . import plugin
+
+        return {k: v for k, v in self.config.released().items() if v is not None} if plugin.active() else {}
+
+    @contextlib.contextmanager
+    def unstarted_run_cleanup(self) -> Iterator[None]:
+        """A run that fails before its first step leaves no save dir behind; Ultralytics' multi-line
+        "Error loading data" becomes one line."""
+        try:
+            yield
+        except FileNotFoundError as err:
+            self._discard_unstarted_run()
+            raise ValueError(f"cannot load the training set: {one_line(err)}") from None
+        except Exception:
+            self._discard_unstarted_run()
+            raise
 
     def _with_defaults(self, args: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
         """``args`` with the DP defaults (``recipe``) for every key the user did not set."""
@@ -232,10 +265,14 @@ class DifferentialPrivacy:
         explicit = self._explicit
         if explicit is None:  # callbacks registered by hand: treat non-default values as explicit
             explicit = {k: v for k, v in vars(trainer.args).items() if v != DEFAULT_CFG_DICT.get(k)}
-            if not trainer.args.resume:
-                vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
-                trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
+        if not self._args_ready and not trainer.args.resume:
+            vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
+            trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
         guard.prepare_trainer(trainer, explicit)
+        recorded = self.recorded_settings()
+        if any(getattr(trainer.args, k, None) != v for k, v in recorded.items()):
+            vars(trainer.args).update(recorded)  # attached by hand: Ultralytics wrote args.yaml without them
+            self._rewrite_args = True
         # Ultralytics builds its loaders with batch_size: the training one is replaced by the Poisson
         # loader, and the validation one (2 x batch_size) must fit in memory as a physical chunk does.
         trainer.batch_size = min(trainer.args.batch, self.config.physical_batch)
@@ -280,16 +317,18 @@ class DifferentialPrivacy:
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
         self._fit_default_lr(trainer, plan)
-        if self._defaulted:  # Ultralytics wrote args.yaml before the defaults were applied or fitted
+        if self._defaulted or self._rewrite_args:  # changed after Ultralytics wrote args.yaml (lr0 is fitted here)
             self._save_args(trainer)
         loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
                                self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode,
                                views=self.config.augmult)
-        self.guard = TrainerGuard(self._private_step_fn(trainer), loader)
+        self._curve = self._planned_curve(plan)
+        self.guard = TrainerGuard(self._private_step_fn(trainer), loader, self.progress)
         if fingerprint is not None:  # the last step that can refuse the run: nothing is recorded before it
             self._record_run(trainer, records, fingerprint)
         self.max_steps = plan.max_steps
         self.guard.install(trainer)
+        guard.show_privacy_not_losses(trainer, tuple(self.progress()))
         validate = trainer.validate
 
         def validate_with_epsilon() -> tuple[dict | None, Any]:
@@ -297,6 +336,26 @@ class DifferentialPrivacy:
             return (metrics if metrics is None else {**metrics, EPSILON_METRIC: round(self.epsilon, 6)}), fitness
 
         trainer.validate = validate_with_epsilon  # loggers read trainer.metrics, which validate replaces
+
+    def progress(self) -> dict[str, float]:
+        """What the progress bar shows after each step: epsilon spent (an upper bound read off the
+        planned curve, exact at epoch ends), the step, and the step budget."""
+        at = bisect.bisect_left(self._curve, (self.steps, -math.inf))
+        spent = self._curve[at][1] if at < len(self._curve) else self.epsilon
+        return {"epsilon": spent, "step": self.steps, "of": self.max_steps}
+
+    def _planned_curve(self, plan: Plan) -> list[tuple[int, float]]:
+        """Epsilon upper bounds at up to ``CURVE_POINTS`` step counts of the plan, from one
+        discretisation; empty if the run composes different (sigma, q) (the display is then the
+        exact epsilon of the last epoch)."""
+        history = self.accountant.history
+        if any((s.noise_multiplier, s.sample_rate) != (plan.noise_multiplier, plan.sample_rate) for s in history):
+            return []
+        top = max(plan.planned_steps, plan.max_steps)
+        grid = sorted({round(top * i / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)} | {plan.max_steps})
+        eps = epsilon_curve(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=grid,
+                            delta=self.delta)
+        return list(zip(grid, eps))
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         self.guard.on_train_epoch_end(trainer)
@@ -316,6 +375,9 @@ class DifferentialPrivacy:
         for f in (trainer.last, trainer.best):
             if Path(f).exists():
                 write_dp_entry(f, self.info())
+        if trainer.args.plots:
+            plot_privacy(Path(trainer.save_dir) / "privacy.png", self._curve, self.steps, self.epsilon,
+                         self.config.epsilon, self.delta)
         log(summary_line(self.info()))
 
     # ----------------------------------------------------------------- ledger and the private step

@@ -25,8 +25,8 @@ HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytic
 Usage:
   yolo-dp train {usage()}
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
-      private training; every other key is an Ultralytics training key, batch is the expected
-      (Poisson) batch size
+      private training (the stock `yolo train ... epsilon=...` does the same); every other key is
+      an Ultralytics training key, batch is the expected (Poisson) batch size
   yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]
       every training image's epsilon (the worst, a histogram), each dataset version and its runs;
       with records=, the epsilon of the images in FOLDER (the worst, and how many are new)

@@ -43,8 +43,8 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
     "copy_paste": ("neutralised", "pastes objects of other images: set to 0; refused if set explicitly"),
     "close_mosaic": ("neutralised", "only switches mosaic off, which is off already: set to 0"),
     "nbs": ("neutralised", "gradient accumulation over round(nbs/batch) batches: accumulate is 1 for the whole run"),
-    "plots": ("neutralised", "off unless set; train_batch*.jpg and labels.jpg (private images and label "
-                             "statistics) are never written, validation plots are"),
+    "plots": ("guarded", "validation plots and results.png are drawn (the validation set is public), with "
+                         "privacy.png; train_batch*.jpg and labels.jpg (private images and label statistics) never"),
     "batch": ("guarded", "the expected Poisson batch size (q = batch/N); auto-batch (-1 or a fraction) probes "
                          "memory with private data and is refused; halving it after out-of-memory is refused; "
                          "Ultralytics' own loaders (validation: 2 x) are built with physical_batch"),
@@ -161,10 +161,7 @@ def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
     check_single_process(trainer)
     if args.task not in SUPPORTED_TASKS:
         raise ValueError(f"task={args.task!r} is not supported in DP mode; supported: {', '.join(SUPPORTED_TASKS)}")
-    was_on = neutralise_args(args)
-    if was_on and args.task == "detect":  # classification never uses them
-        log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
-            "augmentations are allowed)")
+    neutralise_args(args)
     if not explicit.get("amp") and args.amp and trainer.device.type != "cpu":
         args.amp = False
         log("amp=False: Ultralytics' AMP check downloads yolo26n.pt; pass amp=True explicitly to use AMP "
@@ -172,20 +169,21 @@ def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
     no_training_plots(trainer)
     quiet_training_set_scan(trainer)
     build_loaders_once(trainer)
-    if explicit.get("plots"):
-        log("plots=True: validation plots only; train_batch*.jpg and labels.jpg (private images and label "
-            "statistics) are not drawn in DP mode")
-    else:
-        args.plots = False
 
 
-def neutralise_args(args: Any) -> list[str]:
-    """Switch off, on the trainer's args, what mixes images by default; returns what was on."""
-    was_on = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k) or 0) > 0]
-    for key in MIXING_AUGMENTATIONS:
-        setattr(args, key, 0.0)
-    args.close_mosaic = 0
-    return was_on
+def neutralised(args: Mapping[str, Any], log_changes: bool = False) -> dict[str, Any]:
+    """The values DP mode gives the arguments that mix images by default (0: off); with
+    ``log_changes``, one line names those that were on."""
+    was_on = [k for k in MIXING_AUGMENTATIONS if float(args.get(k) or 0) > 0]
+    if log_changes and was_on and args.get("task") == "detect":  # classification never uses them
+        log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
+            "augmentations are allowed)")
+    return {**dict.fromkeys(MIXING_AUGMENTATIONS, 0.0), "close_mosaic": 0}
+
+
+def neutralise_args(args: Any) -> None:
+    """Switch off, on the trainer's args, what mixes images by default."""
+    vars(args).update(neutralised(vars(args), log_changes=True))
 
 
 def build_loaders_once(trainer: Any) -> None:
@@ -277,9 +275,10 @@ class TrainerGuard:
     (NaN recovery's EMA rebuild, checkpoints, the validator) can carry it.
     """
 
-    def __init__(self, step: Callable[[dict], None], loader: Any) -> None:
+    def __init__(self, step: Callable[[dict], None], loader: Any, progress: Callable[[], dict[str, float]]) -> None:
         self.step = step
         self.loader = loader
+        self.progress = progress  # what the progress bar shows in place of the (private) training losses
         self.trainer: Any = None
         self._fresh = False  # a private gradient waits for its optimizer step
 
@@ -310,25 +309,30 @@ class TrainerGuard:
         trainer._get_memory = lambda fraction=False: get_memory(fraction=True) if fraction else 0.0
 
     def on_train_batch_start(self, trainer: Any) -> None:
-        """BatchNorm frozen (the trainer puts the model in train mode every epoch); private step on."""
+        """BatchNorm frozen (the trainer puts the model in train mode every epoch); private step on;
+        the progress bar shows this step's values, not a running mean."""
         freeze_batchnorm(trainer.model)
         trainer.model.loss = _PrivateLoss(self)
+        trainer.tloss = None
 
     def on_train_batch_end(self, trainer: Any) -> None:
         """Private step off: between batches the model is the plain Ultralytics model."""
         trainer.model.__dict__.pop("loss", None)
 
-    @staticmethod
-    def on_train_epoch_end(trainer: Any) -> None:
-        """An epoch with no step left (the budget ran out, e.g. when NaN recovery redoes the last
-        epoch) leaves the trainer without loss items, which it logs: give it the zeros a step gives."""
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """Before validation: loss items named as the criterion names them (the validator sums its
+        losses into them). An epoch with no step left (the budget ran out, e.g. when NaN recovery
+        redoes the last epoch) leaves the trainer without ``tloss``, which it reads."""
         if trainer.tloss is None:
-            trainer.tloss = dict.fromkeys(loss_names(trainer.model), 0.0)
+            trainer.tloss = self.progress()
+        # the validator takes its loss names from the last training step's items: the criterion's
+        trainer.loss_items = {name: torch.zeros((), device=trainer.device) for name in trainer.loss_names}
 
-    def private_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    def private_loss(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
         """What the trainer's forward returns in DP mode: the private gradient is already in ``.grad``;
-        the loss is a constant whose backward touches no parameter, the loss items are zeros
-        (training losses are statistics of private data without noise)."""
+        the loss is a constant whose backward touches no parameter, and the "loss items" the
+        progress bar prints are ``progress()`` (training losses are statistics of private data
+        without noise)."""
         trainer = self.trainer
         changed = [name for name, ok in (("train_loader", trainer.train_loader is self.loader),
                                          ("accumulate", trainer.accumulate == 1),
@@ -341,7 +345,28 @@ class TrainerGuard:
         self._fresh = True
         hide_batch_statistics(batch)
         dummy = torch.zeros((), device=batch["img"].device, requires_grad=True)
-        return dummy, {name: torch.zeros((), device=dummy.device) for name in loss_names(trainer.model)}
+        return dummy, self.progress()
+
+
+def show_privacy_not_losses(trainer: Any, columns: tuple[str, ...]) -> None:
+    """The per-step columns of the progress bar show ``columns`` (epsilon spent, steps) in place of
+    the training losses; training losses are never logged or written to results.csv (nor plotted
+    in results.png), validation losses are. Accelerator memory and the instance count of a Poisson
+    batch stay hidden (printed as 0)."""
+    if getattr(trainer.model, "criterion", None) is None:  # built on the first loss call otherwise
+        trainer.model.criterion = trainer.model.init_criterion()
+    trainer.loss_names = loss_names(trainer.model)  # the criterion's: they name the validation losses
+    trainer.metrics.update(dict.fromkeys(trainer.label_loss_items(prefix="val"), 0.0))
+    label = trainer.label_loss_items
+
+    def label_loss_items(loss_items: Any = None, prefix: str = "train") -> Any:
+        if prefix == "train":
+            return [] if loss_items is None else {}
+        return label(loss_items, prefix)
+
+    trainer.label_loss_items = label_loss_items
+    header = ("Epoch", "hidden", *columns, "hidden", "Size")
+    trainer.progress_string = lambda: ("\n" + "%11s" * len(header)) % header
 
 
 def hide_batch_statistics(batch: dict) -> None:

@@ -1,9 +1,11 @@
 """Keep Ultralytics off the network: no online check, analytics, pip auto-install or font download.
 
-``set_env()`` runs when ``ultralytics_dp`` is imported, so an Ultralytics imported afterwards starts
-offline. ``patch_ultralytics()`` also covers the case where the user imported Ultralytics first
-(its ``ONLINE`` flag is computed at import time) and puts a local font where Ultralytics' font check
-looks first, since that check ignores ``YOLO_OFFLINE`` and would otherwise try to download Arial.
+``patch_ultralytics()`` runs when DP is used (``attach``, a private run's first callback, ``yolo-dp``),
+not at import: ``ultralytics_dp.pth`` imports this package in every Python process of its
+environment, where a plain ``yolo`` command must keep Ultralytics' online behaviour. It sets the
+switches, flips the flags Ultralytics computed at import time (``ONLINE``, ``AUTOINSTALL``) and
+puts a local font where Ultralytics' font check looks first, since that check ignores
+``YOLO_OFFLINE`` and would otherwise try to download Arial.
 """
 
 from __future__ import annotations

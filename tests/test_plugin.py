@@ -1,0 +1,270 @@
+"""The stock ``yolo`` command with DP keys (``ultralytics_dp.plugin``): it trains privately, refuses
+before anything is written, fails closed when switched off, leaves non-private runs exactly as
+Ultralytics makes them, records truthful arguments, resumes privately, shows epsilon instead of
+training statistics, and works after ``pip install .`` and ``pip install -e .``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+import ultralytics_dp  # noqa: F401  (registers the plugin before Ultralytics is imported)
+from ultralytics.cfg import DEFAULT_CFG_DICT, entrypoint
+from ultralytics.utils import YAML
+from ultralytics.utils.callbacks import base
+
+from ultralytics_dp import plugin
+from ultralytics_dp.accounting import compute_epsilon
+from ultralytics_dp.config import SETTINGS
+from ultralytics_dp.ledger import Ledger
+
+from helpers import ledger_steps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def yolo(line: str) -> None:
+    """``yolo ...`` through Ultralytics' own entry point, in this process (the plugin is active)."""
+    entrypoint(line)
+
+
+def run_python(code: str, env: dict[str, str] | None = None, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd="/", timeout=900)
+
+
+def test_pyproject_pins_the_ultralytics_version_the_plugin_supports():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"ultralytics=={plugin.ULTRALYTICS_VERSION}" in deps
+
+
+def test_every_dp_key_is_an_ultralytics_key_and_unset_ones_stay_out_of_a_trainers_args():
+    from ultralytics.engine import trainer
+
+    assert set(SETTINGS) <= set(DEFAULT_CFG_DICT)
+    args = trainer.get_cfg(overrides={"epochs": 1})
+    assert not set(SETTINGS) & set(vars(args))
+    assert trainer.get_cfg(overrides={"epsilon": 3}).epsilon == 3
+
+
+def test_dp_keys_without_epsilon_or_with_bad_values_are_refused_before_anything_is_written(tiny_det, tmp_path):
+    common = f"yolo train model=yolo26n.yaml data={tiny_det} epochs=1 imgsz=64 batch=8 workers=0 project={tmp_path}"
+    for extra, match in (("delta=1e-3", "delta=0.001 without epsilon"), ("epsilon=-1", "epsilon must be"),
+                         ("epsilon=8 max_grad_norm=abc", "max_grad_norm must be")):
+        with pytest.raises(ValueError, match=match) as err:
+            yolo(f"{common} name=r {extra}")
+        assert len(str(err.value).splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trainer_with_epsilon_but_no_private_step_is_refused(tiny_det, tmp_path):
+    """The check at index 0 of the default callbacks, independent of the wrapped constructor."""
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    assert base.default_callbacks["on_pretrain_routine_end"][0] is plugin.require_private_step_attached
+    assert base.default_callbacks["on_train_start"][0] is plugin.require_private_step_installed
+    trainer = DetectionTrainer.__new__(DetectionTrainer)
+    original_init = BaseTrainer.__init__.__wrapped__  # Ultralytics' own constructor, unwrapped
+    original_init(trainer, overrides=dict(model="yolo26n.yaml", data=str(tiny_det), epochs=1, imgsz=64, batch=8,
+                                          workers=0, project=str(tmp_path), name="r", epsilon=8, plots=False))
+    steps = []
+    trainer.add_callback("on_train_batch_start", lambda t: steps.append(1))
+    with pytest.raises(RuntimeError, match="no private step is attached"):
+        trainer.train()
+    assert steps == []
+
+
+def test_plugin_off_rejects_the_dp_keys_and_trains_nothing(tmp_path):
+    out = run_python(
+        "import ultralytics_dp\nfrom ultralytics.cfg import entrypoint\n"
+        f"entrypoint('yolo train model=yolo26n.yaml data=digits-det epochs=1 epsilon=8 project={tmp_path} name=r')",
+        env={plugin.ENV: "0"})
+    assert out.returncode != 0
+    assert "'epsilon' is not a valid YOLO argument" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_ultralytics_version_turns_the_keys_off_and_says_why(tmp_path):
+    out = run_python(
+        "import ultralytics_dp, ultralytics\nultralytics.__version__ = '0.0.1'\n"
+        "from ultralytics.cfg import entrypoint\n"
+        f"entrypoint('yolo train model=yolo26n.yaml data=digits-det epochs=1 epsilon=8 project={tmp_path} name=r')")
+    assert out.returncode != 0
+    assert f"supports Ultralytics {plugin.ULTRALYTICS_VERSION}, found 0.0.1" in out.stdout + out.stderr
+    assert "'epsilon' is not a valid YOLO argument" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dp_settings_given_twice_are_refused(tiny_det, tmp_path):
+    from ultralytics import YOLO
+
+    from ultralytics_dp import DifferentialPrivacy
+
+    model = YOLO("yolo26n.yaml")
+    DifferentialPrivacy(epsilon=4, delta=1e-3, ledger=False).attach(model)
+    with pytest.raises(ValueError, match="given both"):
+        model.train(data=str(tiny_det), epochs=1, imgsz=64, batch=8, workers=0, project=str(tmp_path), name="r",
+                    epsilon=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def progress_rows(console: str) -> list[list[str]]:
+    """The per-step rows of the training progress bar: epoch, memory, epsilon, step, budget, instances, size."""
+    rows = []
+    for line in re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", console)):
+        fields = line.split(":")[0].split()
+        if len(fields) == 7 and re.fullmatch(r"\d+/\d+", fields[0]):
+            rows.append(fields)
+    return rows
+
+
+@pytest.mark.slow
+def test_stock_command_trains_privately_and_records_what_it_used(tiny_det, tmp_path, capfd):
+    ledger = tmp_path / "ledger.sqlite"
+    yolo(f"yolo train model=yolo26n.yaml data={tiny_det} epochs=2 imgsz=64 batch=8 workers=0 project={tmp_path} "
+         f"name=run epsilon=8 delta=1e-3 max_grad_norm=0.5 ledger={ledger}")
+    console = capfd.readouterr()
+    console = console.out + console.err
+    run = tmp_path / "run"
+    entry = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert entry["steps"] == 8 and entry["settings"]["max_grad_norm"] == 0.5
+    expected = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    assert entry["epsilon"] == pytest.approx(expected) and entry["epsilon"] <= 8
+    assert ledger_steps(ledger) == 8
+
+    args = YAML.load(run / "args.yaml")  # what was used, DP keys included
+    assert (args["epsilon"], args["delta"], args["max_grad_norm"], args["mosaic"], args["close_mosaic"]) == (
+        8, 1e-3, 0.5, 0.0, 0)
+    assert args["optimizer"] == "SGD" and args["lr0"] != DEFAULT_CFG_DICT["lr0"]  # the DP defaults, lr0 fitted
+    assert "ledger" not in args and str(ledger) not in (run / "args.yaml").read_text()  # a local path: never released
+    train_args = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["train_args"]
+    assert {k: train_args[k] for k in ("epsilon", "mosaic", "lr0")} == {k: args[k] for k in ("epsilon", "mosaic", "lr0")}
+
+    files = {p.name for p in run.iterdir()}
+    assert {"privacy.png", "results.png", "confusion_matrix.png"} <= files  # public plots stay on
+    assert not [f for f in files if f.startswith("train_batch") or f == "labels.jpg"]
+    with open(run / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert "dp/epsilon" in header and not [c for c in header if c.startswith("train/")]
+
+    # the progress bar shows epsilon, the step and the budget; memory and instance counts stay hidden
+    rows = progress_rows(console)
+    assert rows and all(r[1] == "0G" and r[5] == "0" for r in rows)
+    last = max(rows, key=lambda r: int(r[3]))
+    assert int(last[3]) == 8 and int(last[4]) == 8
+    assert float(last[2]) == pytest.approx(entry["epsilon"], rel=0.02)
+    steps_shown = sorted({int(r[3]) for r in rows})
+    assert steps_shown[-4:] == [5, 6, 7, 8]
+
+
+@pytest.mark.slow
+def test_an_explicit_mixing_augmentation_is_refused_before_anything_is_written(tiny_det, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    with pytest.raises(ValueError, match="mosaic=1.0 mixes several images") as err:
+        yolo(f"yolo train model=yolo26n.yaml data={tiny_det} epochs=1 imgsz=64 batch=8 workers=0 project={tmp_path} "
+             f"name=r epsilon=8 delta=1e-3 mosaic=1.0 ledger={ledger}")
+    assert len(str(err.value).splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    assert ledger_steps(ledger) == 0 and Ledger(ledger).summary()["datasets"] == []  # nothing spent or recorded
+
+
+PLAIN_RUN = (
+    "import ultralytics_dp, torch\nfrom ultralytics.cfg import entrypoint\n"
+    "entrypoint('yolo train model=yolo26n.yaml data={data} epochs=1 imgsz=64 batch=8 workers=0 plots=False "
+    "project={project} name=run')\n"
+    "ckpt = torch.load('{project}/run/weights/last.pt', map_location='cpu', weights_only=False)\n"
+    "print('DP-ENTRY', 'dp' in ckpt)\n"
+)
+
+
+@pytest.mark.slow
+def test_a_run_without_dp_keys_is_exactly_ultralytics_own(tiny_det, tmp_path):
+    outs = {}
+    for state in ("1", "0"):
+        project = tmp_path / f"plugin{state}"
+        out = run_python(PLAIN_RUN.format(data=tiny_det, project=project), env={plugin.ENV: state})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "DP-ENTRY False" in out.stdout and "DP:" not in out.stdout + out.stderr
+        args = YAML.load(project / "run" / "args.yaml")
+        header = (project / "run" / "results.csv").read_text().splitlines()[0]
+        outs[state] = ({k: v for k, v in args.items() if k not in {"project", "save_dir"}}, header)
+    assert outs["1"] == outs["0"]
+    assert outs["1"][0]["mosaic"] == DEFAULT_CFG_DICT["mosaic"] and "train/box_loss" in outs["1"][1]
+
+
+@pytest.mark.slow
+def test_resume_from_the_stock_command_continues_the_accountant(tiny_det, tmp_path, monkeypatch):
+    ledger = tmp_path / "ledger.sqlite"
+
+    def crash_in_epoch_2(trainer):
+        if trainer.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(base.default_callbacks, "on_train_epoch_start",
+                        [*base.default_callbacks["on_train_epoch_start"], crash_in_epoch_2])
+    with pytest.raises(KeyboardInterrupt):
+        yolo(f"yolo train model=yolo26n.yaml data={tiny_det} epochs=2 imgsz=64 batch=8 workers=0 plots=False "
+             f"project={tmp_path} name=run epsilon=8 delta=1e-3 noise_multiplier=1.0 ledger={ledger}")
+    monkeypatch.undo()
+    last = tmp_path / "run" / "weights" / "last.pt"
+    before = torch.load(last, map_location="cpu", weights_only=False)["dp"]
+    assert before["steps"] == 4
+
+    yolo(f"yolo train resume model={last} ledger={ledger}")  # no DP key but the ledger's path (local)
+    after = torch.load(last, map_location="cpu", weights_only=False)["dp"]
+    assert after["run_id"] == before["run_id"] and after["steps"] == 8
+    assert after["epsilon"] == pytest.approx(compute_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=8,
+                                                             delta=1e-3))
+    assert ledger_steps(ledger) == 8
+
+
+def _fresh_venv(path: Path) -> Path:
+    """A venv whose heavy dependencies come from this environment through a .pth file (pip has
+    nothing to download), with Ultralytics' ``yolo`` console script as pip writes it; returns its
+    bin dir."""
+    venv.create(path, with_pip=True)
+    py = path / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True)  # older than torch needs
+    Path(site, "outer-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    script = path / "bin" / "yolo"  # Ultralytics' entry point: yolo = ultralytics.cfg:entrypoint
+    script.write_text(f"#!{py}\nimport sys\nfrom ultralytics.cfg import entrypoint\nsys.exit(entrypoint())\n")
+    script.chmod(0o755)
+    return path / "bin"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_the_yolo_console_script_trains_privately_after_pip_install(tiny_det, tmp_path, editable):
+    bin_dir = _fresh_venv(tmp_path / "venv")
+    target = ["-e", str(REPO)] if editable else [str(REPO)]
+    subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-build-isolation", *target], check=True, capture_output=True, cwd=tmp_path)
+    out = subprocess.run([bin_dir / "yolo", "train", "model=yolo26n.yaml", f"data={tiny_det}", "epochs=1", "imgsz=64",
+                          "batch=8", "workers=0", "plots=False", f"project={tmp_path}", "name=run", "epsilon=5",
+                          "delta=1e-3", f"ledger={tmp_path / 'ledger.sqlite'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = torch.load(tmp_path / "run" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert entry["steps"] == 4 and entry["epsilon"] <= 5
+    if not editable:  # uninstall removes the start-up file; one left behind does nothing
+        (pth,) = (tmp_path / "venv").rglob("ultralytics_dp.pth")
+        line = pth.read_text()
+        subprocess.run([bin_dir / "python", "-m", "pip", "uninstall", "-q", "-y", "ultralytics-dp"], check=True)
+        assert not pth.exists()
+        pth.write_text(line)
+        out = subprocess.run([bin_dir / "python", "-c", "import sys; print('ultralytics_dp' in sys.modules)"],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "False", "")

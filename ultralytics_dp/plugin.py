@@ -1,0 +1,220 @@
+"""The stock ``yolo`` command and ``YOLO.train`` with DP keys: ``yolo train ... epsilon=8``.
+
+How it is switched on: ``pip install`` puts ``ultralytics_dp.pth`` in site-packages; Python runs
+its one line at start-up, which imports ``ultralytics_dp`` (stdlib only, no environment change)
+and so registers import hooks (``hooks``). Nothing else happens until Ultralytics is imported:
+
+* ``ultralytics.cfg``: the DP keys (``config.SETTINGS``) join Ultralytics' configuration, unset
+  (None), so ``yolo`` and ``get_cfg`` accept them; only for the Ultralytics version this package
+  supports.
+* ``ultralytics.engine.trainer``: ``BaseTrainer.__init__`` is wrapped. A trainer whose arguments
+  set a DP key, or that resumes a checkpoint with a ``dp`` entry, gets a ``DifferentialPrivacy``
+  built from them *before* it creates its save dir and writes args.yaml: refusals happen first,
+  and args.yaml records the DP keys and what was used (``mosaic: 0.0``, the DP defaults). The
+  trainer's ``get_cfg`` leaves unset DP keys out, so a non-private run's arguments are exactly
+  Ultralytics' own. Two checks that do not depend on that wrapper sit at index 0 of the default
+  ``on_pretrain_routine_end`` and ``on_train_start`` callbacks (index 0 survives
+  ``Model.reset_callbacks``): a trainer with ``epsilon`` set and no private step is refused.
+
+Fail closed: with ``ULTRALYTICS_DP_PLUGIN=0`` nothing is registered and Ultralytics rejects the DP
+keys as unknown. With another Ultralytics version, or if patching the trainer fails, the keys are
+withdrawn (so rejected the same way) and a warning says why.
+
+Privacy assumptions relied on here: a trainer that sees any DP key, or resumes a private
+checkpoint, trains privately or not at all; a DP key never reaches a trainer the wrapper has not
+seen (the keys are added and the trainer is patched in the same process, keys first, and withdrawn
+if the patch fails).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import defaultdict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .config import SETTINGS
+from .hooks import when_imported
+
+ENV = "ULTRALYTICS_DP_PLUGIN"
+ULTRALYTICS_VERSION = "8.4.190"  # the version pinned in pyproject.toml (a test checks they agree)
+_inactive: list[str] = []  # why the keys are not (or no longer) accepted
+
+
+def install() -> None:
+    """Register the hooks, unless ``ULTRALYTICS_DP_PLUGIN=0``."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return
+    when_imported("ultralytics.cfg", _add_keys)
+    when_imported("ultralytics.engine.trainer", _patch_trainer)
+
+
+def active() -> bool:
+    """Whether the stock command and ``YOLO.train`` accept the DP keys in this process."""
+    import ultralytics.cfg as cfg
+
+    return all(key in cfg.DEFAULT_CFG_DICT for key in SETTINGS)
+
+
+def _warn(reason: str) -> None:
+    from ultralytics.utils import LOGGER
+
+    _inactive.append(reason)
+    LOGGER.warning(f"ultralytics-dp: the DP keys are off ({reason}); `epsilon=` is rejected as an unknown key")
+
+
+def _add_keys(cfg: ModuleType) -> None:
+    import ultralytics
+
+    if ultralytics.__version__ != ULTRALYTICS_VERSION:
+        _warn(f"this version supports Ultralytics {ULTRALYTICS_VERSION}, found {ultralytics.__version__}")
+        return
+    for key in SETTINGS:
+        cfg.DEFAULT_CFG_DICT[key] = None  # the same dict as ultralytics.utils' (DEFAULT_CFG_KEYS is its view)
+        setattr(cfg.DEFAULT_CFG, key, None)
+
+
+def _withdraw_keys(cfg: ModuleType) -> None:
+    for key in SETTINGS:
+        cfg.DEFAULT_CFG_DICT.pop(key, None)
+        cfg.DEFAULT_CFG.__dict__.pop(key, None)
+
+
+def _patch_trainer(module: ModuleType) -> None:
+    import ultralytics.cfg as cfg
+
+    if _inactive or getattr(module.BaseTrainer.__init__, "_ultralytics_dp", False):  # off, or patched already
+        return
+    try:
+        from ultralytics.utils.callbacks import base
+
+        trainer_class = module.BaseTrainer
+        trainer_class.__init__ = _private_init(trainer_class.__init__, cfg)
+        module.get_cfg = _without_unset_keys(module.get_cfg)
+        base.default_callbacks["on_pretrain_routine_end"].insert(0, require_private_step_attached)
+        base.default_callbacks["on_train_start"].insert(0, require_private_step_installed)
+    except Exception as err:  # fail closed: no trainer may see a DP key it cannot honour
+        _withdraw_keys(cfg)
+        _warn(f"patching Ultralytics' trainer failed: {err}")
+
+
+def _without_unset_keys(get_cfg: Any) -> Any:
+    @functools.wraps(get_cfg)
+    def get_cfg_without_unset_dp_keys(*args: Any, **kwargs: Any) -> Any:
+        out = get_cfg(*args, **kwargs)
+        for key in SETTINGS:
+            if key in vars(out) and getattr(out, key) is None:
+                delattr(out, key)
+        return out
+
+    return get_cfg_without_unset_dp_keys
+
+
+def _private_init(init: Any, cfg: ModuleType) -> Any:
+    """``BaseTrainer.__init__`` that makes a trainer private when its arguments ask for it."""
+
+    @functools.wraps(init)
+    def __init__(trainer: Any, cfg_arg: Any = cfg.DEFAULT_CFG, overrides: dict | None = None,
+                 _callbacks: dict | None = None) -> None:
+        explicit = _explicit(cfg, cfg_arg, overrides)
+        if _attached_in(_callbacks or {}) is not None:  # DifferentialPrivacy(...).attach(model): it does the work
+            if any(explicit.get(k) is not None for k in SETTINGS):
+                raise ValueError("DP settings were given both to DifferentialPrivacy(...).attach(model) and as "
+                                 "training arguments; give them once")
+            return init(trainer, cfg_arg, overrides, _callbacks)
+        settings, planned = _private(explicit)
+        if not settings:
+            return init(trainer, cfg_arg, overrides, _callbacks)
+        callbacks = defaultdict(list, {k: list(v) for k, v in (_callbacks or _default_callbacks()).items()})
+        from .adapter import DifferentialPrivacy
+
+        dp = DifferentialPrivacy(**settings)
+        overrides = dp.prepare(planned, explicit, dict(overrides or {}))
+        # the trainer's arguments carry the released DP settings, never the local ledger path
+        overrides = {**{k: v for k, v in overrides.items() if k not in SETTINGS}, **dp.recorded_settings()}
+        for event, fn in dp.callbacks.items():
+            callbacks[event].append(fn)
+        with dp.unstarted_run_cleanup():
+            init(trainer, cfg_arg, overrides, callbacks)
+        train = trainer.train
+
+        def train_privately() -> Any:
+            with dp.unstarted_run_cleanup():
+                return train()
+
+        trainer.train = train_privately
+
+    __init__._ultralytics_dp = True
+    return __init__
+
+
+def _default_callbacks() -> dict:
+    from ultralytics.utils.callbacks.base import get_default_callbacks
+
+    return get_default_callbacks()
+
+
+def _explicit(cfg: ModuleType, cfg_arg: Any, overrides: dict | None) -> dict[str, Any]:
+    """The arguments the user set: a cfg file's or dict's values that differ from Ultralytics'
+    defaults, then the overrides (``Model.train`` passes the user's keyword arguments there)."""
+    base = {} if cfg_arg is cfg.DEFAULT_CFG else cfg.cfg2dict(cfg_arg)
+    return {**{k: v for k, v in base.items() if v != cfg.DEFAULT_CFG_DICT.get(k)}, **(overrides or {})}
+
+
+def _private(explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(DP settings, the arguments the run will use) if the run is private, else ({}, {}).
+
+    A run is private if it sets a DP key, or resumes a checkpoint with a ``dp`` entry (its
+    settings, updated by the DP keys given now). ``epsilon`` is required; the values are checked
+    by ``DPConfig`` (one-line errors)."""
+    settings = {k: explicit[k] for k in SETTINGS if explicit.get(k) is not None}
+    resume = explicit.get("resume")
+    if resume:
+        import torch
+        from ultralytics.utils.files import get_latest_run
+
+        path = resume if isinstance(resume, (str, Path)) and Path(resume).is_file() else get_latest_run()
+        ckpt = torch.load(path, map_location="cpu", weights_only=False) if path and Path(path).is_file() else {}
+        entry = ckpt.get("dp")
+        if entry:
+            settings = {**entry["settings"], **settings}
+        planned = {**(ckpt.get("train_args") or {}), **explicit}
+    if not settings:
+        return {}, {}
+    if "epsilon" not in settings:
+        raise ValueError(f"{', '.join(f'{k}={v}' for k, v in settings.items())} without epsilon: set epsilon= (the "
+                         "privacy budget) to train privately, or remove the DP keys")
+    if not resume:
+        from ultralytics.cfg import get_cfg
+
+        planned = vars(get_cfg(overrides=explicit))
+    return settings, planned
+
+
+def _attached_in(callbacks: dict) -> Any:
+    """The ``DifferentialPrivacy`` whose callbacks are registered in ``callbacks``, if any."""
+    from .adapter import DifferentialPrivacy
+
+    for fn in callbacks.get("on_pretrain_routine_end", []):
+        if isinstance(getattr(fn, "__self__", None), DifferentialPrivacy):
+            return fn.__self__
+    return None
+
+
+def require_private_step_attached(trainer: Any) -> None:
+    """Index 0 of ``on_pretrain_routine_end``: ``epsilon`` set but no DP attached -> refuse."""
+    if getattr(trainer.args, "epsilon", None) is not None and _attached_in(trainer.callbacks) is None:
+        raise RuntimeError(f"DP: epsilon={trainer.args.epsilon} is set but no private step is attached to this "
+                           "trainer; refusing to train (is the ultralytics-dp plugin active?)")
+
+
+def require_private_step_installed(trainer: Any) -> None:
+    """Index 0 of ``on_train_start``: ``epsilon`` set but the private step not installed -> refuse."""
+    if getattr(trainer.args, "epsilon", None) is None:
+        return
+    dp = _attached_in(trainer.callbacks)
+    if dp is None or dp.guard is None or dp.guard.trainer is not trainer or trainer.train_loader is not dp.guard.loader:
+        raise RuntimeError(f"DP: epsilon={trainer.args.epsilon} is set but the private step is not installed; "
+                           "refusing to train")
