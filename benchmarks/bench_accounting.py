@@ -1,14 +1,18 @@
 """Time the accountant: compute_epsilon at T = 1e3, 1e5, 1e6, get_noise_multiplier and max_steps,
-and Opacus' PRVAccountant on the same epsilon queries (``bench`` extra). Run on one core:
+and Opacus' PRVAccountant on the same epsilon queries (``bench`` extra), then the queries a run's
+set-up makes and the edge cases of the target grid (issue 16). Run on one core:
 
     taskset -c 0 .venv/bin/python benchmarks/bench_accounting.py
 """
 
 from __future__ import annotations
 
+import datetime
+import platform
 import time
 
-from ultralytics_dp.accounting import compute_epsilon, get_noise_multiplier, max_steps
+from results_md import replace_section
+from ultralytics_dp.accounting import _rdp, compute_epsilon, get_noise_multiplier, max_steps
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6
 
@@ -28,6 +32,16 @@ def opacus_epsilon(steps: int) -> float:
 
 
 def main() -> None:
+    lines = [
+        "# Benchmark: accounting",
+        "",
+        f"- date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, one core "
+        "(`taskset -c 0`)",
+        "- command: `taskset -c 0 python benchmarks/bench_accounting.py`",
+        "",
+        "| query | seconds | result |",
+        "|---|---|---|",
+    ]
     print(f"sigma={SIGMA} q={Q} delta={DELTA}")
     print(f"{'query':<34}{'ours (s)':>10}{'eps':>10}{'opacus (s)':>12}{'eps':>10}")
     for steps in (1_000, 100_000, 1_000_000):
@@ -38,10 +52,44 @@ def main() -> None:
         except Exception as err:  # the peer failing is a result worth printing
             peer = f"{'failed':>12} {type(err).__name__}"
         print(f"{'compute_epsilon T=' + format(steps, ','):<34}{t:>10.2f}{eps:>10.4f}{peer}")
+        lines.append(f"| compute_epsilon sigma={SIGMA} q={Q} T={steps:,} delta={DELTA} | {t:.2f} | {eps:.4f} |")
     sigma, t = timed(get_noise_multiplier, target_epsilon=2.0, delta=DELTA, sample_rate=Q, steps=100_000)
     print(f"{'get_noise_multiplier eps=2 T=1e5':<34}{t:>10.2f}{'sigma=' + format(sigma, '.4f'):>10}")
+    lines.append(f"| get_noise_multiplier eps=2 q={Q} T=100,000 delta={DELTA} | {t:.2f} | sigma={sigma:.4f} |")
     steps, t = timed(max_steps, target_epsilon=2.0, delta=DELTA, noise_multiplier=SIGMA, sample_rate=Q)
     print(f"{'max_steps eps=2':<34}{t:>10.2f}{'T=' + str(steps):>10}")
+    lines.append(f"| max_steps eps=2 sigma={SIGMA} q={Q} delta={DELTA} | {t:.2f} | T={steps} |")
+    print("\nthe queries of a training run's set-up and the edge cases (delta=1e-5, a cold cache for each):")
+    for name, fn, kwargs in EDGE_CASES:
+        _rdp.cache_clear()
+        try:
+            out, t = timed(fn, delta=1e-5, **kwargs)
+        except Exception as err:  # a failure is a result worth printing
+            out, t = f"{type(err).__name__}", float("nan")
+        print(f"{name:<46}{t:>8.2f} s  {out}")
+        shown = f"{out:.6g}" if isinstance(out, float) else out
+        lines.append(f"| {name} delta=1e-5 | {t:.2f} | {shown} |")
+    replace_section([*lines, ""])
+
+
+EDGE_CASES = [  # (name, query, arguments): the cases of issue 16, then the extremes of its target grid
+    ("get_noise_multiplier eps=8 q=0.128 T=8", get_noise_multiplier, dict(target_epsilon=8, sample_rate=0.128, steps=8)),
+    ("max_steps eps=8 sigma=1 q=0.128 limit=8", max_steps,
+     dict(target_epsilon=8, noise_multiplier=1.0, sample_rate=0.128, limit=8)),
+    ("max_steps eps=8 sigma=1 q=0.128", max_steps, dict(target_epsilon=8, noise_multiplier=1.0, sample_rate=0.128)),
+    ("max_steps eps=1000 sigma=1 q=0.128", max_steps,
+     dict(target_epsilon=1000, noise_multiplier=1.0, sample_rate=0.128)),
+    ("get_noise_multiplier eps=1000 q=0.128 T=100", get_noise_multiplier,
+     dict(target_epsilon=1000, sample_rate=0.128, steps=100)),
+    ("get_noise_multiplier eps=0.1 q=0.01 T=1000", get_noise_multiplier,
+     dict(target_epsilon=0.1, sample_rate=0.01, steps=1000)),
+    ("max_steps eps=0.1 sigma=50 q=1e-4", max_steps, dict(target_epsilon=0.1, noise_multiplier=50.0, sample_rate=1e-4)),
+    ("compute_epsilon sigma=0.3 q=0.7 T=100", compute_epsilon, dict(noise_multiplier=0.3, sample_rate=0.7, steps=100)),
+    ("compute_epsilon sigma=50 q=1e-4 T=1e5", compute_epsilon,
+     dict(noise_multiplier=50.0, sample_rate=1e-4, steps=100_000)),
+    ("get_noise_multiplier eps=1 q=0.001 T=1e5", get_noise_multiplier,
+     dict(target_epsilon=1.0, sample_rate=0.001, steps=100_000)),
+]
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import ultralytics_dp  # noqa: F401  (import hooks)
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 
+from results_md import draw_ratios, replace_section
 from ultralytics_dp import datasets
 from ultralytics_dp.private_step import private_gradient, resolve_grad_method
 from ultralytics_dp.guard import freeze_batchnorm
@@ -130,8 +131,9 @@ def timed(step, repeats: int, device: str) -> tuple[float, int]:
     return statistics.median(times), peak
 
 
-def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False) -> tuple:
-    """(plain_step, private_step, method) for one case, on the same model weights and batch."""
+def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False, amp: bool = False) -> tuple:
+    """(plain_step, private_step, method) for one case, on the same model weights and batch; with
+    ``amp``, both run their forward and backward under bf16 autocast."""
     batch = load_batch("cls" if "cls" in spec["cfg"] else "det", spec["imgsz"], spec["batch"], device)
     plain_model = make_model(spec["cfg"], device, freeze_bn_affine)
     dp_model = copy.deepcopy(plain_model)
@@ -140,15 +142,19 @@ def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False) -> tupl
     plain_opt = torch.optim.SGD([p for p in plain_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     dp_opt = torch.optim.SGD([p for p in dp_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+
     def plain_step() -> None:  # what `yolo train` does per step, minus data loading
-        loss, _ = plain_model.loss(batch)
-        loss.sum().backward()
+        with autocast():
+            loss, _ = plain_model.loss(batch)
+            loss.sum().backward()
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
 
     def private_step() -> None:
-        grad = private_gradient(dp_model, batch, method=method, max_grad_norm=C, noise_multiplier=SIGMA,
-                                   expected_batch_size=spec["batch"], physical_batch=spec["physical"])
+        with autocast():
+            grad = private_gradient(dp_model, batch, method=method, max_grad_norm=C, noise_multiplier=SIGMA,
+                                    expected_batch_size=spec["batch"], physical_batch=spec["physical"])
         for k, p in dp_model.named_parameters():
             if p.requires_grad:
                 p.grad = grad[k]
@@ -180,8 +186,9 @@ def memory_probe(name: str, kind: str, device: str, freeze_bn_affine: bool) -> i
     return timed(steps[0 if kind == "plain" else 1], 1, device)[1]
 
 
-def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine: bool = False) -> dict:
-    plain_step, private_step, method = build_steps(spec, device, freeze_bn_affine)
+def run_case(name: str, spec: dict, device: str, repeats: int, freeze_bn_affine: bool = False,
+             amp: bool = False) -> dict:
+    plain_step, private_step, method = build_steps(spec, device, freeze_bn_affine, amp)
     plain_step(), private_step()  # warm-up
     plain_t, private_t = [], []
     for _ in range(repeats):  # alternate, so both see the same machine state
@@ -254,11 +261,15 @@ def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    device = args.device if args.device == "cpu" else torch.cuda.get_device_name()
+    heading = "# Benchmark: private vs non-private training steps"
+    if args.device != "cpu" or args.imgsz or args.amp != "fp32":  # one section per device and setting
+        heading += f" ({device}, detection at {args.imgsz or 320} px, {args.amp})"
     lines = [
-        "# Benchmark: private vs non-private training steps",
+        heading,
         "",
         f"- date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
-        f"{psutil.cpu_count()} cores, device {args.device}; torch {torch.__version__}, "
+        f"{psutil.cpu_count()} cores, device {device}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         f"- command: `{command}`",
         f"- sigma={SIGMA}, C={C}; times are medians of {args.repeats} steps after a warm-up, alternating",
@@ -281,19 +292,9 @@ def write_results(rows: list[dict], args: argparse.Namespace, command: str) -> N
               "only that kind of step (model, data and interpreter included); on GPU, "
               "torch.cuda.max_memory_allocated. Opacus rows: peak RSS sampled during its steps in the main process.",
               ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
-    ours = [r for r in rows if "plain_s" in r]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = np.arange(len(ours))
-    ax.bar(x - 0.2, [r["private_s"] / r["plain_s"] for r in ours], 0.4, label="time private/non-private")
-    ax.bar(x + 0.2, [r["private_mem"] / r["plain_mem"] for r in ours], 0.4, label="peak memory ratio")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.5, color="r", lw=0.8, ls="--", label="1.5x target")
-    ax.set_xticks(x, [r["case"] for r in ours])
-    ax.set_ylabel("ratio")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(HERE / "ratios.png", dpi=110)
+    replace_section(lines)
+    if heading == "# Benchmark: private vs non-private training steps":  # the CPU table is the chart's
+        draw_ratios()
     print("\n".join(lines))
 
 
@@ -302,13 +303,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default="det26,cls,det8")
+    parser.add_argument("--imgsz", type=int, default=None, help="image size of the detection cases (default 320)")
+    parser.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16: both steps under autocast")
     args = parser.parse_args()
+    if args.imgsz:
+        for case in ("det26", "det8"):
+            CASES[case]["imgsz"] = args.imgsz
+    amp = args.amp == "bf16"
     rows = []
     for name in args.cases.split(","):
-        rows.append(run_case(name, CASES[name], args.device, args.repeats))
+        rows.append(run_case(name, CASES[name], args.device, args.repeats, amp=amp))
         print(rows[-1], flush=True)
         if name == "cls":
-            rows.append(run_case("cls (BN affine frozen)", CASES["cls"], args.device, args.repeats, True))
+            rows.append(run_case("cls (BN affine frozen)", CASES["cls"], args.device, args.repeats, True, amp))
             rows += run_opacus(CASES["cls"], args.device, args.repeats)
             print(rows[-4:], flush=True)
     write_results(rows, args, "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]))

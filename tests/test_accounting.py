@@ -91,6 +91,30 @@ def test_max_steps_is_the_last_step_within_budget():
     assert max_steps(target_epsilon=0.01, delta=1e-5, noise_multiplier=0.5, sample_rate=1.0) == 0
 
 
+def test_max_steps_within_a_limit_is_the_last_step_within_budget_below_it():
+    kw = dict(delta=1e-5, noise_multiplier=1.0, sample_rate=0.05)
+    assert max_steps(target_epsilon=2.0, limit=10, **kw) == 10 and compute_epsilon(steps=10, **kw) <= 2.0
+    t = max_steps(target_epsilon=2.0, limit=10_000, **kw)  # the budget binds, not the limit
+    assert pld_epsilon([(1.0, 0.05, t)], 1e-5) <= 2.0 < compute_epsilon(steps=t + 1, **kw)
+    assert 10 < t == max_steps(target_epsilon=2.0, **kw)
+
+
+def test_a_small_epsilon_is_calibrated_close_to_the_pld_optimal_sigma():
+    """RDP (orders up to 63) cannot certify epsilon=0.1 here at any sigma; calibration used to raise."""
+    kw = dict(delta=1e-5, sample_rate=0.01, steps=1000)
+    sigma = get_noise_multiplier(target_epsilon=0.1, **kw)
+    assert pld_epsilon([(sigma, 0.01, 1000)], 1e-5) <= 0.1  # the reference agrees it is within budget
+    assert pld_epsilon([(sigma / 1.005, 0.01, 1000)], 1e-5) > 0.1  # and within 0.5% of the smallest sigma that is
+
+
+def test_an_astronomical_step_budget_is_a_safe_lower_bound_not_a_memory_error():
+    t = max_steps(target_epsilon=0.1, delta=1e-5, noise_multiplier=50.0, sample_rate=1e-4)
+    assert t > 10**7
+    ref = rdp.RdpAccountant(orders=list(range(2, 257)))  # an independent RDP implementation
+    ref.compose(dp_event.PoissonSampledDpEvent(1e-4, dp_event.GaussianDpEvent(50.0)), t)
+    assert ref.get_epsilon(1e-5) <= 0.1
+
+
 SEGMENTS = [(1.0, 0.02, 300), (2.0, 0.05, 100), (0.9, 0.01, 500)]
 
 

@@ -76,3 +76,17 @@ def test_ghost_path_skips_a_non_finite_image():
     for k in expected:
         assert torch.isfinite(total[k]).all()
         assert torch.allclose(total[k], expected[k], rtol=1e-4, atol=1e-7)
+
+
+def test_ghost_path_under_bf16_autocast_matches_the_fp32_reference():
+    """amp=True: autocast saves bf16 layer inputs while some output gradients stay fp32; the ghost
+    norms must still be computed (they used to fail on mixed dtypes) and stay close to fp32's."""
+    model = trainer_model("yolo26n-cls.yaml")
+    batch = {"img": torch.rand(4, 3, 32, 32), "cls": torch.tensor([1, 2, 3, 0])}
+    ref, ref_norms = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch), max_grad_norm=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=0.5)
+    assert all(ours[k].dtype == ref[k].dtype for k in ref)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=0.05)
+    flat = lambda d: torch.cat([d[k].double().flatten() for k in sorted(d)])  # noqa: E731
+    assert ((flat(ours) - flat(ref)).norm() / flat(ref).norm()).item() <= 0.05

@@ -19,6 +19,11 @@ PRV and Fourier/heterogeneous composers, and fix three numerical traps of its 0.
    continuous mean significantly") or biases it. ``_TruncatedPRV`` fixes both.
 3. Cost grows as ``eps_error`` shrinks: ``max_steps`` builds one discretisation for the largest
    candidate T and reuses its Fourier transform for every T it tries.
+
+Speed: most of a query used to be prv_accountant's pure-Python RDP series, computed three times
+per query (grid error, domain size, search bracket). ``_rdp`` computes the RDP curve of one
+(sigma, q) once, integer orders 2-256 in closed form, and caches it; the orders reach 256 so that
+RDP can bracket small epsilon (orders up to 63 cannot certify epsilon=0.1 at delta=1e-5 at any sigma).
 This module must not import Ultralytics.
 """
 
@@ -31,12 +36,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from prv_accountant import PoissonSubsampledGaussianMechanism
-from prv_accountant.accountant import compute_safe_domain_size
 from prv_accountant.composers import Heterogeneous
 from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 from prv_accountant.discretisers import CellCentred
 from prv_accountant.domain import Domain
-from prv_accountant.other_accountants import RDP
 from scipy import integrate, special
 from scipy.fft import next_fast_len
 
@@ -45,6 +48,10 @@ REL_ERROR = 0.004  # eps_error as a fraction of epsilon: upper - true <= ~2 * ep
 MIN_EPS_ERROR = 1e-4
 MAX_NOISE_MULTIPLIER = 1e4
 MAX_STEPS = 10**9
+GRID_STEPS = 10**7  # above this many steps, max_steps answers with the RDP budget (a grid would not fit in memory)
+_FRAC_ORDERS = np.array([1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.75, 1.9, 2.25, 2.5, 3.5, 4.5])
+_INT_ORDERS = np.arange(2, 257)
+RDP_ORDERS = np.concatenate([_FRAC_ORDERS, _INT_ORDERS])
 SIGMA_RESOLUTION = 1e-4
 
 
@@ -131,7 +138,7 @@ class _Composition:
     def __init__(self, segments: Sequence[Segment], eps_error: float, delta_error: float) -> None:
         prvs = [PoissonSubsampledGaussianMechanism(s.sample_rate, s.noise_multiplier) for s in segments]
         counts = [s.steps for s in segments]
-        length = compute_safe_domain_size(prvs, counts, eps_error=eps_error, delta_error=delta_error)
+        length = _safe_domain_size(segments, eps_error, delta_error)
         mesh = eps_error / math.sqrt(sum(counts) / 2 * math.log(12 / delta_error))
         # widen [-length, length] symmetrically to an FFT-friendly even size: a larger domain is
         # only safer, and an awkward size (large prime factors) makes every FFT several times slower
@@ -156,13 +163,49 @@ def _active(segments: Iterable[Segment]) -> list[Segment]:
     return [s for s in segments if s.steps > 0]
 
 
+@lru_cache(maxsize=1024)
+def _rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Per-step RDP of the Poisson-subsampled Gaussian at ``RDP_ORDERS`` (Mironov, Talwar, Zhang 2019).
+
+    Integer orders in closed form, all at once: A_a = sum_k C(a,k) (1-q)^(a-k) q^k exp((k^2-k)/(2 sigma^2)),
+    summed in log space; the few fractional orders (which matter near order 1, at large epsilon)
+    with prv_accountant's series. Cached: every accounting query of one (sigma, q) shares it.
+    """
+    q, sigma = sample_rate, noise_multiplier
+    if q == 1:
+        return RDP_ORDERS / (2 * sigma**2)
+    a = _INT_ORDERS[:, None]
+    k = np.arange(_INT_ORDERS[-1] + 1)[None, :]
+    with np.errstate(invalid="ignore"):
+        terms = (special.gammaln(a + 1) - special.gammaln(k + 1) - special.gammaln(a - k + 1)
+                 + k * math.log(q) + (a - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2))
+    log_a = special.logsumexp(np.where(k <= a, terms, -np.inf), axis=1)
+    frac = PoissonSubsampledGaussianMechanism(q, sigma)
+    return np.concatenate([[frac.rdp(o) for o in _FRAC_ORDERS], log_a / (_INT_ORDERS - 1)])
+
+
+def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
+    """Epsilon from total RDP at each order (the conversion prv_accountant and TF Privacy use)."""
+    eps = rdp - np.log(delta * RDP_ORDERS) / (RDP_ORDERS - 1) + np.log1p(-1 / RDP_ORDERS)
+    return float(np.nanmin(eps))
+
+
 def rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
-    """RDP upper bound on epsilon (looser than PRV): used to bracket searches and as a cross-check."""
+    """RDP upper bound on epsilon (looser than PRV): sizes the PRV grid, brackets searches."""
     segs = _active(segments)
     if not segs:
         return 0.0
-    prvs = [PoissonSubsampledGaussianMechanism(s.sample_rate, s.noise_multiplier) for s in segs]
-    return float(RDP(prvs).compute_epsilon(delta, [s.steps for s in segs])[2])
+    return _rdp_to_epsilon(sum(s.steps * _rdp(s.sample_rate, s.noise_multiplier) for s in segs), delta)
+
+
+def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
+    """Half-width L of a grid that holds all but delta_error of the composed PRV's mass: remark 5.6
+    of Gopi et al. 2021, as prv_accountant's ``compute_safe_domain_size``, on the cached RDP."""
+    total = sum(s.steps for s in segments)
+    widest = rdp_epsilon(segments, delta_error / 4)
+    for s in segments:
+        widest = max(widest, rdp_epsilon([Segment(s.noise_multiplier, s.sample_rate, 1)], delta_error / 8 / total))
+    return max(widest, eps_error) + 3
 
 
 def epsilon_bounds(segments: Sequence[Segment], delta: float) -> tuple[float, float, float]:
@@ -233,9 +276,10 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     def eps(k: int) -> float:  # sigma on a grid of SIGMA_RESOLUTION
         return compute_epsilon(noise_multiplier=k * SIGMA_RESOLUTION, sample_rate=sample_rate, steps=steps, delta=delta)
 
-    # bracket with the (looser) RDP bound: its sigma satisfies the target under RDP
+    # bracket with the (looser) RDP bound, or PRV itself where RDP cannot certify the target (small epsilon)
     hi = 1.0
-    while rdp_epsilon([Segment(hi, sample_rate, steps)], delta) > target_epsilon:
+    while rdp_epsilon([Segment(hi, sample_rate, steps)], delta) > target_epsilon and eps(
+            math.ceil(hi / SIGMA_RESOLUTION)) > target_epsilon:
         hi *= 2
         if hi > MAX_NOISE_MULTIPLIER:
             raise ValueError(
@@ -256,30 +300,49 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     return round((k_fail + 1) * SIGMA_RESOLUTION, 10)
 
 
-def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float) -> int:
-    """Largest T with epsilon(T) <= target (0 if one step already exceeds it).
+def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
+              limit: int | None = None) -> int:
+    """Largest T (at most ``limit``) with epsilon(T) <= target (0 if one step already exceeds it).
 
-    The trainer calls this once and stops before step T+1: no accounting in the hot loop. The
+    The trainer calls this once with its planned steps as ``limit`` and stops before step T+1:
+    no accounting in the hot loop, and a run planned within its budget costs one evaluation. The
     search reuses one discretisation sized for the largest T tried, so every candidate is checked
-    with an eps_error finer than ``compute_epsilon`` would use for it.
+    with an eps_error finer than ``compute_epsilon`` would use for it. Budgets beyond
+    ``GRID_STEPS`` steps are RDP's closed form: a lower bound on PRV's (never a step too many),
+    since a grid for that many compositions would not fit in memory.
     """
     _check_target(target_epsilon)
     _check_delta(delta)
     _check_segment(noise_multiplier, sample_rate, 1)
+    if limit is not None:
+        _check_segment(noise_multiplier, sample_rate, limit)
+        eps = compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=limit, delta=delta)
+        if eps <= target_epsilon:
+            return limit
 
     # RDP bounds epsilon from above, so its step budget (closed form per order) is a lower
     # bracket; search upwards from it on one grid, then settle on compute_epsilon's figure
     lo = _rdp_max_steps(noise_multiplier, sample_rate, delta, target_epsilon)
+    if limit is not None:  # epsilon(limit) > target: the answer is below limit
+        lo, cap = min(lo, limit - 1), limit
+    elif lo >= GRID_STEPS:
+        return lo
+    else:
+        cap = GRID_STEPS
     eps_error = max(REL_ERROR * target_epsilon, MIN_EPS_ERROR)
-    hi = 2 * lo + 2
+    hi = min(2 * lo + 2, cap)
     while True:
         comp = _Composition([Segment(noise_multiplier, sample_rate, hi)], eps_error, delta / 1000)
         if comp.epsilon(delta, [hi])[2] > target_epsilon:
+            guess = _bracket_search(lambda t: comp.epsilon(delta, [t])[2] - target_epsilon if t else -target_epsilon,
+                                    lo, hi)
             break
-        lo, hi = hi, 4 * hi
-        if hi > MAX_STEPS:
-            raise ValueError(f"more than {MAX_STEPS} steps fit in target_epsilon={target_epsilon}")
-    guess = _bracket_search(lambda t: comp.epsilon(delta, [t])[2] - target_epsilon if t else -target_epsilon, lo, hi)
+        if hi == cap:
+            if limit is None:
+                return lo  # PRV allows more than GRID_STEPS; RDP's figure is a safe answer
+            guess = limit - 1  # the shared grid and compute_epsilon's disagree at limit: settle below
+            break
+        lo, hi = hi, min(4 * hi, cap)
 
     # The shared grid and compute_epsilon's own grid differ slightly: settle on compute_epsilon,
     # the figure every report uses, so that epsilon(T) <= target < epsilon(T + 1) holds for it.
@@ -326,10 +389,9 @@ def _bracket_search(f: Callable[[int], float], lo: int, hi: int) -> int:
 
 
 def _rdp_max_steps(sigma: float, q: float, delta: float, target: float) -> int:
-    """Largest T whose RDP epsilon bound (same orders and conversion as prv_accountant's RDP)
-    is <= target; RDP is looser than PRV, so PRV allows at least this many steps."""
-    rdp = RDP([PoissonSubsampledGaussianMechanism(q, sigma)])
-    orders, per_step = rdp.orders, rdp.rdps[0]
+    """Largest T whose RDP epsilon bound (the conversion of ``_rdp_to_epsilon``) is <= target; RDP
+    is looser than PRV, so PRV allows at least this many steps."""
+    orders, per_step = RDP_ORDERS, _rdp(q, sigma)
     room = target + np.log(delta * orders) / (orders - 1) - np.log1p(-1 / orders)
     with np.errstate(divide="ignore", invalid="ignore"):
         steps = np.where((room > 0) & (per_step > 0), np.floor(room / per_step), 0)

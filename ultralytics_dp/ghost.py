@@ -80,7 +80,10 @@ def _ghost_is_cheaper(t: int, o: int, d: int) -> bool:
 
 
 def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
-    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``."""
+    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``, in the dtype
+    of its parameters (under autocast the saved input is bf16/fp16 and its gradient may not be)."""
+    dtype = next((p.dtype for p in m.parameters()), a.dtype)
+    a, b = a.to(dtype), b.to(dtype)
     n = a.shape[0]
     if isinstance(m, nn.Conv2d):
         t, o = b.shape[2] * b.shape[3], m.out_channels // m.groups

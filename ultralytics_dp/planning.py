@@ -113,7 +113,7 @@ def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, r
     if calibrated:
         sigma = get_noise_multiplier(target_epsilon=config.epsilon, delta=config.delta, sample_rate=q, steps=planned)
     budget = max_steps(target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
-                       sample_rate=q) - steps_taken
+                       sample_rate=q, limit=planned) - steps_taken  # the run never takes more than planned
     if budget <= 0:
         raise ValueError(f"epsilon={config.epsilon:g} does not allow another step at noise_multiplier={sigma:g}, "
                          f"q={q:.4g}; raise epsilon or the noise multiplier")
