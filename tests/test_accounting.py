@@ -199,3 +199,29 @@ def test_epsilon_curve_bounds_the_pld_reference_at_every_count(sigma, q, top):
         assert ours >= ref * (1 - 0.005), (t, ours, ref)
     assert curve[-1] <= 1.01 * pld_epsilon([(sigma, q, top)], 1e-5)
     assert curve == sorted(curve)
+
+
+@pytest.mark.parametrize("sigma,q", [(1.0, 0.128), (10.0, 0.01), (50.0, 1e-4), (0.3, 0.7), (2.0, 1.0)])
+def test_the_closed_form_rdp_curve_matches_prv_accountants_per_order_series(sigma, q):
+    import numpy as np
+    from prv_accountant import PoissonSubsampledGaussianMechanism
+
+    from ultralytics_dp.accounting import RDP_ORDERS, _rdp
+
+    reference = np.array([PoissonSubsampledGaussianMechanism(q, sigma).rdp(float(a)) for a in RDP_ORDERS])
+    assert np.allclose(_rdp(q, sigma), reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("sigma,q,t_min,t_max", [(1.0, 0.128, -3, 10), (0.6, 0.25, -5, 40), (10, 0.01, -3.2, 3.2),
+                                                 (0.3, 0.7, -50, 500), (2.0, 1.0, -10, 10)])
+def test_the_truncated_prv_mean_matches_adaptive_quadrature(sigma, q, t_min, t_max):
+    import numpy as np
+    from prv_accountant import PoissonSubsampledGaussianMechanism
+    from scipy import integrate
+
+    from ultralytics_dp.accounting import _TruncatedPRV
+
+    prv = _TruncatedPRV(PoissonSubsampledGaussianMechanism(q, sigma), t_min, t_max)
+    cuts = np.unique(np.clip([t_min, np.log1p(-q) if q < 1 else t_min, -1e-3, 0.0, 1e-3, t_max], t_min, t_max))
+    reference = t_max - sum(integrate.quad(prv.cdf, a, b, limit=1000, epsabs=1e-13)[0] for a, b in zip(cuts, cuts[1:]))
+    assert prv.mean() == pytest.approx(reference, rel=1e-6, abs=1e-12)
