@@ -72,17 +72,52 @@ def test_a_trainer_with_epsilon_but_no_private_step_is_refused(tiny_det, tmp_pat
     from ultralytics.engine.trainer import BaseTrainer
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    assert base.default_callbacks["on_pretrain_routine_end"][0] is plugin.require_private_step_attached
+    assert base.default_callbacks["on_pretrain_routine_start"][0] is plugin.require_private_step_attached
     assert base.default_callbacks["on_train_start"][0] is plugin.require_private_step_installed
     trainer = DetectionTrainer.__new__(DetectionTrainer)
     original_init = BaseTrainer.__init__.__wrapped__  # Ultralytics' own constructor, unwrapped
-    original_init(trainer, overrides=dict(model="yolo26n.yaml", data=str(tiny_det), epochs=1, imgsz=64, batch=8,
-                                          workers=0, project=str(tmp_path), name="r", epsilon=8, plots=False))
-    steps = []
-    trainer.add_callback("on_train_batch_start", lambda t: steps.append(1))
     with pytest.raises(RuntimeError, match="no private step is attached"):
-        trainer.train()
-    assert steps == []
+        original_init(trainer, overrides=dict(model="yolo26n.yaml", data=str(tiny_det), epochs=1, imgsz=64, batch=8,
+                                              workers=0, project=str(tmp_path), name="r", epsilon=8, plots=False))
+    assert not list(tmp_path.rglob("*.pt")) and getattr(trainer, "optimizer", None) is None  # never got to train
+
+
+BYPASS = """
+import importlib.machinery, sys
+import ultralytics_dp
+
+class LoadsTheTrainerFirst:  # another import hook ahead of ours (a type checker's, a profiler's)
+    def find_spec(self, name, path, target=None):
+        if name.startswith("ultralytics.engine."):
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+sys.meta_path.insert(0, LoadsTheTrainerFirst())
+from ultralytics import YOLO
+from ultralytics.engine.trainer import BaseTrainer
+assert not getattr(BaseTrainer.__init__, "_ultralytics_dp", False)  # the trainer was not patched
+YOLO("yolo26n.yaml").train(data="{data}", epochs=1, imgsz=64, batch=8, workers=0, plots=False,
+                           project="{project}", name="r", epsilon=8, delta=1e-3)
+"""
+
+
+def test_a_trainer_loaded_past_the_plugin_refuses_dp_keys_instead_of_training(tiny_det, tmp_path):
+    out = run_python(BYPASS.format(data=tiny_det, project=tmp_path))
+    assert out.returncode != 0 and "no private step is attached" in out.stderr
+    assert not list(tmp_path.rglob("*.pt"))  # refused before training: no checkpoint at all
+
+
+def test_a_cfg_given_to_the_trainer_cannot_bring_the_ledger_path_into_its_arguments(tiny_det, tmp_path):
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    ledger = tmp_path / "my-ledger.sqlite"
+    cfg = tmp_path / "run.yaml"
+    # a copy of Ultralytics' default.yaml (which has no DP keys), with epsilon, delta and the ledger added
+    YAML.save(cfg, {**{k: v for k, v in DEFAULT_CFG_DICT.items() if k not in SETTINGS}, "model": "yolo26n.yaml",
+                    "data": str(tiny_det), "epochs": 1, "imgsz": 64, "batch": 8, "workers": 0, "plots": False,
+                    "project": str(tmp_path), "name": "r", "epsilon": 8, "delta": 1e-3, "ledger": str(ledger)})
+    trainer = DetectionTrainer(cfg=str(cfg))
+    assert getattr(trainer.args, "ledger", None) is None and trainer.args.epsilon == 8
+    assert str(ledger) not in (tmp_path / "r" / "args.yaml").read_text()
 
 
 def test_plugin_off_rejects_the_dp_keys_and_trains_nothing(tmp_path):

@@ -12,9 +12,11 @@ and so registers import hooks (``hooks``). Nothing else happens until Ultralytic
   built from them *before* it creates its save dir and writes args.yaml: refusals happen first,
   and args.yaml records the DP keys and what was used (``mosaic: 0.0``, the DP defaults). The
   trainer's ``get_cfg`` leaves unset DP keys out, so a non-private run's arguments are exactly
-  Ultralytics' own. Two checks that do not depend on that wrapper sit at index 0 of the default
-  ``on_pretrain_routine_end`` and ``on_train_start`` callbacks (index 0 survives
-  ``Model.reset_callbacks``): a trainer with ``epsilon`` set and no private step is refused.
+  Ultralytics' own.
+* Two checks that do not depend on that wrapper are registered with the keys, at index 0 of the
+  default ``on_pretrain_routine_start`` and ``on_train_start`` callbacks (index 0 survives
+  ``Model.reset_callbacks``): a trainer with a DP key set and no private step is refused (say a
+  trainer module that another import hook loaded past ours).
 
 Fail closed: with ``ULTRALYTICS_DP_PLUGIN=0`` nothing is registered and Ultralytics rejects the DP
 keys as unknown. With another Ultralytics version, or if patching the trainer fails, the keys are
@@ -71,6 +73,12 @@ def _add_keys(cfg: ModuleType) -> None:
     if ultralytics.__version__ != ULTRALYTICS_VERSION:
         _warn(f"this version supports Ultralytics {ULTRALYTICS_VERSION}, found {ultralytics.__version__}")
         return
+    from ultralytics.utils.callbacks import base
+
+    # the checks that do not depend on the trainer patch go in before the keys: a trainer module
+    # loaded past our hook (another import hook first) is then refused, not trained without DP
+    base.default_callbacks["on_pretrain_routine_start"].insert(0, require_private_step_attached)
+    base.default_callbacks["on_train_start"].insert(0, require_private_step_installed)
     for key in SETTINGS:
         cfg.DEFAULT_CFG_DICT[key] = None  # the same dict as ultralytics.utils' (DEFAULT_CFG_KEYS is its view)
         setattr(cfg.DEFAULT_CFG, key, None)
@@ -88,13 +96,9 @@ def _patch_trainer(module: ModuleType) -> None:
     if _inactive or getattr(module.BaseTrainer.__init__, "_ultralytics_dp", False):  # off, or patched already
         return
     try:
-        from ultralytics.utils.callbacks import base
-
         trainer_class = module.BaseTrainer
         trainer_class.__init__ = _private_init(trainer_class.__init__, cfg)
         module.get_cfg = _without_unset_keys(module.get_cfg)
-        base.default_callbacks["on_pretrain_routine_end"].insert(0, require_private_step_attached)
-        base.default_callbacks["on_train_start"].insert(0, require_private_step_installed)
     except Exception as err:  # fail closed: no trainer may see a DP key it cannot honour
         _withdraw_keys(cfg)
         _warn(f"patching Ultralytics' trainer failed: {err}")
@@ -132,8 +136,13 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
 
         dp = DifferentialPrivacy(**settings)
         overrides = dp.prepare(planned, explicit, dict(overrides or {}))
-        # the trainer's arguments carry the released DP settings, never the local ledger path
-        overrides = {**{k: v for k, v in overrides.items() if k not in SETTINGS}, **dp.recorded_settings()}
+        # the trainer's arguments carry the released DP settings, never the local ledger path (set
+        # to None here, so that a cfg file or dict given to the trainer cannot bring it back); only
+        # keys the base configuration has (Ultralytics refuses others in a cfg file's overrides)
+        known = set(SETTINGS) if cfg_arg is cfg.DEFAULT_CFG else set(cfg.cfg2dict(cfg_arg)) & set(SETTINGS)
+        recorded = {**dict.fromkeys(SETTINGS), **dp.recorded_settings()}
+        overrides = {**{k: v for k, v in overrides.items() if k not in SETTINGS},
+                     **{k: v for k, v in recorded.items() if k in known}}
         for event, fn in dp.callbacks.items():
             callbacks[event].append(fn)
         with dp.unstarted_run_cleanup():
@@ -203,18 +212,24 @@ def _attached_in(callbacks: dict) -> Any:
     return None
 
 
+def _dp_keys_set(trainer: Any) -> str:
+    """'key=value, ...' for the DP keys set in the trainer's arguments ('' if none)."""
+    return ", ".join(f"{k}={getattr(trainer.args, k)}" for k in SETTINGS if getattr(trainer.args, k, None) is not None)
+
+
 def require_private_step_attached(trainer: Any) -> None:
-    """Index 0 of ``on_pretrain_routine_end``: ``epsilon`` set but no DP attached -> refuse."""
-    if getattr(trainer.args, "epsilon", None) is not None and _attached_in(trainer.callbacks) is None:
-        raise RuntimeError(f"DP: epsilon={trainer.args.epsilon} is set but no private step is attached to this "
-                           "trainer; refusing to train (is the ultralytics-dp plugin active?)")
+    """Index 0 of ``on_pretrain_routine_start``: a DP key set but no DP attached -> refuse."""
+    keys = _dp_keys_set(trainer)
+    if keys and _attached_in(trainer.callbacks) is None:
+        raise RuntimeError(f"DP: {keys} set but no private step is attached to this trainer; refusing to train "
+                           "(was Ultralytics' trainer imported past the ultralytics-dp plugin?)")
 
 
 def require_private_step_installed(trainer: Any) -> None:
-    """Index 0 of ``on_train_start``: ``epsilon`` set but the private step not installed -> refuse."""
-    if getattr(trainer.args, "epsilon", None) is None:
+    """Index 0 of ``on_train_start``: a DP key set but the private step not installed -> refuse."""
+    keys = _dp_keys_set(trainer)
+    if not keys:
         return
     dp = _attached_in(trainer.callbacks)
     if dp is None or dp.guard is None or dp.guard.trainer is not trainer or trainer.train_loader is not dp.guard.loader:
-        raise RuntimeError(f"DP: epsilon={trainer.args.epsilon} is set but the private step is not installed; "
-                           "refusing to train")
+        raise RuntimeError(f"DP: {keys} set but the private step is not installed; refusing to train")
