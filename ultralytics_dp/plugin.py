@@ -23,9 +23,10 @@ keys as unknown. With another Ultralytics version, or if patching the trainer fa
 withdrawn (so rejected the same way) and a warning says why.
 
 Privacy assumptions relied on here: a trainer that sees any DP key, or resumes a private
-checkpoint, trains privately or not at all; a DP key never reaches a trainer the wrapper has not
-seen (the keys are added and the trainer is patched in the same process, keys first, and withdrawn
-if the patch fails).
+checkpoint, trains privately or not at all. A trainer the wrapper has not seen (a trainer module
+loaded past our hook) is refused by the index-0 checks, which go in before the keys; a failed
+patch withdraws the keys. The ledger path is a local secret: the wrapper sets it to None in the
+trainer's arguments, whatever a cfg file says.
 """
 
 from __future__ import annotations
