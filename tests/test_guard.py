@@ -240,14 +240,26 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
         assert ledger_steps(ledger) == spent and last.read_bytes() == checkpoint  # no step, nothing written
 
 
-def test_every_rank_refuses_a_multi_device_run():
+def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
+    """Ultralytics runs on_pretrain_routine_start on rank 0 only: the other ranks must refuse a run
+    not prepared in the launching process, and arguments that would mix images in their data."""
     from types import SimpleNamespace
 
-    from ultralytics_dp.guard import check_single_process
+    from ultralytics_dp.guard import check_rank
 
-    with pytest.raises(ValueError, match="several devices"):
-        check_single_process(SimpleNamespace(world_size=2, args=SimpleNamespace(device="0,1")))
-    check_single_process(SimpleNamespace(world_size=1, args=SimpleNamespace(device="0")))
+    def trainer(**args):
+        base = dict(device="0,1", task="detect", mosaic=0.0, mixup=0.0, cutmix=0.0, copy_paste=0.0)
+        return SimpleNamespace(args=SimpleNamespace(**{**base, **args}))
+
+    with pytest.raises(ValueError, match="registered by hand"):
+        check_rank(trainer(), None, rank=1)
+    with pytest.raises(RuntimeError, match="mosaic still on in process 1"):
+        check_rank(trainer(mosaic=1.0), {}, rank=1)
+    with pytest.raises(ValueError, match="segment"):
+        check_rank(trainer(task="segment"), {}, rank=1)
+    ok = trainer()
+    check_rank(ok, {}, rank=1)
+    assert ok.plot_training_samples(None, 0) is None and ok.plot_training_labels() is None  # no training plots
 
 
 def test_readme_lists_every_training_argument_as_the_guard_handles_it():
@@ -264,8 +276,7 @@ def test_readme_lists_every_training_argument_as_the_guard_handles_it():
         (dict(copy_paste=0.1), "copy_paste"), (dict(rect=True), "rect"), (dict(batch=-1), "auto-batch"),
         (dict(batch=0.7), "auto-batch"), (dict(batch=64), "exceeds the dataset size"),
         (dict(cls_pw=0.5), "cls_pw"), (dict(time=0.01), "time"), (dict(quantize=8), "quantize"),
-        (dict(distill_model="yolo26n.yaml"), "distill_model"), (dict(device="0,1"), "several devices"),
-        (dict(device=[0, 1]), "several devices"), (dict(split="train"), "split=train"),
+        (dict(distill_model="yolo26n.yaml"), "distill_model"), (dict(split="train"), "split=train"),
         (dict(cache="disk"), "cache=disk"),
     ],
 )

@@ -131,7 +131,7 @@ def test_mechanism_and_accounting_do_not_import_ultralytics():
     code = (
         "import sys, ultralytics_dp.grad_sample, ultralytics_dp.mechanism, ultralytics_dp.sampling, ultralytics_dp.ghost,"
         " ultralytics_dp.accounting, ultralytics_dp.ledger, ultralytics_dp.planning, ultralytics_dp.config,"
-        " ultralytics_dp.checkpoint;"
+        " ultralytics_dp.checkpoint, ultralytics_dp.distributed;"
         "print('ultralytics' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -13,6 +13,11 @@ Each callback hands its job to the module that owns it:
   (``checkpoint``) in every checkpoint: each states every step taken before it was written; at the
   end best.pt and last.pt state the whole run (which epoch best.pt holds depends on all of them).
 
+Several devices (``distributed``): Ultralytics' launcher runs the trainer in one process per
+device; the arguments are prepared in the launching process (``attach`` or the plugin), every rank
+checks its own at ``on_pretrain_routine_end``, rank 0 alone plans, accounts, records and writes,
+and every rank takes its plan and samples its own shard.
+
 Privacy assumptions: one image with all its labels is one record; the training set the trainer
 samples from is the private set of size N; delta < 1/N; N, q, the validation set (metrics,
 best.pt selection), the architecture and the training arguments are public. A checkpoint links
@@ -30,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import __version__, datasets, guard, offline, recipe
+from . import __version__, datasets, distributed, guard, offline, recipe
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, epsilon_curve
 from .checkpoint import read_dp_entry, summary_line, write_dp_entry
 from .config import DPConfig, one_line
@@ -156,7 +161,9 @@ class DifferentialPrivacy:
                 explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
             kwargs = self.prepare(_planned_args(model, explicit), explicit, kwargs)
             with self.unstarted_run_cleanup():
-                return train(*args, **kwargs)
+                out = train(*args, **kwargs)
+            self.collect_from_workers(getattr(model, "trainer", None))
+            return out
 
         def refuse_tune(*args: Any, **kwargs: Any) -> None:
             raise ValueError("model.tune() trains many runs without the DP callbacks; tune hyper-parameters on "
@@ -205,6 +212,17 @@ class DifferentialPrivacy:
             self._discard_unstarted_run()
             raise
 
+    def collect_from_workers(self, trainer: Any) -> None:
+        """After a multi-device run, which trains in worker processes: this object (the launching
+        process's) takes the run's steps, accountant and run id from its last checkpoint, so that
+        ``epsilon``, ``steps`` and a second ``train()`` behave as after a single-process run."""
+        if not getattr(trainer, "ddp", False) or not Path(trainer.last).exists():
+            return
+        entry = read_dp_entry(trainer.last)
+        self.accountant.load_state_dict(entry["accountant_state"])
+        self.noise_draws, self.run_id = self.accountant.steps, entry["run_id"]
+        self.stopped_by_budget = entry["stopped_by_budget"]
+
     def _with_defaults(self, args: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
         """``args`` with the DP defaults (``recipe``) for every key the user did not set."""
         args, changed = recipe.with_defaults(args, explicit, augmult=self.config.augmult)
@@ -242,7 +260,7 @@ class DifferentialPrivacy:
 
     def _check_unused(self) -> None:
         """One object, one run: its accountant, sigma and ledger record belong to that run."""
-        if self.guard is not None:
+        if self.guard is not None or self.noise_draws:
             raise ValueError("this DifferentialPrivacy object has already trained a run; create a new one for each "
                              "run (the ledger composes them)")
 
@@ -290,24 +308,64 @@ class DifferentialPrivacy:
             self._resume = entry
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
-        """Model, loader and optimizer exist: check, plan, record in the ledger, install."""
-        guard.check_single_process(trainer)  # every rank runs this one
-        check_supported(trainer.model)
-        freeze_batchnorm(trainer.model)
-        dataset = trainer.train_loader.dataset
+        """Model, loader and optimizer exist: check, plan, record in the ledger, install. In a
+        multi-process run every rank gets here: rank 0 checks the data, plans and records, and every
+        rank installs the same plan on its shard (``distributed``)."""
+        rank, world = distributed.rank_and_world()
+        try:  # a refusal in a worker process leaves no save dir behind either
+            if world > 1:
+                guard.check_rank(trainer, self._explicit, rank)
+                self._physical_val_loader(trainer, world)
+            trainer.model = distributed.unwrap(trainer.model)  # the private step all-reduces, not DDP
+            check_supported(trainer.model)
+            freeze_batchnorm(trainer.model)
+            method = resolve_grad_method(trainer.model, self.config.grad_method)
+            dataset = trainer.train_loader.dataset
+            if len(dataset) < world:
+                raise ValueError(f"{len(dataset)} training images for {world} processes; train on fewer devices")
+            self._fit_default_batch(trainer)
+            shared = self._plan_and_record(trainer, dataset) if rank == 0 else None
+            self._share(distributed.from_main(shared))
+            plan = self.plan
+            self._fit_default_lr(trainer, plan)
+            if rank == 0 and (self._defaulted or self._rewrite_args):  # changed after Ultralytics wrote args.yaml
+                self._save_args(trainer)
+            loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
+                                   self._reserve, workers=trainer.train_loader.num_workers,
+                                   secure=self.config.secure_mode, views=self.config.augmult,
+                                   shard=distributed.shard(len(dataset)))
+            self.guard = TrainerGuard(self._private_step_fn(trainer, method, across_ranks=world > 1), loader,
+                                      self.progress)
+        except Exception:
+            self._discard_unstarted_run()
+            raise
+        self.max_steps = plan.max_steps
+        self.guard.install(trainer)
+        guard.show_privacy_not_losses(trainer, tuple(self.progress()))
+        validate = trainer.validate
+
+        def validate_with_epsilon() -> tuple[dict | None, Any]:
+            metrics, fitness = validate()  # metrics on rank 0 only
+            return (metrics if metrics is None else {**metrics, EPSILON_METRIC: round(self.epsilon, 6)}), fitness
+
+        trainer.validate = validate_with_epsilon  # loggers read trainer.metrics, which validate replaces
+
+    def _plan_and_record(self, trainer: Any, dataset: Any) -> dict[str, Any]:
+        """Rank 0 (or the only process): check the training set, plan the run, record it in the ledger
+        (the last step that can refuse it: nothing is recorded before). Returns what every rank needs."""
         with guard.quiet_console():  # Ultralytics' file listing prints the images' mean size
             check_training_set(dataset)
         check_distinct_images(dataset, trainer.test_loader.dataset)
         resume = self._resume
         records, fingerprint = self._ledger_view(dataset) if self.ledger is not None else ([], None)
-        self._fit_default_batch(trainer)
-        self.plan = plan = plan_run(
+        plan = plan_run(
             self.config, num_samples=len(dataset), batch=trainer.args.batch, epochs=trainer.epochs, resumed=resume,
             records=self.ledger.budgets(records, self.config.dataset_budget, self.delta) if fingerprint else None,
         )
+        self.plan = plan
         if resume is not None:
             self.accountant.load_state_dict(resume["accountant_state"])
-            self.noise_draws, self.run_id = self.accountant.steps, resume["run_id"]
+            self.run_id = resume["run_id"]
             log(f"resumed at step {self.steps} (epsilon={self.epsilon:.4f}) with noise_multiplier={plan.noise_multiplier:g}")
         elif plan.calibrated:
             log(f"calibrated noise_multiplier={plan.noise_multiplier:.4f} to spend epsilon={self.config.epsilon:g} "
@@ -316,32 +374,38 @@ class DifferentialPrivacy:
             f"{plan.steps_per_epoch} steps/epoch, {plan.planned_steps} planned, {plan.max_steps - self.steps} allowed "
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
-        self._fit_default_lr(trainer, plan)
-        if self._defaulted or self._rewrite_args:  # changed after Ultralytics wrote args.yaml (lr0 is fitted here)
-            self._save_args(trainer)
-        loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
-                               self._reserve, workers=trainer.train_loader.num_workers, secure=self.config.secure_mode,
-                               views=self.config.augmult)
-        self._curve = self._planned_curve(plan)
-        self.guard = TrainerGuard(self._private_step_fn(trainer), loader, self.progress)
-        if fingerprint is not None:  # the last step that can refuse the run: nothing is recorded before it
+        if fingerprint is not None:
             self._record_run(trainer, records, fingerprint)
-        self.max_steps = plan.max_steps
-        self.guard.install(trainer)
-        guard.show_privacy_not_losses(trainer, tuple(self.progress()))
-        validate = trainer.validate
+        return {"plan": plan, "curve": self._planned_curve(plan), "run_id": self.run_id,
+                "accountant_state": self.accountant.state_dict()}
 
-        def validate_with_epsilon() -> tuple[dict | None, Any]:
-            metrics, fitness = validate()
-            return (metrics if metrics is None else {**metrics, EPSILON_METRIC: round(self.epsilon, 6)}), fitness
+    def _share(self, shared: dict[str, Any]) -> None:
+        """Every rank takes rank 0's plan, display curve, run id and accountant state."""
+        self.plan, self._curve, self.run_id = shared["plan"], shared["curve"], shared["run_id"]
+        self.accountant.load_state_dict(shared["accountant_state"])
+        self.noise_draws = self.accountant.steps
 
-        trainer.validate = validate_with_epsilon  # loggers read trainer.metrics, which validate replaces
+    def _physical_val_loader(self, trainer: Any, world: int) -> None:
+        """Ranks other than 0 built their validation loader from the expected batch (rank 0 from
+        ``physical_batch``, set in ``on_pretrain_routine_start``): every rank rebuilds it at rank 0's
+        size (all of them, since building it is a collective step in Ultralytics)."""
+        from ultralytics.utils import LOCAL_RANK
+
+        trainer.batch_size = min(trainer.args.batch, self.config.physical_batch)
+        if hasattr(trainer.test_loader, "close"):
+            trainer.test_loader.close()
+        trainer.test_loader = trainer.get_dataloader(trainer.data[trainer.args.split], rank=LOCAL_RANK, mode="val",
+                                                     batch_size=max(trainer.batch_size // world, 1) * 2)
+        trainer.validator.dataloader = trainer.test_loader
 
     def progress(self) -> dict[str, float]:
         """What the progress bar shows after each step: epsilon spent (an upper bound read off the
         planned curve, exact at epoch ends), the step, and the step budget."""
         at = bisect.bisect_left(self._curve, (self.steps, -math.inf))
-        spent = self._curve[at][1] if at < len(self._curve) else self.epsilon
+        if at < len(self._curve):
+            spent = self._curve[at][1]
+        else:  # not on the curve: exact (rank 0 only; other ranks never show it)
+            spent = self.epsilon if distributed.is_main() else math.nan
         return {"epsilon": spent, "step": self.steps, "of": self.max_steps}
 
     def _planned_curve(self, plan: Plan) -> list[tuple[int, float]]:
@@ -359,6 +423,8 @@ class DifferentialPrivacy:
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         self.guard.on_train_epoch_end(trainer)
+        if not distributed.is_main():  # Ultralytics keeps metrics on rank 0
+            return
         trainer.metrics[EPSILON_METRIC] = round(self.epsilon, 6)  # also when this epoch is not validated
         log(f"epoch {trainer.epoch + 1}: epsilon={self.epsilon:.4f} (target {self.config.epsilon:g}), "
             f"delta={self.delta:g}, steps={self.steps}")
@@ -413,11 +479,13 @@ class DifferentialPrivacy:
     def _reserve(self, steps: int) -> int:
         """Write-ahead: record the epoch's steps in the ledger before the first of them is taken. The
         ledger grants fewer when another run has spent on the same images since this one was planned
-        and more would take one past its lifetime budget: the run then stops after those."""
-        if self.ledger is None:
-            return steps
-        granted = self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.plan.noise_multiplier,
-                                      sample_rate=self.plan.sample_rate)
+        and more would take one past its lifetime budget: the run then stops after those. Rank 0
+        decides, every rank takes its answer (called by every rank's loader at the same point)."""
+        granted = steps
+        if self.ledger is not None and distributed.is_main():
+            granted = self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.plan.noise_multiplier,
+                                          sample_rate=self.plan.sample_rate)
+        granted = distributed.from_main(granted)
         if granted < steps:
             self.max_steps = self.steps + granted
             self.stopped_by_budget = True
@@ -426,8 +494,7 @@ class DifferentialPrivacy:
                 "spent on the same images; stopping after them")
         return granted
 
-    def _private_step_fn(self, trainer: Any) -> Callable[[dict], None]:
-        method = resolve_grad_method(trainer.model, self.config.grad_method)
+    def _private_step_fn(self, trainer: Any, method: str, across_ranks: bool) -> Callable[[dict], None]:
         log(f"per-sample clipping with the {method} path")
         plan, config = self.plan, self.config
 
@@ -439,6 +506,7 @@ class DifferentialPrivacy:
                 trainer.model, batch, method=method, max_grad_norm=config.max_grad_norm,
                 noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
                 physical_batch=config.physical_batch, secure=config.secure_mode, views=config.augmult,
+                across_ranks=across_ranks,
             )
             for k, p in trainable_params(trainer.model).items():
                 p.grad = grad[k].to(p.dtype)

@@ -56,7 +56,8 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
                             "only affect validation)"),
     "distill_model": ("refused", "the distillation loss has no per-image form here"),
     "compile": ("refused", "not supported with per-image gradients"),
-    "device": ("refused", "several devices: private multi-GPU training is not supported yet"),
+    "device": ("guarded", "several devices (DDP): each process samples a disjoint shard of the training set at "
+                          "rate q, and the processes' clipped sums are added before one noise draw"),
     "split": ("refused", "other than val or test: the validation set is public (metrics, plots, best.pt), so it "
                          "must not be the training set; a validation set sharing images with it is refused too"),
     "data": ("guarded", "a list of datasets trains several runs with one DP object: refused"),
@@ -80,14 +81,6 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
 def _on(value: Any) -> bool:
     """True for a set, non-zero, non-empty value."""
     return value not in (None, False, 0, 0.0, "", [], ())
-
-
-def devices(device: Any) -> int:
-    """How many devices Ultralytics would train on for this ``device`` value (its own parsing is
-    lazy and needs the devices to exist; a comma or a list of several is enough to tell)."""
-    if isinstance(device, (list, tuple)):
-        return len(device)
-    return len([d for d in str(device or "").split(",") if d.strip()])
 
 
 def refuse_unsafe_args(args: Mapping[str, Any], explicit: Mapping[str, Any]) -> None:
@@ -127,8 +120,13 @@ def refuse_unsafe_args(args: Mapping[str, Any], explicit: Mapping[str, Any]) -> 
     if isinstance(args.get("data"), (list, tuple)):
         raise ValueError("data as a list trains one run per dataset with one DifferentialPrivacy object; train them "
                          "one by one, each with its own DifferentialPrivacy (the ledger composes them)")
-    if devices(args.get("device")) > 1:
-        raise _several_devices(args["device"])
+
+
+def refuse_unsafe_task_or_args(args: Any, explicit: Mapping[str, Any]) -> None:
+    """``refuse_unsafe_args`` on a trainer's arguments, and a task DP mode does not support."""
+    refuse_unsafe_args(vars(args), explicit)
+    if args.task not in SUPPORTED_TASKS:
+        raise ValueError(f"task={args.task!r} is not supported in DP mode; supported: {', '.join(SUPPORTED_TASKS)}")
 
 
 def log(message: str) -> None:
@@ -138,18 +136,22 @@ def log(message: str) -> None:
     LOGGER.info(f"DP: {message}")
 
 
-def check_single_process(trainer: Any) -> None:
-    """Refuse a multi-device (DDP) run on whichever rank gets here: each rank would sample with the
-    global q and add its own noise, and gradients written to ``.grad`` bypass DDP's all-reduce."""
-    from ultralytics.utils import RANK
-
-    if trainer.world_size > 1 or RANK != -1:
-        raise _several_devices(trainer.args.device)
-
-
-def _several_devices(device: Any) -> ValueError:
-    return ValueError(f"device={device}: private training on several devices is not supported yet; train on one "
-                      "device (e.g. device=0)")
+def check_rank(trainer: Any, explicit: Mapping[str, Any] | None, rank: int) -> None:
+    """``on_pretrain_routine_end`` on every process of a multi-process (DDP) run. Ultralytics runs
+    ``on_pretrain_routine_start`` on rank 0 only, so the other ranks built their data from the
+    arguments the launching process prepared (``DifferentialPrivacy.prepare``): refuse a run that
+    was not prepared there (callbacks registered by hand), and any rank whose arguments do not hold
+    what DP mode needs."""
+    if explicit is None:
+        raise ValueError(f"device={trainer.args.device}: a multi-device private run must be prepared before its "
+                         "processes start: use DifferentialPrivacy(...).attach(model) or the DP keys of model.train "
+                         "/ yolo train, not callbacks registered by hand")
+    args = trainer.args
+    refuse_unsafe_task_or_args(args, explicit)
+    mixing = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k, 0) or 0) > 0]
+    if mixing:
+        raise RuntimeError(f"DP: {', '.join(mixing)} still on in process {rank}; refusing to train")
+    no_training_plots(trainer)
 
 
 def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
@@ -157,10 +159,7 @@ def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
     argument in ``TRAINING_ARGS`` that needs it, and silence what would print training-set
     statistics. ``explicit``: the arguments the user set."""
     args = trainer.args
-    refuse_unsafe_args(vars(args), explicit)
-    check_single_process(trainer)
-    if args.task not in SUPPORTED_TASKS:
-        raise ValueError(f"task={args.task!r} is not supported in DP mode; supported: {', '.join(SUPPORTED_TASKS)}")
+    refuse_unsafe_task_or_args(args, explicit)
     neutralise_args(args)
     if not explicit.get("amp") and args.amp and trainer.device.type != "cpu":
         args.amp = False
@@ -356,7 +355,8 @@ def show_privacy_not_losses(trainer: Any, columns: tuple[str, ...]) -> None:
     if getattr(trainer.model, "criterion", None) is None:  # built on the first loss call otherwise
         trainer.model.criterion = trainer.model.init_criterion()
     trainer.loss_names = loss_names(trainer.model)  # the criterion's: they name the validation losses
-    trainer.metrics.update(dict.fromkeys(trainer.label_loss_items(prefix="val"), 0.0))
+    if trainer.metrics is not None:  # None on ranks other than 0 of a multi-process run
+        trainer.metrics.update(dict.fromkeys(trainer.label_loss_items(prefix="val"), 0.0))
     label = trainer.label_loss_items
 
     def label_loss_items(loss_items: Any = None, prefix: str = "train") -> Any:

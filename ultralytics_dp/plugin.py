@@ -124,8 +124,10 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
     def __init__(trainer: Any, cfg_arg: Any = cfg.DEFAULT_CFG, overrides: dict | None = None,
                  _callbacks: dict | None = None) -> None:
         explicit = _explicit(cfg, cfg_arg, overrides)
-        if _attached_in(_callbacks or {}) is not None:  # DifferentialPrivacy(...).attach(model): it does the work
-            if any(explicit.get(k) is not None for k in SETTINGS):
+        attached = _attached_in(_callbacks or {})
+        if attached is not None:  # DifferentialPrivacy(...).attach(model), or a worker of a multi-device run
+            given = {k: explicit[k] for k in SETTINGS if explicit.get(k) is not None}
+            if given and given != attached.recorded_settings():  # a worker gets exactly the recorded ones
                 raise ValueError("DP settings were given both to DifferentialPrivacy(...).attach(model) and as "
                                  "training arguments; give them once")
             return init(trainer, cfg_arg, overrides, _callbacks)
@@ -152,7 +154,9 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
 
         def train_privately() -> Any:
             with dp.unstarted_run_cleanup():
-                return train()
+                out = train()
+            dp.collect_from_workers(trainer)
+            return out
 
         trainer.train = train_privately
 

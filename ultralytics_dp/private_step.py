@@ -10,6 +10,8 @@ Privacy assumptions relied on here:
   eval mode (checked here before every step), so each image's clipped gradient has norm <= C and
   the sum over the batch has sensitivity C for adding or removing one image.
 * Physical chunks only bound memory: their clipped sums are added before the single noise draw.
+  So do ranks in a multi-process run: each holds its shard's share of one Poisson batch, and the
+  job draws noise once (``distributed``).
 * Augmentation multiplicity (``views`` = K > 1): the sampled record is the image; its K views are
   random functions of that image alone, its gradient is the mean of theirs and is clipped once,
   so it still adds one vector of norm <= C, and chunks never split a record.
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import ghost
+from . import distributed, ghost
 from .grad_sample import check_no_train_batchnorm, trainable_params
 from .losses import batch_losses, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
@@ -82,13 +84,17 @@ def select(batch: dict, idx: list[int]) -> dict:
 def private_gradient(
     model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
     expected_batch_size: float, physical_batch: int | None = None, secure: bool = False, views: int = 1,
+    across_ranks: bool = False, generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
     physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
     by the expected batch size. ``batch`` is a preprocessed Ultralytics training batch; ``method``
     is "ghost" or "vmap" (see ``resolve_grad_method``). With ``views`` > 1 (augmentation
     multiplicity) the batch holds each sampled record's ``views`` augmented images consecutively;
-    a record's gradient is the mean over its views, clipped once, and chunks hold whole records."""
+    a record's gradient is the mean over its views, clipped once, and chunks hold whole records.
+    ``across_ranks``: ``batch`` is this rank's share of the Poisson batch of a multi-process run; the
+    ranks' clipped sums are added and noised once (``distributed.private_mean``). ``generator``:
+    the noise generator (tests; default: the engine's OS-seeded one)."""
     check_no_train_batchnorm(model)
     clipped_sum = CLIPPED_SUM[method]
     total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
@@ -106,5 +112,6 @@ def private_gradient(
         if "out of memory" in str(err).lower():
             raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
         raise
-    return private_mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                        expected_batch_size=expected_batch_size, secure=secure)
+    mean = distributed.private_mean if across_ranks else private_mean
+    return mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, generator=generator, secure=secure)

@@ -15,7 +15,7 @@ This module must not import Ultralytics.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -84,11 +84,15 @@ class PoissonLoader:
     returns how many were granted (the ledger may grant fewer): the epoch takes that many.
     ``views`` > 1 (augmentation multiplicity): each sampled record is loaded ``views`` times in a
     row, so the dataset's random per-image augmentation gives that many views of it.
+    ``shard``: the records this process samples from (a multi-process run gives each rank a
+    disjoint share, see ``distributed.shard``); each is included with probability ``sample_rate``.
     """
 
     def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
-                 reserve: Callable[[int], int], workers: int = 0, secure: bool = False, views: int = 1) -> None:
+                 reserve: Callable[[int], int], workers: int = 0, secure: bool = False, views: int = 1,
+                 shard: Sequence[int] | None = None) -> None:
         self.dataset = dataset
+        self.shard = range(len(dataset)) if shard is None else shard
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
         self.budget = budget
@@ -105,6 +109,14 @@ class PoissonLoader:
     def reset(self) -> None:
         """Ultralytics calls this after closing mosaic; our batches are drawn fresh every epoch."""
 
+    @property
+    def sampler(self) -> "PoissonLoader":
+        """Ultralytics' multi-process loop calls ``train_loader.sampler.set_epoch(epoch)``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Unused: Poisson batches are drawn fresh from OS entropy every epoch, whatever its number."""
+
     def _collate_or_empty(self, items: list) -> dict:
         if items:
             return self._collate(items)
@@ -117,8 +129,8 @@ class PoissonLoader:
         # a generator: nothing runs (and nothing is reserved) until the first batch is asked for;
         # Ultralytics' trainer creates, and drops, one extra iterator per epoch
         steps = self.reserve(min(self.steps_per_epoch, self.budget()))
-        sampler = PoissonBatchSampler(len(self.dataset), self.sample_rate, steps, secure=self.secure)
-        views = [[i for i in records for _ in range(self.views)] for records in sampler]
+        sampler = PoissonBatchSampler(len(self.shard), self.sample_rate, steps, secure=self.secure)
+        views = [[self.shard[i] for i in records for _ in range(self.views)] for records in sampler]
         yield from torch.utils.data.DataLoader(
             self.dataset, batch_sampler=views, collate_fn=self._collate_or_empty, num_workers=self.num_workers
         )
