@@ -68,6 +68,26 @@ def test_the_step_of_two_processes_equals_the_single_process_step(tmp_path, meth
     assert any(not torch.allclose(single[k], noise_only[k]) for k in single)  # the images do count
 
 
+def _compare(rank: int, world: int, store: str, out: str) -> None:
+    from ultralytics_dp.distributed import digest, same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        same = digest({"w": torch.ones(3)}, "args")
+        differs = digest({"w": torch.ones(3) * (1 + rank * 1e-7)}, "args")  # one ulp-scale difference on rank 1
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps([same_on_every_rank(same),
+                                                                same_on_every_rank(differs)]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_learns_whether_the_replicas_agree(tmp_path):
+    """The check that refuses diverging replicas: both ranks get the same answer, so all refuse together."""
+    mp.spawn(_compare, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [[True, False], [True, False]]
+
+
 def test_sharded_poisson_loaders_sample_each_record_from_one_rank_at_rate_q():
     """Two ranks' loaders: disjoint shards covering the set, each record included at rate q."""
     n, q, steps = 40, 0.3, 400

@@ -241,8 +241,8 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
 
 
 def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
-    """Ultralytics runs on_pretrain_routine_start on rank 0 only: the other ranks must refuse a run
-    not prepared in the launching process, and arguments that would mix images in their data."""
+    """Ultralytics prepares rank 0 only: every rank must refuse a run not prepared in the launching
+    process, a rank the plugin did not prepare, and arguments that would mix images in its data."""
     from types import SimpleNamespace
 
     from ultralytics_dp.guard import check_rank
@@ -252,14 +252,14 @@ def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
         return SimpleNamespace(args=SimpleNamespace(**{**base, **args}))
 
     with pytest.raises(ValueError, match="registered by hand"):
-        check_rank(trainer(), None, rank=1)
+        check_rank(trainer(), None, rank=1, prepared=True)
+    with pytest.raises(RuntimeError, match="process 1 was not prepared"):
+        check_rank(trainer(), {}, rank=1, prepared=False)
     with pytest.raises(RuntimeError, match="mosaic still on in process 1"):
-        check_rank(trainer(mosaic=1.0), {}, rank=1)
+        check_rank(trainer(mosaic=1.0), {}, rank=1, prepared=True)
     with pytest.raises(ValueError, match="segment"):
-        check_rank(trainer(task="segment"), {}, rank=1)
-    ok = trainer()
-    check_rank(ok, {}, rank=1)
-    assert ok.plot_training_samples(None, 0) is None and ok.plot_training_labels() is None  # no training plots
+        check_rank(trainer(task="segment"), {}, rank=1, prepared=True)
+    check_rank(trainer(), {}, rank=1, prepared=True)
 
 
 def test_readme_lists_every_training_argument_as_the_guard_handles_it():

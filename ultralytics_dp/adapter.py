@@ -47,7 +47,7 @@ from .planning import Plan, check_resume, plan_run
 from .privacy_plot import plot_privacy
 from .private_step import private_gradient, resolve_grad_method
 from .sampling import PoissonLoader
-from .training_set import check_distinct_images, check_training_set, dataset_records
+from .training_set import check_distinct_images, check_training_set, dataset_records, image_files
 
 PRIVACY_UNIT = "image"
 EPSILON_METRIC = "dp/epsilon"
@@ -77,6 +77,8 @@ class DifferentialPrivacy:
         self.stopped_by_budget = False
         self.guard: TrainerGuard | None = None
         self.save_dir: Path | None = None
+        self._prepared: Any = None  # the trainer on_pretrain_routine_start prepared (on every rank)
+        self._launched = False  # this object launched a multi-device run (its workers trained)
         self._resume: dict[str, Any] | None = None  # the dp entry of a checkpoint being resumed
         self._explicit: dict[str, Any] | None = None  # the training arguments the user set
         self._defaulted: list[str] = []  # arguments set from recipe.DEFAULTS (batch and lr0 are fitted to the run)
@@ -161,9 +163,10 @@ class DifferentialPrivacy:
                 explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
             kwargs = self.prepare(_planned_args(model, explicit), explicit, kwargs)
             with self.unstarted_run_cleanup():
-                out = train(*args, **kwargs)
-            self.collect_from_workers(getattr(model, "trainer", None))
-            return out
+                try:
+                    return train(*args, **kwargs)
+                finally:
+                    self.collect_from_workers(getattr(model, "trainer", None))
 
         def refuse_tune(*args: Any, **kwargs: Any) -> None:
             raise ValueError("model.tune() trains many runs without the DP callbacks; tune hyper-parameters on "
@@ -216,7 +219,10 @@ class DifferentialPrivacy:
         """After a multi-device run, which trains in worker processes: this object (the launching
         process's) takes the run's steps, accountant and run id from its last checkpoint, so that
         ``epsilon``, ``steps`` and a second ``train()`` behave as after a single-process run."""
-        if not getattr(trainer, "ddp", False) or not Path(trainer.last).exists():
+        if not getattr(trainer, "ddp", False):
+            return
+        self._launched = True  # its workers may have taken steps, whether or not they wrote a checkpoint
+        if not Path(trainer.last).exists():
             return
         entry = read_dp_entry(trainer.last)
         self.accountant.load_state_dict(entry["accountant_state"])
@@ -260,14 +266,14 @@ class DifferentialPrivacy:
 
     def _check_unused(self) -> None:
         """One object, one run: its accountant, sigma and ledger record belong to that run."""
-        if self.guard is not None or self.noise_draws:
+        if self.guard is not None or self._launched:
             raise ValueError("this DifferentialPrivacy object has already trained a run; create a new one for each "
                              "run (the ledger composes them)")
 
     def _discard_unstarted_run(self) -> None:
         """A run refused before its first step leaves nothing behind: remove the save dir that
         Ultralytics created for it if it holds only its args.yaml (and an empty weights dir)."""
-        if self.noise_draws or self.save_dir is None or not self.save_dir.is_dir():
+        if self.noise_draws or self.save_dir is None or not self.save_dir.is_dir() or not distributed.is_main():
             return
         if all(p.name == "args.yaml" for p in self.save_dir.rglob("*") if p.is_file()):
             shutil.rmtree(self.save_dir, ignore_errors=True)
@@ -287,6 +293,7 @@ class DifferentialPrivacy:
             vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
             trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
         guard.prepare_trainer(trainer, explicit)
+        self._prepared = trainer
         recorded = self.recorded_settings()
         if any(getattr(trainer.args, k, None) != v for k, v in recorded.items()):
             vars(trainer.args).update(recorded)  # attached by hand: Ultralytics wrote args.yaml without them
@@ -314,8 +321,7 @@ class DifferentialPrivacy:
         rank, world = distributed.rank_and_world()
         try:  # a refusal in a worker process leaves no save dir behind either
             if world > 1:
-                guard.check_rank(trainer, self._explicit, rank)
-                self._physical_val_loader(trainer, world)
+                guard.check_rank(trainer, self._explicit, rank, prepared=self._prepared is trainer)
             trainer.model = distributed.unwrap(trainer.model)  # the private step all-reduces, not DDP
             check_supported(trainer.model)
             freeze_batchnorm(trainer.model)
@@ -323,6 +329,9 @@ class DifferentialPrivacy:
             dataset = trainer.train_loader.dataset
             if len(dataset) < world:
                 raise ValueError(f"{len(dataset)} training images for {world} processes; train on fewer devices")
+            if world > 1 and not distributed.same_on_every_rank(_replica_digest(trainer)):
+                raise RuntimeError("DP: the processes differ in their model, optimizer, arguments or training set; "
+                                   "refusing (every process must step identically)")
             self._fit_default_batch(trainer)
             shared = self._plan_and_record(trainer, dataset) if rank == 0 else None
             self._share(distributed.from_main(shared))
@@ -384,19 +393,6 @@ class DifferentialPrivacy:
         self.plan, self._curve, self.run_id = shared["plan"], shared["curve"], shared["run_id"]
         self.accountant.load_state_dict(shared["accountant_state"])
         self.noise_draws = self.accountant.steps
-
-    def _physical_val_loader(self, trainer: Any, world: int) -> None:
-        """Ranks other than 0 built their validation loader from the expected batch (rank 0 from
-        ``physical_batch``, set in ``on_pretrain_routine_start``): every rank rebuilds it at rank 0's
-        size (all of them, since building it is a collective step in Ultralytics)."""
-        from ultralytics.utils import LOCAL_RANK
-
-        trainer.batch_size = min(trainer.args.batch, self.config.physical_batch)
-        if hasattr(trainer.test_loader, "close"):
-            trainer.test_loader.close()
-        trainer.test_loader = trainer.get_dataloader(trainer.data[trainer.args.split], rank=LOCAL_RANK, mode="val",
-                                                     batch_size=max(trainer.batch_size // world, 1) * 2)
-        trainer.validator.dataloader = trainer.test_loader
 
     def progress(self) -> dict[str, float]:
         """What the progress bar shows after each step: epsilon spent (an upper bound read off the
@@ -517,6 +513,17 @@ class DifferentialPrivacy:
                 self.stopped_by_budget = self.steps < plan.planned_steps
 
         return private_step
+
+
+def _replica_digest(trainer: Any) -> str:
+    """What must be identical on every process of a multi-process run, hashed: model, optimizer,
+    arguments and training records (their order decides the shards)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])}
+              for g in trainer.optimizer.param_groups]
+    state = distributed.unwrap(trainer.model).state_dict()
+    trainable = [n for n, p in distributed.unwrap(trainer.model).named_parameters() if p.requires_grad]
+    return distributed.digest(state, repr((type(trainer.optimizer).__name__, groups, sorted(vars(trainer.args).items()),
+                                           trainable, image_files(trainer.train_loader.dataset))))
 
 
 def _planned_args(model: Any, explicit: dict[str, Any]) -> dict[str, Any]:

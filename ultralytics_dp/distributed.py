@@ -27,6 +27,7 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, TypeVar
 
 import torch
@@ -64,6 +65,26 @@ def from_main(value: T) -> T:
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def same_on_every_rank(value: Any) -> bool:
+    """Whether every rank passed an equal ``value`` (every rank learns the answer, so all refuse together)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return True
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
+
+
+def digest(tensors: dict[str, Tensor], text: str) -> str:
+    """SHA-256 of named tensors (bytes, dtype, shape) and a text: compares replicas across ranks."""
+    h = hashlib.sha256(text.encode())
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def private_mean(

@@ -136,22 +136,25 @@ def log(message: str) -> None:
     LOGGER.info(f"DP: {message}")
 
 
-def check_rank(trainer: Any, explicit: Mapping[str, Any] | None, rank: int) -> None:
-    """``on_pretrain_routine_end`` on every process of a multi-process (DDP) run. Ultralytics runs
-    ``on_pretrain_routine_start`` on rank 0 only, so the other ranks built their data from the
-    arguments the launching process prepared (``DifferentialPrivacy.prepare``): refuse a run that
-    was not prepared there (callbacks registered by hand), and any rank whose arguments do not hold
-    what DP mode needs."""
+def check_rank(trainer: Any, explicit: Mapping[str, Any] | None, rank: int, prepared: bool) -> None:
+    """``on_pretrain_routine_end`` on every process of a multi-process (DDP) run. The launching
+    process prepares the arguments (``DifferentialPrivacy.prepare``) and Ultralytics runs
+    ``on_pretrain_routine_start`` on rank 0 only; the plugin runs it on the others (``prepared``).
+    Refuse a run that was not prepared so (callbacks registered by hand, or the plugin off), and
+    any rank whose arguments do not hold what DP mode needs."""
     if explicit is None:
         raise ValueError(f"device={trainer.args.device}: a multi-device private run must be prepared before its "
                          "processes start: use DifferentialPrivacy(...).attach(model) or the DP keys of model.train "
                          "/ yolo train, not callbacks registered by hand")
+    if not prepared:
+        raise RuntimeError(f"DP: process {rank} was not prepared for private training (Ultralytics prepares rank 0 "
+                           "only; the ultralytics-dp plugin prepares the others): keep the plugin on "
+                           "(ULTRALYTICS_DP_PLUGIN unset) with the supported Ultralytics version")
     args = trainer.args
     refuse_unsafe_task_or_args(args, explicit)
     mixing = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k, 0) or 0) > 0]
     if mixing:
         raise RuntimeError(f"DP: {', '.join(mixing)} still on in process {rank}; refusing to train")
-    no_training_plots(trainer)
 
 
 def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:

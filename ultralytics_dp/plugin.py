@@ -13,6 +13,9 @@ and so registers import hooks (``hooks``). Nothing else happens until Ultralytic
   and args.yaml records the DP keys and what was used (``mosaic: 0.0``, the DP defaults). The
   trainer's ``get_cfg`` leaves unset DP keys out, so a non-private run's arguments are exactly
   Ultralytics' own.
+* In the worker processes of a multi-device run, the wrapper runs ``on_pretrain_routine_start`` of
+  the attached ``DifferentialPrivacy`` on ranks other than 0 (Ultralytics runs it on rank 0 only),
+  before they build their data, loaders and optimizer; without the plugin those ranks refuse.
 * Two checks that do not depend on that wrapper are registered with the keys, at index 0 of the
   default ``on_pretrain_routine_start`` and ``on_train_start`` callbacks (index 0 survives
   ``Model.reset_callbacks``): a trainer with a DP key set and no private step is refused (say a
@@ -123,14 +126,18 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
     @functools.wraps(init)
     def __init__(trainer: Any, cfg_arg: Any = cfg.DEFAULT_CFG, overrides: dict | None = None,
                  _callbacks: dict | None = None) -> None:
+        from ultralytics.utils import RANK
+
         explicit = _explicit(cfg, cfg_arg, overrides)
         attached = _attached_in(_callbacks or {})
         if attached is not None:  # DifferentialPrivacy(...).attach(model), or a worker of a multi-device run
-            given = {k: explicit[k] for k in SETTINGS if explicit.get(k) is not None}
-            if given and given != attached.recorded_settings():  # a worker gets exactly the recorded ones
+            if RANK == -1 and any(explicit.get(k) is not None for k in SETTINGS):  # (a worker gets the recorded ones)
                 raise ValueError("DP settings were given both to DifferentialPrivacy(...).attach(model) and as "
                                  "training arguments; give them once")
-            return init(trainer, cfg_arg, overrides, _callbacks)
+            init(trainer, cfg_arg, overrides, _callbacks)
+            if RANK > 0:  # Ultralytics ran on_pretrain_routine_start on rank 0 only: prepare this rank the same way
+                attached.on_pretrain_routine_start(trainer)
+            return
         settings, planned = _private(explicit)
         if not settings:
             return init(trainer, cfg_arg, overrides, _callbacks)
@@ -154,9 +161,10 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
 
         def train_privately() -> Any:
             with dp.unstarted_run_cleanup():
-                out = train()
-            dp.collect_from_workers(trainer)
-            return out
+                try:
+                    return train()
+                finally:
+                    dp.collect_from_workers(trainer)
 
         trainer.train = train_privately
 

@@ -63,6 +63,7 @@ model = YOLO("yolo26n.yaml")
 model.add_callback("on_train_start", record_steps)
 model.add_callback("teardown", write_seen)
 train = dict(data=DATA, epochs=2, imgsz=64, batch=8, workers=0, device="0,1", amp=False, project=OUT, name="run",
+             weight_decay=5e-4, nbs=4,  # Ultralytics scales weight decay with the batch it builds its loaders with
              exist_ok=True, plots=False)
 if MODE == "attach":
     dp = DifferentialPrivacy(**DP, ledger=LEDGER).attach(model)
