@@ -69,14 +69,13 @@ def test_the_step_of_two_processes_equals_the_single_process_step(tmp_path, meth
 
 
 def _compare(rank: int, world: int, store: str, out: str) -> None:
-    from ultralytics_dp.distributed import digest, same_on_every_rank
+    from ultralytics_dp.distributed import digest, gather
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        same = digest({"w": torch.ones(3)}, "args")
-        differs = digest({"w": torch.ones(3) * (1 + rank * 1e-7)}, "args")  # one ulp-scale difference on rank 1
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps([same_on_every_rank(same),
-                                                                same_on_every_rank(differs)]))
+        same = gather(digest({"w": torch.ones(3)}, "args"))
+        differs = gather(digest({"w": torch.ones(3) * (1 + rank * 1e-7)}, "args"))  # a tiny difference on rank 1
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps([len(set(same)) == 1, len(set(differs)) == 1]))
     finally:
         dist.destroy_process_group()
 
@@ -103,11 +102,17 @@ def test_sharded_poisson_loaders_sample_each_record_from_one_rank_at_rate_q():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["attach", "keys"])
+@pytest.mark.parametrize("mode", ["attach", "keys", "torchrun"])
 def test_a_private_run_through_ultralytics_ddp_launcher(tiny_det, tmp_path, mode):
+    """attach / keys: Ultralytics launches its workers; torchrun: every process runs the script (as a
+    multi-node launch does) and Ultralytics' trainer joins the process group."""
+    from ultralytics.utils.dist import find_free_network_port
+
     ledger = tmp_path / "ledger.sqlite"
     env = {**os.environ, "PYTHONPATH": str(HARNESS), "ULTRALYTICS_DP_TEST_CPU_DDP": "1"}
-    run = subprocess.run([sys.executable, str(HARNESS / "train.py"), str(tiny_det), str(tmp_path), str(ledger), mode],
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(find_free_network_port())] if mode == "torchrun" else [sys.executable])
+    run = subprocess.run([*launch, str(HARNESS / "train.py"), str(tiny_det), str(tmp_path), str(ledger), mode],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -135,6 +140,18 @@ def test_a_private_run_through_ultralytics_ddp_launcher(tiny_det, tmp_path, mode
     assert ledger_steps(ledger) >= steps
     if mode == "attach":  # the launching process's object reports the run its workers trained
         assert json.loads((tmp_path / "launcher.json").read_text()) == {"epsilon": entry["epsilon"], "steps": steps}
-    else:
+    elif mode == "keys":
         args = (tmp_path / "run" / "args.yaml").read_text()
         assert "epsilon: 4.0" in args and str(ledger) not in args
+
+
+def test_before_the_process_group_exists_the_launchers_rank_says_which_process_is_main(monkeypatch):
+    """A refusal in a worker's constructor (before the process group) must not clean up rank 0's run dir."""
+    from ultralytics_dp.distributed import is_main
+
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main()
+    monkeypatch.delenv("RANK")
+    assert is_main()

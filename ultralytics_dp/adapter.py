@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,6 +68,7 @@ class DifferentialPrivacy:
         if config is not None and settings:
             raise ValueError("give a DPConfig or settings, not both")
         self.config = config if config is not None else DPConfig(**settings)
+        self._pid = os.getpid()  # another process's object: unpickled in a worker of Ultralytics' launcher
         ledger = self.config.ledger
         self.ledger = None if ledger is False else Ledger(None if ledger in (None, True) else ledger)
         self.accountant = PrivacyAccountant()
@@ -136,6 +138,12 @@ class DifferentialPrivacy:
             "version": __version__,
         }
 
+    @property
+    def launched_elsewhere(self) -> bool:
+        """Whether this object was attached in another process (Ultralytics' multi-device launcher
+        pickles it into its workers)."""
+        return self._pid != os.getpid()
+
     @staticmethod
     def report(path: str | Path) -> dict[str, Any]:
         """Print and return the ``dp`` entry of a checkpoint written by a private run."""
@@ -162,11 +170,13 @@ class DifferentialPrivacy:
 
                 explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
             kwargs = self.prepare(_planned_args(model, explicit), explicit, kwargs)
+            before = getattr(model, "trainer", None)
             with self.unstarted_run_cleanup():
                 try:
                     return train(*args, **kwargs)
                 finally:
-                    self.collect_from_workers(getattr(model, "trainer", None))
+                    if getattr(model, "trainer", None) is not before:  # not an earlier run's trainer
+                        self.collect_from_workers(model.trainer)
 
         def refuse_tune(*args: Any, **kwargs: Any) -> None:
             raise ValueError("model.tune() trains many runs without the DP callbacks; tune hyper-parameters on "
@@ -222,6 +232,7 @@ class DifferentialPrivacy:
         if not getattr(trainer, "ddp", False):
             return
         self._launched = True  # its workers may have taken steps, whether or not they wrote a checkpoint
+        self.save_dir = Path(trainer.save_dir)  # removed (by unstarted_run_cleanup) if no worker took a step
         if not Path(trainer.last).exists():
             return
         entry = read_dp_entry(trainer.last)
@@ -321,7 +332,7 @@ class DifferentialPrivacy:
         rank, world = distributed.rank_and_world()
         try:  # a refusal in a worker process leaves no save dir behind either
             if world > 1:
-                guard.check_rank(trainer, self._explicit, rank, prepared=self._prepared is trainer)
+                self._agree_with_every_rank(trainer, rank)
             trainer.model = distributed.unwrap(trainer.model)  # the private step all-reduces, not DDP
             check_supported(trainer.model)
             freeze_batchnorm(trainer.model)
@@ -329,9 +340,6 @@ class DifferentialPrivacy:
             dataset = trainer.train_loader.dataset
             if len(dataset) < world:
                 raise ValueError(f"{len(dataset)} training images for {world} processes; train on fewer devices")
-            if world > 1 and not distributed.same_on_every_rank(_replica_digest(trainer)):
-                raise RuntimeError("DP: the processes differ in their model, optimizer, arguments or training set; "
-                                   "refusing (every process must step identically)")
             self._fit_default_batch(trainer)
             shared = self._plan_and_record(trainer, dataset) if rank == 0 else None
             self._share(distributed.from_main(shared))
@@ -358,6 +366,23 @@ class DifferentialPrivacy:
             return (metrics if metrics is None else {**metrics, EPSILON_METRIC: round(self.epsilon, 6)}), fitness
 
         trainer.validate = validate_with_epsilon  # loggers read trainer.metrics, which validate replaces
+
+    def _agree_with_every_rank(self, trainer: Any, rank: int) -> None:
+        """Every rank checks itself (``guard.check_rank``) and hashes what must be identical on all
+        (``_replica_digest``); all learn every answer, so a refusal anywhere is a refusal everywhere,
+        before anything is recorded."""
+        try:
+            guard.check_rank(trainer, self._explicit, rank, prepared=self._prepared is trainer)
+            mine: str | Exception = _replica_digest(trainer)
+        except (ValueError, RuntimeError) as err:
+            mine = err
+        answers = distributed.gather(mine)
+        refusal = mine if isinstance(mine, Exception) else next((a for a in answers if isinstance(a, Exception)), None)
+        if refusal is not None:
+            raise refusal
+        if any(a != mine for a in answers):
+            raise RuntimeError("DP: the processes differ in their model, optimizer, arguments or training set; "
+                               "refusing (every process must step identically)")
 
     def _plan_and_record(self, trainer: Any, dataset: Any) -> dict[str, Any]:
         """Rank 0 (or the only process): check the training set, plan the run, record it in the ledger
@@ -522,8 +547,9 @@ def _replica_digest(trainer: Any) -> str:
               for g in trainer.optimizer.param_groups]
     state = distributed.unwrap(trainer.model).state_dict()
     trainable = [n for n, p in distributed.unwrap(trainer.model).named_parameters() if p.requires_grad]
-    return distributed.digest(state, repr((type(trainer.optimizer).__name__, groups, sorted(vars(trainer.args).items()),
-                                           trainable, image_files(trainer.train_loader.dataset))))
+    args = sorted((k, v) for k, v in vars(trainer.args).items() if k not in ("save_dir", "name"))  # rank 0's own
+    return distributed.digest(state, repr((type(trainer.optimizer).__name__, groups, args, trainable,
+                                           image_files(trainer.train_loader.dataset))))
 
 
 def _planned_args(model: Any, explicit: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ This module must not import Ultralytics.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -47,8 +48,11 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    """Whether this process accounts, writes the ledger and checkpoints, and logs (rank 0)."""
-    return rank_and_world()[0] == 0
+    """Whether this process accounts, writes the ledger and checkpoints, and logs (rank 0); before
+    the process group exists, from the launcher's ``RANK`` variable."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) <= 0
 
 
 def shard(num_samples: int) -> range:
@@ -67,14 +71,14 @@ def from_main(value: T) -> T:
     return box[0]
 
 
-def same_on_every_rank(value: Any) -> bool:
-    """Whether every rank passed an equal ``value`` (every rank learns the answer, so all refuse together)."""
+def gather(value: T) -> list[T]:
+    """Every rank's ``value``, on every rank (so that all can refuse together)."""
     _, world = rank_and_world()
     if world == 1:
-        return True
+        return [value]
     values: list[Any] = [None] * world
     dist.all_gather_object(values, value)
-    return all(v == values[0] for v in values)
+    return values
 
 
 def digest(tensors: dict[str, Tensor], text: str) -> str:

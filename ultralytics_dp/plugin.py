@@ -126,17 +126,15 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
     @functools.wraps(init)
     def __init__(trainer: Any, cfg_arg: Any = cfg.DEFAULT_CFG, overrides: dict | None = None,
                  _callbacks: dict | None = None) -> None:
-        from ultralytics.utils import RANK
-
         explicit = _explicit(cfg, cfg_arg, overrides)
         attached = _attached_in(_callbacks or {})
         if attached is not None:  # DifferentialPrivacy(...).attach(model), or a worker of a multi-device run
-            if RANK == -1 and any(explicit.get(k) is not None for k in SETTINGS):  # (a worker gets the recorded ones)
+            # a worker of Ultralytics' launcher gets the launching process's object and its recorded keys
+            if not attached.launched_elsewhere and any(explicit.get(k) is not None for k in SETTINGS):
                 raise ValueError("DP settings were given both to DifferentialPrivacy(...).attach(model) and as "
                                  "training arguments; give them once")
             init(trainer, cfg_arg, overrides, _callbacks)
-            if RANK > 0:  # Ultralytics ran on_pretrain_routine_start on rank 0 only: prepare this rank the same way
-                attached.on_pretrain_routine_start(trainer)
+            _prepare_other_rank(attached, trainer)
             return
         settings, planned = _private(explicit)
         if not settings:
@@ -157,6 +155,7 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
             callbacks[event].append(fn)
         with dp.unstarted_run_cleanup():
             init(trainer, cfg_arg, overrides, callbacks)
+            _prepare_other_rank(dp, trainer)
         train = trainer.train
 
         def train_privately() -> Any:
@@ -170,6 +169,15 @@ def _private_init(init: Any, cfg: ModuleType) -> Any:
 
     __init__._ultralytics_dp = True
     return __init__
+
+
+def _prepare_other_rank(dp: Any, trainer: Any) -> None:
+    """Ultralytics runs ``on_pretrain_routine_start`` on rank 0 only: run DP's on the other ranks of a
+    multi-device run too, before they build their loaders and optimizer."""
+    from ultralytics.utils import RANK
+
+    if RANK > 0:
+        dp.on_pretrain_routine_start(trainer)
 
 
 def _default_callbacks() -> dict:

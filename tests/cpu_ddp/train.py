@@ -2,6 +2,7 @@
 ULTRALYTICS_DP_TEST_CPU_DDP=1 and this directory on PYTHONPATH, see sitecustomize.py).
 
     python train.py DATA OUT LEDGER {attach|keys}
+    python -m torch.distributed.run --nproc_per_node 2 train.py DATA OUT LEDGER torchrun
 
 Every worker writes OUT/rank{R}.json: what it trained on (each step's image files), its
 arguments, its dataset's transforms and a hash of its final weights. The launching process
@@ -65,9 +66,10 @@ model.add_callback("teardown", write_seen)
 train = dict(data=DATA, epochs=2, imgsz=64, batch=8, workers=0, device="0,1", amp=False, project=OUT, name="run",
              weight_decay=5e-4, nbs=4,  # Ultralytics scales weight decay with the batch it builds its loaders with
              exist_ok=True, plots=False)
-if MODE == "attach":
+if MODE in ("attach", "torchrun"):  # torchrun: this script runs in every process, as a multi-node launch would
     dp = DifferentialPrivacy(**DP, ledger=LEDGER).attach(model)
     model.train(**train)
-    Path(OUT, "launcher.json").write_text(json.dumps({"epsilon": dp.epsilon, "steps": dp.steps}))
+    if MODE == "attach":
+        Path(OUT, "launcher.json").write_text(json.dumps({"epsilon": dp.epsilon, "steps": dp.steps}))
 else:
     model.train(**train, **DP, ledger=LEDGER)
