@@ -181,3 +181,23 @@ def test_kill_9_mid_epoch_then_resume(tiny_det, tmp_path):
     ledger_eps = Ledger(ledger_path).epsilons()["worst_epsilon"]
     assert ledger_eps >= compute_epsilon(noise_multiplier=2.0, sample_rate=0.25, steps=taken, delta=1e-3) - 1e-6
     assert ledger_steps(ledger_path) >= taken
+
+
+@pytest.mark.parametrize("granted", [3, 0])
+def test_an_epoch_the_ledger_grants_fewer_steps_takes_all_it_was_granted(tmp_path, granted):
+    """Another run spent on the same images: the ledger grants fewer steps than the epoch asked for.
+    The epoch takes every granted step (the trainer stops after the last, not after the first);
+    with none granted it stops at the epoch's end."""
+    from types import SimpleNamespace
+
+    class Ledger:
+        def reserve(self, run_id, *, steps, noise_multiplier, sample_rate):
+            return min(steps, granted)
+
+    dp = DifferentialPrivacy(epsilon=3, ledger=tmp_path / "ledger.sqlite")
+    dp.ledger, dp.run_id, dp.max_steps = Ledger(), "run", 100
+    dp.plan = SimpleNamespace(noise_multiplier=1.0, sample_rate=0.1)
+    dp.guard = SimpleNamespace(trainer=SimpleNamespace(stop=False))
+    assert dp._reserve(10) == granted
+    assert dp.max_steps == granted and dp.stopped_by_budget
+    assert dp.guard.trainer.stop is (granted == 0)

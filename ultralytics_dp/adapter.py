@@ -507,10 +507,10 @@ class DifferentialPrivacy:
             granted = self.ledger.reserve(self.run_id, steps=steps, noise_multiplier=self.plan.noise_multiplier,
                                           sample_rate=self.plan.sample_rate)
         granted = distributed.from_main(granted)
-        if granted < steps:
+        if granted < steps:  # the loader yields the granted steps; the last one stops the trainer
             self.max_steps = self.steps + granted
             self.stopped_by_budget = True
-            self.guard.trainer.stop = True
+            self.guard.trainer.stop = granted == 0  # no step will: stop at this epoch's end
             log(f"an image's lifetime budget (dataset_budget) allows {granted} more step(s), not {steps}: another run "
                 "spent on the same images; stopping after them")
         return granted
