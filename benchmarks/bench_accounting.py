@@ -12,7 +12,7 @@ import platform
 import time
 
 from results_md import replace_section
-from ultralytics_dp.accounting import _rdp, compute_epsilon, get_noise_multiplier, max_steps
+from ultralytics_dp.accounting import _compute_epsilon, _rdp, compute_epsilon, get_noise_multiplier, max_steps
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6
 
@@ -62,6 +62,7 @@ def main() -> None:
     print("\nthe queries of a training run's set-up and the edge cases (delta=1e-5, a cold cache for each):")
     for name, fn, kwargs in EDGE_CASES:
         _rdp.cache_clear()
+        _compute_epsilon.cache_clear()
         try:
             out, t = timed(fn, delta=1e-5, **kwargs)
         except Exception as err:  # a failure is a result worth printing

@@ -251,7 +251,15 @@ def compose(segments: Sequence[Segment], delta: float) -> float:
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Upper bound on epsilon after ``steps`` Poisson-subsampled Gaussian steps (sigma, q) at delta."""
     _check_segment(noise_multiplier, sample_rate, steps)
-    return max(epsilon_bounds([Segment(noise_multiplier, sample_rate, steps)], delta)[2], 0.0)
+    _check_delta(delta)
+    return _compute_epsilon(float(noise_multiplier), float(sample_rate), int(steps), float(delta))
+
+
+@lru_cache(maxsize=256)
+def _compute_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """A pure function of its arguments, cached: a run's planning asks for the calibrated sigma's
+    epsilon twice (calibration, then the step budget)."""
+    return max(epsilon_bounds([Segment(sigma, q, steps)], delta)[2], 0.0)
 
 
 def epsilon_curve(*, noise_multiplier: float, sample_rate: float, steps: Sequence[int], delta: float) -> list[float]:
@@ -282,31 +290,53 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
         raise ValueError("steps must be >= 1 to calibrate a noise multiplier, got 0")
 
     @lru_cache(maxsize=None)
-    def eps(k: int) -> float:  # sigma on a grid of SIGMA_RESOLUTION
-        return compute_epsilon(noise_multiplier=k * SIGMA_RESOLUTION, sample_rate=sample_rate, steps=steps, delta=delta)
+    def eps(k: int) -> float:  # sigma on a grid of SIGMA_RESOLUTION, as returned (so the cache serves the budget)
+        return compute_epsilon(noise_multiplier=round(k * SIGMA_RESOLUTION, 10), sample_rate=sample_rate, steps=steps,
+                               delta=delta)
 
-    # bracket with the (looser) RDP bound, or PRV itself where RDP cannot certify the target (small epsilon)
-    hi = 1.0
-    while rdp_epsilon([Segment(hi, sample_rate, steps)], delta) > target_epsilon and eps(
-            math.ceil(hi / SIGMA_RESOLUTION)) > target_epsilon:
-        hi *= 2
-        if hi > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"target_epsilon={target_epsilon} is unreachable: even noise_multiplier="
-                f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at q={sample_rate}; "
-                "raise the target, or use fewer steps or a smaller sampling rate"
-            )
-    k_hi = math.ceil(hi / SIGMA_RESOLUTION)
+    # RDP bounds epsilon from above, so the sigma RDP needs is enough for PRV too (checked): start
+    # there and bracket downwards in 10% steps; where RDP cannot certify the target (small
+    # epsilon), double sigma from 1 on PRV itself
+    sigma_rdp = _rdp_noise_multiplier(sample_rate, steps, delta, target_epsilon)
+    if sigma_rdp is None:
+        hi = 1.0
+        while eps(math.ceil(hi / SIGMA_RESOLUTION)) > target_epsilon:
+            hi *= 2
+            if hi > MAX_NOISE_MULTIPLIER:
+                raise ValueError(
+                    f"target_epsilon={target_epsilon} is unreachable: even noise_multiplier="
+                    f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at q={sample_rate}; "
+                    "raise the target, or use fewer steps or a smaller sampling rate"
+                )
+        sigma_rdp = hi
+    k_hi = math.ceil(sigma_rdp / SIGMA_RESOLUTION)
     while eps(k_hi) > target_epsilon:  # PRV upper bound above RDP: rare, but fail closed
-        k_hi = math.ceil(k_hi * 1.5)
-    k_lo = k_hi // 2
+        k_hi = math.ceil(k_hi * 1.25)
+    k_lo = max(int(k_hi * 0.9), 1)
     while k_lo > 1 and eps(k_lo) <= target_epsilon:
-        k_hi, k_lo = k_lo, k_lo // 2
-    if k_lo <= 1 and eps(k_lo) <= target_epsilon:
+        k_hi, k_lo = k_lo, max(int(k_lo * 0.9), 1)
+    if eps(k_lo) <= target_epsilon:
         return round(k_lo * SIGMA_RESOLUTION, 10)
     # largest k that still overspends; epsilon falls as sigma grows, so search on its negation
     k_fail = _bracket_search(lambda k: target_epsilon - eps(k), k_lo, k_hi)
     return round((k_fail + 1) * SIGMA_RESOLUTION, 10)
+
+
+def _rdp_noise_multiplier(q: float, steps: int, delta: float, target: float) -> float | None:
+    """The smallest sigma (to 0.1%) whose RDP epsilon bound is <= target, or None if RDP's orders
+    cannot certify the target at any sigma up to ``MAX_NOISE_MULTIPLIER``. Cheap: closed-form RDP."""
+    def fits(sigma: float) -> bool:
+        return rdp_epsilon([Segment(sigma, q, steps)], delta) <= target
+
+    lo, hi = 1e-2, 1.0
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > MAX_NOISE_MULTIPLIER:
+            return None
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
