@@ -52,10 +52,11 @@ def test_default_det_dataset_is_well_formed() -> None:
     assert n_boxes > 1000
 
 
-def test_same_seed_same_files_other_seed_differs(tmp_path: Path) -> None:
-    a = datasets.build("digits-det", seed=3, imgsz=32, n_train=12, n_val=4, root=tmp_path / "a")
-    b = datasets.build("digits-det", seed=3, imgsz=32, n_train=12, n_val=4, root=tmp_path / "b")
-    c = datasets.build("digits-det", seed=4, imgsz=32, n_train=12, n_val=4, root=tmp_path / "c")
+@pytest.mark.parametrize("name", ["digits-det", "digits-seg", "digits-pose", "digits-obb"])
+def test_same_seed_same_files_other_seed_differs(tmp_path: Path, name: str) -> None:
+    a = datasets.build(name, seed=3, imgsz=32, n_train=12, n_val=4, root=tmp_path / "a")
+    b = datasets.build(name, seed=3, imgsz=32, n_train=12, n_val=4, root=tmp_path / "b")
+    c = datasets.build(name, seed=4, imgsz=32, n_train=12, n_val=4, root=tmp_path / "c")
     assert _digest(a.parent) == _digest(b.parent)
     assert _digest(a.parent) != _digest(c.parent)
 
@@ -161,3 +162,54 @@ def test_public_weights_are_trained_once_then_reused(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(ultralytics, "YOLO", no_training)
     assert public_weights.pretrained("digits-public-cls", root=tmp_path / "weights") == weights
+
+
+def _canvases(yaml: Path):
+    """(image as float array, label rows) of every training canvas of a built dataset."""
+    root = yaml.parent
+    for img in sorted((root / "images" / "train").glob("*.png")):
+        rows = (root / "labels" / "train" / f"{img.stem}.txt").read_text().splitlines()
+        yield np.asarray(Image.open(img)).astype(float), [list(map(float, r.split())) for r in rows]
+
+
+@pytest.mark.parametrize("name,task", [("digits-seg", "segment"), ("digits-pose", "pose"), ("digits-obb", "obb")])
+def test_segmentation_pose_and_obb_labels_fit_the_ink_and_load_in_ultralytics(tmp_path: Path, name, task) -> None:
+    """Checked against the pixels: a digit's bright ink lies inside its polygon (seg) or turned box
+    (obb); keypoints are its ink box's corners and a centroid inside the box (pose). And
+    Ultralytics' own loader reads every label of the task without dropping any."""
+    import cv2
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    yaml = datasets.build(name, imgsz=64, n_train=30, n_val=6, root=tmp_path)
+    inside = total = rows_seen = 0
+    for image, rows in _canvases(yaml):
+        covered = np.zeros(image.shape[:2], np.uint8)
+        for row in rows:
+            rows_seen += 1
+            coords = row[1:] if task != "pose" else row[1:5] + [v for i, v in enumerate(row[5:]) if i % 3 != 2]
+            assert row[0] in range(10) and all(0 <= v <= 1 for v in coords)
+            if task == "pose":
+                cx, cy, w, h = row[1:5]
+                kpts = np.array(row[5:]).reshape(5, 3)
+                assert np.allclose(kpts[:4, :2], [[cx - w / 2, cy - h / 2], [cx + w / 2, cy - h / 2],
+                                                  [cx + w / 2, cy + h / 2], [cx - w / 2, cy + h / 2]], atol=1e-5)
+                assert abs(kpts[4, 0] - cx) < w / 2 and abs(kpts[4, 1] - cy) < h / 2 and (kpts[:, 2] == 2).all()
+                points = kpts[:4, :2]
+            else:
+                points = np.array(row[1:]).reshape(-1, 2)
+                assert len(points) == 4 if task == "obb" else len(points) >= 3
+            cv2.fillPoly(covered, [np.round(points * image.shape[1]).astype(np.int32)], 1)
+        ink = image.max(2) > 0.55 * 255  # digits are drawn at 0.6-1.0 brightness on a background below 0.25
+        inside, total = inside + (ink & (covered > 0)).sum(), total + ink.sum()
+    assert rows_seen > 20 and inside / total > (0.9 if task == "segment" else 0.99)
+
+    data = check_det_dataset(str(yaml))
+    loaded = YOLODataset(img_path=data["train"], imgsz=64, augment=False, data=data, task=task, hyp=get_cfg())
+    labels = loaded.labels
+    assert len(labels) == 30 and sum(len(lb["cls"]) for lb in labels) == rows_seen
+    if task == "pose":
+        assert all(lb["keypoints"].shape[1:] == (5, 3) for lb in labels if len(lb["cls"]))
+    else:
+        assert sum(len(lb["segments"]) for lb in labels) == rows_seen

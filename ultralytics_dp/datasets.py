@@ -5,6 +5,9 @@ scikit-learn wheel. From them we build, deterministically for a given seed:
 
 * ``digits-det``: YOLO detection format, classes ``'0'..'9'``, RGB canvases holding 0-4 upscaled
   digits at non-overlapping positions (some canvases hold none).
+* ``digits-seg``, ``digits-pose``, ``digits-obb``: the same canvases labelled for segmentation (the
+  polygon of each digit's ink), pose (5 keypoints: the ink box's corners and the ink's centroid)
+  and oriented boxes (each digit turned by a random angle, with its turned ink box).
 * ``digits-cls``: ImageFolder layout (``train/<class>/*.png``, ``val/<class>/*.png``).
 * ``digits-public-det`` / ``digits-public-cls``: the same formats built from digits typeset in
   matplotlib's fonts (:mod:`ultralytics_dp.font_digits`): public data for pretraining, which never
@@ -30,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 NAMES = [str(i) for i in range(10)]
-DATASETS = ("digits-det", "digits-cls", "digits-public-det", "digits-public-cls")
+DATASETS = ("digits-det", "digits-seg", "digits-pose", "digits-obb", "digits-cls", "digits-public-det",
+            "digits-public-cls")
 PUBLIC_POOL = (5000, 1000)  # font-rendered source digits for the public train and val pools
 _FORMAT_VERSION = 2  # bump when the generated files change, so stale caches are not reused
 VAL_FRACTION = 0.2
@@ -83,62 +87,109 @@ def _ink_box(patch: np.ndarray, threshold: float = 0.1) -> tuple[int, int, int, 
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def _placed_digit(rng: np.random.Generator, digit: np.ndarray, size: int, rotate: bool
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ink alpha patch, the 4 corners (x, y) of the digit's ink box in patch pixels, clockwise from top-left)
+    of one upscaled digit; turned by a random angle (and the patch grown to hold it) if ``rotate``."""
+    patch = _render_digit(digit, size)
+    box = _ink_box(patch)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+    if not rotate:
+        return patch, corners
+    angle = float(rng.uniform(0, 180))
+    turned = Image.fromarray((patch * 255).astype(np.uint8), mode="L").rotate(angle, Image.BILINEAR, expand=True)
+    # PIL turns the image counter-clockwise on screen about its centre, then re-centres it
+    t, (cx, cy), (nx, ny) = np.radians(angle), (size / 2, size / 2), (turned.width / 2, turned.height / 2)
+    dx, dy = corners[:, 0] - cx, corners[:, 1] - cy
+    corners = np.stack([nx + dx * np.cos(t) + dy * np.sin(t), ny - dx * np.sin(t) + dy * np.cos(t)], axis=1)
+    return np.asarray(turned, dtype=np.float64) / 255.0, corners
+
+
 def _make_canvas(
-    rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, imgsz: int, max_digits: int
-) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
-    """One RGB canvas and its YOLO rows (cls, cx, cy, w, h normalised to [0, 1])."""
+    rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, imgsz: int, max_digits: int, task: str = "det"
+) -> tuple[np.ndarray, list[tuple[float, ...]]]:
+    """One RGB canvas and its YOLO label rows, normalised to [0, 1]: ``det`` (cls cx cy w h), ``seg``
+    (cls and the polygon of the digit's ink), ``pose`` (cls cx cy w h and 5 keypoints x y v: the ink
+    box's corners clockwise from top-left, then the ink's centroid) or ``obb`` (cls and the 4 corners
+    of the ink box of a digit turned by a random angle)."""
     background = rng.uniform(0.0, 0.25, size=3)
     canvas = np.ones((imgsz, imgsz, 3)) * background + rng.normal(0, 0.02, size=(imgsz, imgsz, 3))
-    rows: list[tuple[int, float, float, float, float]] = []
+    rows: list[tuple[float, ...]] = []
     occupied: list[tuple[int, int, int, int]] = []
     # P(0 digits) = 1/(max_digits+2): a few background-only images, which are valid records.
     n_digits = min(int(rng.integers(0, max_digits + 2)), max_digits)
     for _ in range(n_digits):
         size = int(rng.integers(imgsz // 6, imgsz // 3 + 1))
+        placed = None
+        if task == "obb":  # turned first: the footprint grows (the random draws of the others keep their order)
+            k = int(rng.integers(len(pool)))
+            placed = _placed_digit(rng, pool[k], size, rotate=True)
+            if placed is None or placed[0].shape[0] > imgsz:
+                continue
+        side = size if placed is None else placed[0].shape[0]  # a square turned with expand stays square
         for _attempt in range(20):
-            x, y = (int(v) for v in rng.integers(0, imgsz - size + 1, size=2))
-            if all(x + size <= a or x >= c or y + size <= b or y >= d for a, b, c, d in occupied):
+            x, y = (int(v) for v in rng.integers(0, imgsz - side + 1, size=2))
+            if all(x + side <= a or x >= c or y + side <= b or y >= d for a, b, c, d in occupied):
                 break
         else:
             continue  # no free spot: place fewer digits
-        k = int(rng.integers(len(pool)))
-        patch = _render_digit(pool[k], size)
-        box = _ink_box(patch)
-        if box is None:
-            continue
+        if placed is None:
+            k = int(rng.integers(len(pool)))
+            placed = _placed_digit(rng, pool[k], size, rotate=False)
+            if placed is None:
+                continue
+        patch, corners = placed
+        h, w = patch.shape
         colour = rng.uniform(0.6, 1.0, size=3)
-        region = canvas[y : y + size, x : x + size]
         alpha = patch[..., None]
-        canvas[y : y + size, x : x + size] = region * (1 - alpha) + colour * alpha
-        occupied.append((x, y, x + size, y + size))
-        x0, y0, x1, y1 = box
-        rows.append(
-            (
-                int(labels[k]),
-                (x + (x0 + x1) / 2) / imgsz,
-                (y + (y0 + y1) / 2) / imgsz,
-                (x1 - x0) / imgsz,
-                (y1 - y0) / imgsz,
-            )
-        )
+        canvas[y : y + h, x : x + w] = canvas[y : y + h, x : x + w] * (1 - alpha) + colour * alpha
+        occupied.append((x, y, x + w, y + h))
+        rows.append((int(labels[k]), *_label(task, patch, (corners + (x, y)) / imgsz, x, y, imgsz)))
     return (np.clip(canvas, 0, 1) * 255).astype(np.uint8), rows
 
 
+def _label(task: str, patch: np.ndarray, corners: np.ndarray, x: int, y: int, imgsz: int) -> list[float]:
+    """The numbers after the class of one digit's label row (see ``_make_canvas``); ``corners``
+    normalised to the canvas."""
+    (x0, y0), (x1, y1) = corners[0], corners[2]
+    box = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+    if task == "det":
+        return box
+    if task == "obb":
+        return list(np.clip(corners, 0, 1).ravel())
+    if task == "pose":
+        ys, xs = np.nonzero(patch > 0.1)
+        weights = patch[ys, xs]
+        centroid = [(x + (xs * weights).sum() / weights.sum() + 0.5) / imgsz,
+                    (y + (ys * weights).sum() / weights.sum() + 0.5) / imgsz]
+        return box + [v for point in [*corners, centroid] for v in (*point, 2.0)]
+    import cv2  # an Ultralytics dependency
+
+    contours, _ = cv2.findContours((patch > 0.1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygon = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64) + 0.5
+    return list(((polygon + (x, y)) / imgsz).ravel())
+
+
 def _write_det(root: Path, name: str, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
+    task = name.rsplit("-", 1)[1]
     tr_x, tr_y, va_x, va_y = _pools(name, seed)
     rng = np.random.default_rng(seed + 1)
     for split, count, pool, labels in (("train", n_train, tr_x, tr_y), ("val", n_val, va_x, va_y)):
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i in range(count):
-            canvas, rows = _make_canvas(rng, pool, labels, imgsz, max_digits)
+            canvas, rows = _make_canvas(rng, pool, labels, imgsz, max_digits, task)
             Image.fromarray(canvas).save(root / "images" / split / f"{i:05d}.png")
-            text = "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in rows)
+            text = "".join(f"{c} " + " ".join(f"{v:.6f}" for v in values) + "\n" for c, *values in rows)
             (root / "labels" / split / f"{i:05d}.txt").write_text(text)
     names = "\n".join(f"  {i}: '{n}'" for i, n in enumerate(NAMES))
+    keypoints = "kpt_shape: [5, 3]\nflip_idx: [1, 0, 3, 2, 4]\n" if task == "pose" else ""
     # No `download:` key: a dataset yaml's download entry can run arbitrary code or fetch URLs.
     (root / "data.yaml").write_text(
-        f"path: {root.as_posix()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
+        f"path: {root.as_posix()}\ntrain: images/train\nval: images/val\n{keypoints}names:\n{names}\n"
     )
 
 
@@ -168,7 +219,7 @@ def build(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown embedded dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    detect = name.endswith("-det")
+    detect = not name.endswith("-cls")  # YOLO label files and a data.yaml
     if detect:
         imgsz = imgsz or 128
         if imgsz < 24:
