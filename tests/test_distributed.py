@@ -155,3 +155,30 @@ def test_before_the_process_group_exists_the_launchers_rank_says_which_process_i
     assert is_main()
     monkeypatch.delenv("RANK")
     assert is_main()
+
+
+@pytest.mark.slow
+def test_a_multi_device_run_that_crashed_resumes_with_its_accountant(tiny_det, tmp_path):
+    """The run dies in its second epoch on both ranks; `resume` (the stock command's way, through
+    Ultralytics' launcher again) continues from the checkpoint's step count and sigma to the plan."""
+    ledger = tmp_path / "ledger.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(HARNESS), "ULTRALYTICS_DP_TEST_CPU_DDP": "1"}
+
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(HARNESS / "train.py"), str(tiny_det), str(tmp_path), str(ledger),
+                               mode], env=env, capture_output=True, text=True, timeout=900)
+
+    crashed = launch("crash")
+    assert crashed.returncode != 0 and "crash for the resume test" in crashed.stdout + crashed.stderr
+    before = read_dp_entry(tmp_path / "run" / "weights" / "last.pt")
+    assert before["steps"] == 4 and ledger_steps(ledger) >= 4
+
+    resumed = launch("resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = read_dp_entry(tmp_path / "run" / "weights" / "last.pt")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(r["files"]) for r in ranks] == [4, 4] and ranks[0]["weights"] == ranks[1]["weights"]
+    assert after["steps"] == 8 and after["noise_multiplier"] == before["noise_multiplier"]
+    assert after["run_id"] == before["run_id"] and ledger_steps(ledger) >= 8
+    single = compute_epsilon(noise_multiplier=after["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    assert after["epsilon"] == pytest.approx(single, rel=1e-9) and after["epsilon"] <= 4.0

@@ -1,7 +1,7 @@
 """A private YOLO26n run on device="0,1" through Ultralytics' DDP launcher (run with
 ULTRALYTICS_DP_TEST_CPU_DDP=1 and this directory on PYTHONPATH, see sitecustomize.py).
 
-    python train.py DATA OUT LEDGER {attach|keys}
+    python train.py DATA OUT LEDGER {attach|keys|crash|resume}
     python -m torch.distributed.run --nproc_per_node 2 train.py DATA OUT LEDGER torchrun
 
 Every worker writes OUT/rank{R}.json: what it trained on (each step's image files), its
@@ -60,7 +60,13 @@ def write_seen(trainer):
     Path(OUT, f"rank{trainer.seen['rank']}.json").write_text(json.dumps(trainer.seen))
 
 
-model = YOLO("yolo26n.yaml")
+def crash_in_second_epoch(trainer):
+    """on_train_epoch_start, every rank (mode crash): the run dies after its first epoch's checkpoint."""
+    if trainer.epoch == 1:
+        raise RuntimeError("crash for the resume test")
+
+
+model = YOLO(str(Path(OUT, "run", "weights", "last.pt")) if MODE == "resume" else "yolo26n.yaml")
 model.add_callback("on_train_start", record_steps)
 model.add_callback("teardown", write_seen)
 train = dict(data=DATA, epochs=2, imgsz=64, batch=8, workers=0, device="0,1", amp=False, project=OUT, name="run",
@@ -71,5 +77,9 @@ if MODE in ("attach", "torchrun"):  # torchrun: this script runs in every proces
     model.train(**train)
     if MODE == "attach":
         Path(OUT, "launcher.json").write_text(json.dumps({"epsilon": dp.epsilon, "steps": dp.steps}))
-else:
+elif MODE == "resume":  # as `yolo train resume model=.../last.pt ledger=...`: the checkpoint has the rest
+    model.train(resume=True, ledger=LEDGER)
+else:  # keys, or crash
+    if MODE == "crash":
+        model.add_callback("on_train_epoch_start", crash_in_second_epoch)
     model.train(**train, **DP, ledger=LEDGER)
