@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (the `device` tool of the developers' library): the step benchmark
 # on CUDA for det26, det8 and cls, detection at 320 and 640 px, fp32 and bf16 autocast, with Opacus
-# on the classification case. Each setting writes its own section of benchmarks/RESULTS.md (named by
+# on the classification case, then one whole private run with device=0. Each setting writes its own section of benchmarks/RESULTS.md (named by
 # the card); the updated file and the logs are copied to $OUT.
 #
 #   bash benchmarks/gpu.sh            # about 10 minutes on an H100
@@ -27,4 +27,9 @@ for imgsz in 320 640; do
             2>&1 | tee "$OUT/steps-$imgsz-$amp.log" || echo "failed: $imgsz $amp" | tee -a "$OUT/failures.txt"
     done
 done
+# issue 17: the single-GPU path of a whole private run (device=0), once: its last lines are the result
+"$PY" -c "import ultralytics_dp; from ultralytics import YOLO; YOLO('yolo26n.yaml').train(data='digits-det', \
+epochs=1, imgsz=128, batch=32, fraction=0.25, device=0, epsilon=8, ledger=False, plots=False, workers=2, \
+project='/tmp/gpu-runs', name='private', exist_ok=True)" 2>&1 | tail -n 25 | tee "$OUT/private-run-device0.log" \
+    || echo "failed: private run on device=0" | tee -a "$OUT/failures.txt"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
