@@ -101,19 +101,25 @@ def test_sharded_poisson_loaders_sample_each_record_from_one_rank_at_rate_q():
     assert (counts - steps * q).abs().max() < bound
 
 
+def _harness(data: Path, out: Path, ledger: Path, mode: str) -> subprocess.CompletedProcess:
+    """``cpu_ddp/train.py`` in ``mode``: through Ultralytics' launcher, or, for ``torchrun``, in two
+    processes started by torch.distributed.run."""
+    from ultralytics.utils.dist import find_free_network_port
+
+    env = {**os.environ, "PYTHONPATH": str(HARNESS), "ULTRALYTICS_DP_TEST_CPU_DDP": "1"}
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(find_free_network_port())] if mode == "torchrun" else [sys.executable])
+    return subprocess.run([*launch, str(HARNESS / "train.py"), str(data), str(out), str(ledger), mode],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["attach", "keys", "torchrun"])
 def test_a_private_run_through_ultralytics_ddp_launcher(tiny_det, tmp_path, mode):
     """attach / keys: Ultralytics launches its workers; torchrun: every process runs the script (as a
     multi-node launch does) and Ultralytics' trainer joins the process group."""
-    from ultralytics.utils.dist import find_free_network_port
-
     ledger = tmp_path / "ledger.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(HARNESS), "ULTRALYTICS_DP_TEST_CPU_DDP": "1"}
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(find_free_network_port())] if mode == "torchrun" else [sys.executable])
-    run = subprocess.run([*launch, str(HARNESS / "train.py"), str(tiny_det), str(tmp_path), str(ledger), mode],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = _harness(tiny_det, tmp_path, ledger, mode)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     entry = read_dp_entry(tmp_path / "run" / "weights" / "last.pt")
@@ -162,18 +168,12 @@ def test_a_multi_device_run_that_crashed_resumes_with_its_accountant(tiny_det, t
     """The run dies in its second epoch on both ranks; `resume` (the stock command's way, through
     Ultralytics' launcher again) continues from the checkpoint's step count and sigma to the plan."""
     ledger = tmp_path / "ledger.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(HARNESS), "ULTRALYTICS_DP_TEST_CPU_DDP": "1"}
-
-    def launch(mode: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(HARNESS / "train.py"), str(tiny_det), str(tmp_path), str(ledger),
-                               mode], env=env, capture_output=True, text=True, timeout=900)
-
-    crashed = launch("crash")
+    crashed = _harness(tiny_det, tmp_path, ledger, "crash")
     assert crashed.returncode != 0 and "crash for the resume test" in crashed.stdout + crashed.stderr
     before = read_dp_entry(tmp_path / "run" / "weights" / "last.pt")
     assert before["steps"] == 4 and ledger_steps(ledger) >= 4
 
-    resumed = launch("resume")
+    resumed = _harness(tiny_det, tmp_path, ledger, "resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = read_dp_entry(tmp_path / "run" / "weights" / "last.pt")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

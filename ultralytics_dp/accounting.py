@@ -289,8 +289,8 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     if steps == 0:
         raise ValueError("steps must be >= 1 to calibrate a noise multiplier, got 0")
 
-    @lru_cache(maxsize=None)
-    def eps(k: int) -> float:  # sigma on a grid of SIGMA_RESOLUTION, as returned (so the cache serves the budget)
+    def eps(k: int) -> float:  # sigma on a grid of SIGMA_RESOLUTION, as returned (compute_epsilon's cache serves
+        # repeated candidates and the step budget's check after calibration)
         return compute_epsilon(noise_multiplier=round(k * SIGMA_RESOLUTION, 10), sample_rate=sample_rate, steps=steps,
                                delta=delta)
 

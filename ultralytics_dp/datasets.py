@@ -173,7 +173,7 @@ def _label(task: str, patch: np.ndarray, corners: np.ndarray, x: int, y: int, im
     return list(((polygon + (x, y)) / imgsz).ravel())
 
 
-def _write_det(root: Path, name: str, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
+def _write_yolo(root: Path, name: str, seed: int, imgsz: int, n_train: int, n_val: int, max_digits: int) -> None:
     task = name.rsplit("-", 1)[1]
     tr_x, tr_y, va_x, va_y = _pools(name, seed)
     rng = np.random.default_rng(seed + 1)
@@ -215,12 +215,13 @@ def build(
 ) -> Path:
     """Build (or reuse) an embedded dataset and return what Ultralytics' ``data=`` expects.
 
-    Detection sets return the path of their ``data.yaml``; classification sets their root folder.
+    Detection, segmentation, pose and OBB sets return the path of their ``data.yaml``; classification
+    sets their root folder.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown embedded dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    detect = not name.endswith("-cls")  # YOLO label files and a data.yaml
-    if detect:
+    yolo = not name.endswith("-cls")  # YOLO label files and a data.yaml
+    if yolo:
         imgsz = imgsz or 128
         if imgsz < 24:
             raise ValueError(f"imgsz must be >= 24 for {name}, got {imgsz}")
@@ -234,8 +235,8 @@ def build(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            if detect:
-                _write_det(tmp, name, seed, imgsz, n_train, n_val, max_digits)
+            if yolo:
+                _write_yolo(tmp, name, seed, imgsz, n_train, n_val, max_digits)
                 # the yaml must name the final location, not the temporary one
                 yaml = tmp / "data.yaml"
                 yaml.write_text(yaml.read_text().replace(tmp.as_posix(), final.as_posix()))
@@ -248,7 +249,7 @@ def build(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return final / "data.yaml" if detect else final
+    return final / "data.yaml" if yolo else final
 
 
 def resolve(data: object) -> object:

@@ -78,6 +78,11 @@ TRAINING_ARGS: dict[str, tuple[str, str]] = {
 }
 
 
+def mixing_on(values: Mapping[str, Any]) -> list[str]:
+    """The augmentations that mix images which ``values`` switch on (> 0)."""
+    return [k for k in MIXING_AUGMENTATIONS if float(values.get(k) or 0) > 0]
+
+
 def _on(value: Any) -> bool:
     """True for a set, non-zero, non-empty value."""
     return value not in (None, False, 0, 0.0, "", [], ())
@@ -88,10 +93,11 @@ def refuse_unsafe_args(args: Mapping[str, Any], explicit: Mapping[str, Any]) -> 
 
     ``args`` are the values the trainer will use; ``explicit`` the ones the user set (a mixing
     augmentation left at Ultralytics' default is neutralised, one set explicitly is refused)."""
-    for key in MIXING_AUGMENTATIONS:
-        if float(explicit.get(key) or 0) > 0:
-            raise ValueError(f"{key}={explicit[key]} mixes several images into one training sample, which breaks "
-                             f"per-image differential privacy; remove it or set {key}=0")
+    mixing = mixing_on(explicit)
+    if mixing:
+        key = mixing[0]
+        raise ValueError(f"{key}={explicit[key]} mixes several images into one training sample, which breaks "
+                         f"per-image differential privacy; remove it or set {key}=0")
     if args.get("rect"):
         raise ValueError("rect=True builds fixed-order batches, which break Poisson sampling; remove rect")
     batch = args.get("batch")
@@ -152,7 +158,7 @@ def check_rank(trainer: Any, explicit: Mapping[str, Any] | None, rank: int, prep
                            "(ULTRALYTICS_DP_PLUGIN unset) with the supported Ultralytics version")
     args = trainer.args
     refuse_unsafe_task_or_args(args, explicit)
-    mixing = [k for k in MIXING_AUGMENTATIONS if float(getattr(args, k, 0) or 0) > 0]
+    mixing = mixing_on(vars(args))
     if mixing:
         raise RuntimeError(f"DP: {', '.join(mixing)} still on in process {rank}; refusing to train")
 
@@ -176,7 +182,7 @@ def prepare_trainer(trainer: Any, explicit: Mapping[str, Any]) -> None:
 def neutralised(args: Mapping[str, Any], log_changes: bool = False) -> dict[str, Any]:
     """The values DP mode gives the arguments that mix images by default (0: off); with
     ``log_changes``, one line names those that were on."""
-    was_on = [k for k in MIXING_AUGMENTATIONS if float(args.get(k) or 0) > 0]
+    was_on = mixing_on(args)
     if log_changes and was_on and args.get("task") == "detect":  # classification never uses them
         log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
             "augmentations are allowed)")
