@@ -2,7 +2,7 @@
 
 digits-cls top-1 and digits-det mAP50 on their validation sets for
   * public only: the model pretrained non-privately on the font-rendered public digits (zero-shot),
-  * private from scratch (yolo26n yaml, BatchNorm frozen at its random init, DP defaults),
+  * private from scratch (yolo26n yaml, the DP defaults: GroupNorm in place of BatchNorm),
   * public -> private fine-tune with the DP defaults (only model, data, epochs, epsilon set),
   * the same with augmentation multiplicity (``--augmult``),
   * public -> non-private fine-tune (the ceiling of this recipe; Ultralytics' defaults, no mirroring),
@@ -71,7 +71,7 @@ def plan(task: str, epsilons: list[float], augmults: list[int], reps: int, epoch
     for _ in range(reps):
         runs += [("public -> private", e, epochs, k) for e in epsilons for k in augmults]
         runs += [("public -> non-private", None, epochs, 1)]
-    runs += [("private from scratch", e, epochs, 1) for e in epsilons]
+        runs += [("private from scratch", e, epochs, 1) for e in epsilons]
     return runs
 
 

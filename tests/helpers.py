@@ -154,19 +154,23 @@ def trainer_model(cfg: str) -> torch.nn.Module:
     return model
 
 
-def det_batch(counts: list[int], size: int = 64, seed: int = 0) -> dict:
+def det_batch(counts: list[int], size: int = 64, seed: int = 0, rotated: bool = False,
+              dtype: torch.dtype = torch.float) -> dict:
+    """Random images (of ``dtype``) and float32 labels, as Ultralytics collates them; ``counts[i]``
+    boxes on image i (xywh, or xywhr with ``rotated``)."""
     g = torch.Generator().manual_seed(seed)
     idx, cls, boxes = [], [], []
     for i, c in enumerate(counts):
         for _ in range(c):
             idx.append(i)
             cls.append(int(torch.randint(0, 80, (1,), generator=g)))
-            boxes.append(torch.cat([torch.rand(2, generator=g) * 0.5 + 0.25, torch.rand(2, generator=g) * 0.3 + 0.1]))
+            box = [torch.rand(2, generator=g) * 0.5 + 0.25, torch.rand(2, generator=g) * 0.3 + 0.1]
+            boxes.append(torch.cat(box + ([torch.rand(1, generator=g) * 1.5] if rotated else [])))
     return {
-        "img": torch.rand(len(counts), 3, size, size, generator=g),
+        "img": torch.rand(len(counts), 3, size, size, generator=g).to(dtype),
         "batch_idx": torch.tensor(idx, dtype=torch.float),
         "cls": torch.tensor(cls, dtype=torch.float).view(-1, 1),
-        "bboxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        "bboxes": torch.stack(boxes) if boxes else torch.zeros(0, 5 if rotated else 4),
     }
 
 

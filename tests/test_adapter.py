@@ -15,16 +15,18 @@ import torch
 import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
-from ultralytics_dp import DifferentialPrivacy
+from ultralytics_dp import DifferentialPrivacy, datasets
 from ultralytics_dp.accounting import compute_epsilon
 from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.norms import has_group_norm
 
 from helpers import ledger_steps, train_tiny
 
 
 @pytest.mark.slow
 def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
-    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, max_grad_norm=1.0, physical_batch=4)
+    # norm="batch": frozen BatchNorm, whose statistics must not move (from scratch GroupNorm is the default)
+    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, max_grad_norm=1.0, physical_batch=4, norm="batch")
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp)
     assert dp.steps == 8 and dp.noise_draws == dp.steps == spy.optimizer_steps
     assert dp.accountant.steps == dp.steps
@@ -47,6 +49,25 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
     with pytest.raises(ValueError, match="already trained a run"):  # its accountant and ledger record are spent
         model.train(data=str(tiny_det), epochs=1, imgsz=64, batch=8, project=str(tmp_path), name="again")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_private_oriented_boxes(tmp_path, no_network):
+    """A private yolo26n-obb run (from scratch: GroupNorm) on a small digits-obb, through the stock
+    trainer: Poisson steps, mosaic off, the dp entry's epsilon from the accountant, the ledger."""
+    data = datasets.build("digits-obb", imgsz=64, n_train=40, n_val=8, root=tmp_path / "data")
+    ledger = tmp_path / "ledger.sqlite"
+    dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, physical_batch=8, ledger=ledger)
+    model = YOLO("yolo26n-obb.yaml")
+    dp.attach(model)
+    model.train(data=str(data), epochs=2, imgsz=64, batch=10, workers=0, project=str(tmp_path), name="run")
+    save_dir = tmp_path / "run"
+    assert dp.steps == 8 and dp.noise_draws == 8 and model.trainer.args.mosaic == 0.0
+    entry = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert entry["sample_rate"] == pytest.approx(10 / 40) and entry["steps"] == 8
+    spent = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    assert entry["epsilon"] == pytest.approx(spent) and spent <= 4.0
+    assert ledger_steps(ledger) >= 8 and has_group_norm(model.model)
 
 
 def test_a_missing_resume_checkpoint_is_refused(tmp_path):
@@ -122,7 +143,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import os, sys
     import ultralytics_dp
     from ultralytics import YOLO
-    from ultralytics_dp import DifferentialPrivacy
+    from ultralytics_dp import DifferentialPrivacy, datasets
 
     data, ledger, log, project, resume = sys.argv[1:6]
 

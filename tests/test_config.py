@@ -53,8 +53,8 @@ def test_resume_may_change_memory_and_speed_settings_only():
     recorded = DPConfig(epsilon=4, noise_multiplier=1.0).released()
     assert DPConfig(epsilon=4, noise_multiplier=1.0, physical_batch=8, grad_method="vmap", secure_mode=True,
                     ledger=False).changed_on_resume(recorded) == []
-    changed = DPConfig(epsilon=5, delta=1e-6, max_grad_norm=2.0).changed_on_resume(recorded)
-    assert [c.split(":")[0] for c in changed] == ["epsilon", "delta", "max_grad_norm", "noise_multiplier"]
+    changed = DPConfig(epsilon=5, delta=1e-6, max_grad_norm=2.0, norm="group").changed_on_resume(recorded)
+    assert [c.split(":")[0] for c in changed] == ["epsilon", "delta", "max_grad_norm", "noise_multiplier", "norm"]
 
 
 def test_readme_key_table_is_the_settings_help():

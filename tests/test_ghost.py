@@ -9,18 +9,22 @@ from torch import nn
 from ultralytics_dp.ghost import clipped_grad_sum_ghost, supports
 from ultralytics_dp.losses import batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
+from ultralytics_dp.norms import to_group_norm
 
 from helpers import SmallCNN, ce_loss, det_batch, max_rel_err, trainer_model
 
 
 def test_ghost_path_on_plain_layers_and_refusals():
-    """The ghost path against the torch.func path on a conv/linear/BN net with a frozen conv weight
-    (bias still trained), and its refusal of tied weights and unsupported layers."""
+    """The ghost path against the torch.func path on a conv/linear/BN/GroupNorm net with a frozen
+    conv weight (bias still trained), and its refusal of tied weights and unsupported layers."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+        nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
     ).double().eval()
+    with torch.no_grad():  # GroupNorm's affine parameters away from their init (1, 0)
+        model[4].weight.uniform_(0.5, 1.5)
+        model[4].bias.uniform_(-0.5, 0.5)
     model[0].weight.requires_grad_(False)
     batch = {"x": torch.randn(5, 3, 8, 8, dtype=torch.float64), "y": torch.randint(0, 4, (5,))}
 
@@ -37,16 +41,20 @@ def test_ghost_path_on_plain_layers_and_refusals():
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     assert not supports(tied)
-    assert not supports(SmallCNN())  # GroupNorm / LayerNorm are not handled by the ghost path
+    assert not supports(SmallCNN())  # its attention's LayerNorm is not handled by the ghost path
     with pytest.raises(ValueError, match="max_grad_norm"):
         clipped_grad_sum_ghost(model, losses, max_grad_norm=0.0)
 
 
 
-@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml", "yolo26n-cls.yaml"])
+@pytest.mark.parametrize("cfg,norm", [("yolo26n.yaml", "batch"), ("yolov8n.yaml", "batch"),
+                                      ("yolo26n-cls.yaml", "batch"), ("yolo26n.yaml", "group"),
+                                      ("yolo26n-cls.yaml", "group")])
 @pytest.mark.parametrize("max_grad_norm", [1e6, 0.003])
-def test_ghost_path_matches_torch_func_path(cfg, max_grad_norm):
+def test_ghost_path_matches_torch_func_path(cfg, norm, max_grad_norm):
     model = trainer_model(cfg)
+    if norm == "group":
+        to_group_norm(model)
     assert supports(model)
     if cfg.endswith("-cls.yaml"):
         batch = {"img": torch.rand(5, 3, 32, 32), "cls": torch.tensor([1, 2, 3, 4, 0])}

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import __version__, datasets, distributed, guard, offline, recipe
+from . import __version__, datasets, distributed, guard, norms, offline, recipe
 from .accounting import ACCOUNTANT_NAME, PrivacyAccountant, epsilon_curve
 from .checkpoint import read_dp_entry, summary_line, write_dp_entry
 from .config import DPConfig, one_line
@@ -304,6 +304,7 @@ class DifferentialPrivacy:
             vars(trainer.args).update(self._with_defaults(vars(trainer.args), explicit))
             trainer.epochs = trainer.args.epochs  # the trainer copied it before this callback
         guard.prepare_trainer(trainer, explicit)
+        trainer.get_model = norms.build_with(trainer.get_model, self.config.norm)  # before any model is built
         self._prepared = trainer
         recorded = self.recorded_settings()
         if any(getattr(trainer.args, k, None) != v for k, v in recorded.items()):
@@ -335,6 +336,9 @@ class DifferentialPrivacy:
                 self._agree_with_every_rank(trainer, rank)
             trainer.model = distributed.unwrap(trainer.model)  # the private step all-reduces, not DDP
             check_supported(trainer.model)
+            if norms.untrained_batch_norm(trainer.model):
+                log("WARNING: training from scratch with frozen BatchNorm (norm='batch'): it stays at its initial "
+                    "statistics and the model learns little; use norm='auto' or pretrained weights")
             freeze_batchnorm(trainer.model)
             method = resolve_grad_method(trainer.model, self.config.grad_method)
             dataset = trainer.train_loader.dataset

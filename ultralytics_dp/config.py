@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 GRAD_METHODS = ("auto", "ghost", "vmap")
+NORMS = ("auto", "group", "batch")  # see ``norms``
 
 
 def _finite_positive(name: str, value: Any) -> None:
@@ -55,6 +56,11 @@ def _flag(name: str, value: Any) -> None:
 def _grad_method(name: str, value: Any) -> None:
     if value not in GRAD_METHODS:
         raise ValueError(f"{name} must be one of {', '.join(GRAD_METHODS)}, got {value!r}")
+
+
+def _norm(name: str, value: Any) -> None:
+    if value not in NORMS:
+        raise ValueError(f"{name} must be one of {', '.join(NORMS)}, got {value!r}")
 
 
 def parse_flag(text: str) -> bool:
@@ -106,6 +112,9 @@ class DPConfig:
         "noise and sampling from the OS CSPRNG"))
     grad_method: str = _setting("auto", _grad_method, str, metavar="auto|ghost|vmap", resume=False, help=(
         "`auto` (default), `ghost` or `vmap`: how per-image clipping is computed"))
+    norm: str = _setting("auto", _norm, str, metavar="auto|group|batch", help=(
+        "`auto` (default): GroupNorm in place of BatchNorm when training from scratch, frozen BatchNorm when "
+        "fine-tuning pretrained weights; `group` or `batch` to choose"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -137,7 +146,8 @@ class DPConfig:
             if not f.metadata["resume"] or not f.metadata["released"]:
                 continue
             old, new = recorded.get(key), getattr(self, key)
-            same = old == new if None in (old, new) else math.isclose(old, new, rel_tol=1e-9)
+            numbers = all(isinstance(v, (int, float)) for v in (old, new))
+            same = math.isclose(old, new, rel_tol=1e-9) if numbers else old == new
             if not same:
                 out.append(f"{key}: {old} -> {new}")
         return out

@@ -12,7 +12,8 @@ One batched forward (hooks keep each layer's input ``a``), one backward to the l
 Privacy assumption relied on here: ``b_i`` is the gradient of image i's loss alone. That holds
 because the summed per-image losses are differentiated and nothing mixes images in the forward
 (BatchNorm in eval mode is checked; the losses are per image, see ``losses``). Supported layers:
-Conv2d (any groups, with or without bias), Linear, and eval-mode BatchNorm affine parameters.
+Conv2d (any groups, with or without bias), Linear, and the affine parameters of eval-mode BatchNorm
+and of GroupNorm (which normalises each image with its own statistics).
 Any other trainable parameter makes ``supports`` false, and callers use the ``torch.func`` path.
 This module must not import Ultralytics.
 """
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from .grad_sample import check_no_train_batchnorm, trainable_params
 from .mechanism import check_positive, clip_factors
 
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -106,9 +107,13 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b3.sum(1), None))
         return terms
-    # eval-mode BatchNorm: y = gamma * xhat + beta, xhat from the running statistics
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    # y = gamma * xhat + beta; xhat from the running statistics (eval-mode BatchNorm) or from the
+    # image's own channel groups (GroupNorm)
+    if isinstance(m, nn.GroupNorm):
+        xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+    else:
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
     terms = []
     if m.weight is not None and m.weight.requires_grad:
         terms.append(("weight", (b * xhat).reshape(n, a.shape[1], -1).sum(-1), None))
@@ -170,7 +175,8 @@ def clipped_grad_sum_ghost(
     check_no_train_batchnorm(model)
     layers = _layers(model)
     if not supports(model):
-        raise ValueError("model has trainable layers other than Conv2d, Linear and BatchNorm; use the torch.func path")
+        raise ValueError("model has trainable layers other than Conv2d, Linear, BatchNorm and GroupNorm; use the "
+                         "torch.func path")
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     outputs: list[tuple[str, Tensor, Tensor]] = []
 

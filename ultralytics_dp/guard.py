@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
-SUPPORTED_TASKS = ("detect", "classify")
+SUPPORTED_TASKS = ("detect", "obb", "classify")
 
 # Every Ultralytics training argument that touches the training data, what DP mode does with it
 # ("refused", "neutralised", "guarded" or "safe") and why. The README's table is checked against it.
@@ -183,7 +183,7 @@ def neutralised(args: Mapping[str, Any], log_changes: bool = False) -> dict[str,
     """The values DP mode gives the arguments that mix images by default (0: off); with
     ``log_changes``, one line names those that were on."""
     was_on = mixing_on(args)
-    if log_changes and was_on and args.get("task") == "detect":  # classification never uses them
+    if log_changes and was_on and args.get("task") != "classify":  # classification never uses them
         log(f"turned off {', '.join(was_on)}: augmentations that mix images break per-image DP (per-image "
             "augmentations are allowed)")
     return {**dict.fromkeys(MIXING_AUGMENTATIONS, 0.0), "close_mosaic": 0}

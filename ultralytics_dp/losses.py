@@ -11,8 +11,9 @@ already, so it runs outside ``vmap`` on a detached forward (BatchNorm frozen, so
 per image too) and yields fixed-shape padded targets and masks, which the differentiable
 per-image loss consumes with weighted sums instead of boolean indexing.
 
-Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``) and
-``ClassificationModel``. Segmentation, pose, OBB and others are refused.
+Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``), ``OBBModel``
+(``v8OBBLoss``, YOLO26 ``E2ELoss`` of it) and ``ClassificationModel``. Segmentation, pose and
+others are refused.
 """
 
 from __future__ import annotations
@@ -23,19 +24,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from ultralytics.nn.tasks import ClassificationModel, DetectionModel
-from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss
-from ultralytics.utils.tal import make_anchors
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel
+from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss, v8OBBLoss
+from ultralytics.utils.tal import make_anchors, rbox2dist
 
 from .grad_sample import Batch, ModelCall, per_sample_grads
 
-SUPPORTED = "detection (YOLOv8/YOLO11/YOLO26 DetectionModel) and classification (ClassificationModel)"
+SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel) and classification "
+             "(ClassificationModel)")
 _DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
+_DUMMY_RBOX = (0.5, 0.5, 1.0, 1.0, 0.0)
+_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss)  # exact types: subclasses add terms not written here
 
 
 def _task(model: nn.Module) -> str:
-    if type(model) is DetectionModel:  # subclasses (segment, pose, OBB) have other losses
+    if type(model) is DetectionModel:  # subclasses (segment, pose) have other losses
         return "detect"
+    if type(model) is OBBModel:
+        return "obb"
     if isinstance(model, ClassificationModel):
         return "classify"
     raise ValueError(f"unsupported model {type(model).__name__} for differential privacy; supported: {SUPPORTED}")
@@ -45,7 +51,7 @@ def check_supported(model: nn.Module) -> str:
     """Return 'detect' or 'classify', or raise naming what is supported. Creates the model's
     criterion (the trainer reads it at every epoch end)."""
     task = _task(model)
-    if task == "detect":
+    if task != "classify":
         _branches(model)
     else:
         _criterion(model)
@@ -62,11 +68,11 @@ def _branches(model: nn.Module) -> list[tuple[str | None, v8DetectionLoss, float
     """(output key, branch criterion, weight) for each detection branch, weights as of now (YOLO26's
     one-to-many / one-to-one weights decay every epoch)."""
     crit = _criterion(model)
-    if isinstance(crit, E2ELoss) and type(crit.one2many) is v8DetectionLoss:
+    if isinstance(crit, E2ELoss) and type(crit.one2many) in _BRANCH_LOSSES:
         return [("one2many", crit.one2many, crit.o2m), ("one2one", crit.one2one, crit.o2o)]
     if isinstance(crit, E2EDetectLoss):
         return [("one2many", crit.one2many, 1.0), ("one2one", crit.one2one, 1.0)]
-    if type(crit) is v8DetectionLoss:
+    if type(crit) in _BRANCH_LOSSES:
         return [(None, crit, 1.0)]
     raise ValueError(f"unsupported detection loss {type(crit).__name__}; supported: {SUPPORTED}")
 
@@ -85,7 +91,8 @@ def _geometry(crit: v8DetectionLoss, p: dict) -> tuple[Tensor, Tensor, Tensor]:
 def assign_targets(model: nn.Module, batch: Batch, preds: object | None = None) -> dict[str, Tensor]:
     """Fixed-shape per-image targets from Ultralytics' task-aligned assigner, on detached predictions.
 
-    Returns, per branch ``b``: ``b.bboxes`` [B, A, 4] (pixels, xyxy), ``b.scores`` [B, A, nc] and
+    Returns, per branch ``b``: ``b.bboxes`` [B, A, 4] (pixels, xyxy; OBB: [B, A, 5] xywhr, pixels
+    and radians), ``b.scores`` [B, A, nc] and
     ``b.fg`` [B, A] (float mask). The assigner works image by image; padding to the batch's largest
     label count is masked out, so image i's targets depend on image i only.
     """
@@ -99,14 +106,22 @@ def assign_targets(model: nn.Module, batch: Batch, preds: object | None = None) 
         pred_distri = p["boxes"].permute(0, 2, 1).contiguous()
         pred_scores = p["scores"].permute(0, 2, 1).contiguous()
         anchor_points, stride_tensor, imgsz = _geometry(crit, p)
-        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        rotated = isinstance(crit, v8OBBLoss)
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1),
+                             batch["bboxes"].view(-1, 5 if rotated else 4)), 1)
+        if rotated:  # Ultralytics drops rotated boxes under 2 pixels wide or high, label by label
+            targets = targets[(targets[:, 4] * float(imgsz[1]) >= 2) & (targets[:, 5] * float(imgsz[0]) >= 2)]
         targets = crit.preprocess(targets.to(pred_scores.device), n, scale_tensor=imgsz[[1, 0, 1, 0]])
-        gt_labels, gt_bboxes = targets.split((1, 4), 2)
+        gt_labels, gt_bboxes = targets.split((1, targets.shape[-1] - 1), 2)
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
-        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
+        if rotated:
+            pred_bboxes = crit.bbox_decode(anchor_points, pred_distri, p["angle"].permute(0, 2, 1))
+            pred_bboxes = torch.cat((pred_bboxes[..., :4] * stride_tensor, pred_bboxes[..., 4:]), -1)
+        else:
+            pred_bboxes = crit.bbox_decode(anchor_points, pred_distri) * stride_tensor
         _, target_bboxes, target_scores, fg_mask, _ = crit.assigner(
             pred_scores.sigmoid(),
-            (pred_bboxes * stride_tensor).type(gt_bboxes.dtype),
+            pred_bboxes.type(gt_bboxes.dtype),
             anchor_points * stride_tensor,
             gt_labels,
             gt_bboxes,
@@ -146,8 +161,37 @@ def _bce_with_logits(x: Tensor, y: Tensor) -> Tensor:
     return F.softplus(x) - x * y
 
 
+def _cls_loss(crit: v8DetectionLoss, pred_scores: Tensor, scores: Tensor, score_sum: Tensor) -> Tensor:
+    bce = _bce_with_logits(pred_scores, scores)
+    if crit.class_weights is not None:
+        bce = bce * crit.class_weights
+    return bce.flatten(1).sum(1) / score_sum
+
+
+def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, stride_tensor: Tensor, imgsz: Tensor,
+                   weight: Tensor, score_sum: Tensor) -> Tensor:
+    """[B] DFL (reg_max > 1) or, for YOLO26 (reg_max == 1), L1 on image-size-normalised distances,
+    between the predicted distances and the target's ``ltrb`` distances from each anchor."""
+    if crit.use_dfl:
+        reg_max = crit.reg_max
+        ltrb = ltrb.clamp(0, reg_max - 1 - 0.01)
+        left = ltrb.long()
+        w_left = left + 1 - ltrb
+        logp = F.log_softmax(pred_distri.reshape(*pred_distri.shape[:2], 4, reg_max), dim=-1)
+        loss = -(
+            logp.gather(-1, left.unsqueeze(-1)).squeeze(-1) * w_left
+            + logp.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1) * (1 - w_left)
+        ).mean(-1)
+    else:
+        scale = stride_tensor / imgsz[[1, 0, 1, 0]]
+        loss = (pred_distri * scale - ltrb * scale).abs().mean(-1)
+    return (loss * weight).sum(1) / score_sum
+
+
 def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) -> Tensor:
-    """[B] gain-weighted (box + cls + dfl/l1) losses, each image normalised by its own score sum."""
+    """[B] gain-weighted (box + cls + dfl/l1 [+ angle]) losses, each image normalised by its own score sum."""
+    if isinstance(crit, v8OBBLoss):
+        return _obb_losses(crit, p, targets, name)
     pred_distri = p["boxes"].permute(0, 2, 1)
     pred_scores = p["scores"].permute(0, 2, 1)
     anchor_points, stride_tensor, imgsz = _geometry(crit, p)
@@ -156,11 +200,7 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
     fg = targets[f"{name}.fg"].to(pred_scores.dtype)
     target_bboxes = targets[f"{name}.bboxes"].to(pred_scores.dtype) / stride_tensor
     score_sum = scores.flatten(1).sum(1).clamp(min=1)  # per image, not per batch
-
-    bce = _bce_with_logits(pred_scores, scores)
-    if crit.class_weights is not None:
-        bce = bce * crit.class_weights
-    loss_cls = bce.flatten(1).sum(1) / score_sum
+    loss_cls = _cls_loss(crit, pred_scores, scores, score_sum)
 
     weight = scores.sum(-1) * fg  # [B, A], zero on background anchors
     keep = fg.unsqueeze(-1) > 0
@@ -168,26 +208,63 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
     # background anchors see a constant box pair: no gradient and no NaN can come from them
     iou = _ciou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy))
     loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
-
-    if crit.use_dfl:
-        reg_max = crit.reg_max
-        ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
-        ltrb = ltrb.clamp(0, reg_max - 1 - 0.01)
-        left = ltrb.long()
-        w_left = left + 1 - ltrb
-        logp = F.log_softmax(pred_distri.reshape(*pred_distri.shape[:2], 4, reg_max), dim=-1)
-        dfl = -(
-            logp.gather(-1, left.unsqueeze(-1)).squeeze(-1) * w_left
-            + logp.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1) * (1 - w_left)
-        ).mean(-1)
-        loss_dfl = (dfl * weight).sum(1) / score_sum
-    else:  # reg_max == 1 (YOLO26): L1 on image-size-normalised ltrb distances
-        scale = stride_tensor / imgsz[[1, 0, 1, 0]]
-        ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
-        l1 = (pred_distri * scale - ltrb * scale).abs().mean(-1)
-        loss_dfl = (l1 * weight).sum(1) / score_sum
+    ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
+    loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
     hyp = crit.hyp
     return loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
+
+
+def _probiou(obb1: Tensor, obb2: Tensor, floor: float, eps: float = 1e-7) -> Tensor:
+    """Ultralytics' ``probiou`` (xywhr boxes, Bhattacharyya distance of their Gaussians) without
+    in-place ops, which have no ``vmap`` batching rule."""
+    def covariance(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a, bb, r = b[..., 2].pow(2) / 12 + floor, b[..., 3].pow(2) / 12 + floor, b[..., 4]
+        cos, sin = r.cos(), r.sin()
+        return a * cos.pow(2) + bb * sin.pow(2), a * sin.pow(2) + bb * cos.pow(2), (a - bb) * cos * sin
+
+    (x1, y1), (x2, y2) = obb1[..., :2].unbind(-1), obb2[..., :2].unbind(-1)
+    (a1, b1, c1), (a2, b2, c2) = covariance(obb1), covariance(obb2)
+    den = (a1 + a2) * (b1 + b2) - (c1 + c2).pow(2) + eps
+    t1 = ((a1 + a2) * (y1 - y2).pow(2) + (b1 + b2) * (x1 - x2).pow(2)) / den * 0.25
+    t2 = ((c1 + c2) * (x2 - x1) * (y1 - y2)) / den * 0.5
+    t3 = (((a1 + a2) * (b1 + b2) - (c1 + c2).pow(2))
+          / (4 * ((a1 * b1 - c1.pow(2)).clamp(min=0) * (a2 * b2 - c2.pow(2)).clamp(min=0)).sqrt() + eps) + eps).log() * 0.5
+    bd = (t1 + t2 + t3).clamp(eps, 100.0)
+    return 1 - (1.0 - (-bd).exp() + eps).sqrt()
+
+
+def _obb_losses(crit: v8OBBLoss, p: dict, targets: Batch, name: str) -> Tensor:
+    """[B] gain-weighted (box + cls + dfl/l1 + angle) losses of rotated boxes (``v8OBBLoss``), each
+    image normalised by its own score sum."""
+    pred_distri = p["boxes"].permute(0, 2, 1)
+    pred_scores = p["scores"].permute(0, 2, 1)
+    pred_angle = p["angle"].permute(0, 2, 1)
+    anchor_points, stride_tensor, imgsz = _geometry(crit, p)
+    pred_bboxes = crit.bbox_decode(anchor_points, pred_distri, pred_angle)  # xywhr, grid units
+    scores = targets[f"{name}.scores"].to(pred_scores.dtype)
+    fg = targets[f"{name}.fg"].to(pred_scores.dtype)
+    pixels = targets[f"{name}.bboxes"].to(pred_scores.dtype)
+    target_bboxes = torch.cat((pixels[..., :4] / stride_tensor, pixels[..., 4:]), -1)
+    score_sum = scores.flatten(1).sum(1).clamp(min=1)
+    loss_cls = _cls_loss(crit, pred_scores, scores, score_sum)
+
+    weight = scores.sum(-1) * fg
+    keep = fg.unsqueeze(-1) > 0
+    dummy = pred_bboxes.new_tensor(_DUMMY_RBOX)
+    iou = _probiou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy),
+                   floor=crit.bbox_loss.floor)
+    loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
+    ltrb = rbox2dist(target_bboxes[..., :4], anchor_points, target_bboxes[..., 4:5])
+    loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
+
+    # angle: sin^2 of twice the wrapped difference, damped for near-square boxes (Ultralytics' form)
+    log_ar = torch.log((target_bboxes[..., 2] + 1e-9) / (target_bboxes[..., 3] + 1e-9))
+    delta = pred_bboxes[..., 4] - target_bboxes[..., 4]
+    wrapped = delta - torch.round(delta / math.pi) * math.pi
+    angle = torch.exp(-log_ar.pow(2) / 9) * torch.sin(2 * wrapped).pow(2)
+    loss_angle = (angle * weight).sum(1) / score_sum
+    hyp = crit.hyp
+    return loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl + loss_angle * hyp.angle
 
 
 def losses_from_preds(model: nn.Module, preds: object, batch: Batch) -> Tensor:

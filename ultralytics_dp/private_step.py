@@ -16,7 +16,7 @@ Privacy assumptions relied on here:
   random functions of that image alone, its gradient is the mean of theirs and is clipped once,
   so it still adds one vector of norm <= C, and chunks never split a record.
 * Both back-ends compute the same clipped sum (tested to 1e-5): "ghost" (mixed ghost clipping and
-  book-keeping, no per-sample gradients; Conv2d, Linear and BatchNorm layers) and "vmap"
+  book-keeping, no per-sample gradients; Conv2d, Linear, BatchNorm and GroupNorm layers) and "vmap"
   (``torch.func`` per-sample gradients, any layer).
 * An out-of-memory error becomes a ``MemoryError`` that names ``physical_batch``: Ultralytics'
   own recovery (halve ``batch``, rebuild a shuffled loader) would change q and break sampling.
@@ -45,7 +45,7 @@ def resolve_grad_method(model: nn.Module, method: str) -> str:
         return "ghost" if ghost.supports(model) else "vmap"
     if method == "ghost" and not ghost.supports(model):
         raise ValueError("grad_method='ghost' needs a model whose trainable layers are Conv2d, Linear and "
-                         "BatchNorm only; use grad_method='vmap'")
+                         "BatchNorm/GroupNorm only; use grad_method='vmap'")
     return method
 
 
