@@ -7,7 +7,7 @@ of each kind of step (on CPU the peak RSS of a fresh process running only that k
 ``torch.cuda.max_memory_allocated`` on GPU) are reported as ratios. On the classification case Opacus 1.6 (``bench`` extra) runs the same
 clipping and noise in hooks mode, functorch mode and ghost clipping.
 
-    .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8]
+    .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8,seg26,obb26]
 
 Writes benchmarks/RESULTS.md and benchmarks/ratios.png.
 """
@@ -46,7 +46,10 @@ CASES = {
     "det26": dict(cfg="yolo26n.yaml", imgsz=320, batch=32, physical=16),
     "cls": dict(cfg="yolo26n-cls.yaml", imgsz=64, batch=64, physical=64),
     "det8": dict(cfg="yolov8n.yaml", imgsz=320, batch=32, physical=16),
+    "seg26": dict(cfg="yolo26n-seg.yaml", imgsz=320, batch=32, physical=16),
+    "obb26": dict(cfg="yolo26n-obb.yaml", imgsz=320, batch=32, physical=16),
 }
+TASK_DATA = {"seg": ("digits-seg", "segment"), "obb": ("digits-obb", "obb")}
 
 
 class PeakMemory:
@@ -89,6 +92,18 @@ def load_batch(kind: str, imgsz: int, batch: int, device: str) -> dict:
         imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         cls = torch.tensor([int(f.parent.name) for f in files])
         return {"img": torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).to(device), "cls": cls.to(device)}
+    if kind in TASK_DATA:  # through Ultralytics' own dataset and collate (masks, rotated boxes)
+        from ultralytics.data import YOLODataset
+        from ultralytics.data.utils import check_det_dataset
+
+        name, task = TASK_DATA[kind]
+        data = check_det_dataset(str(datasets.build(name, imgsz=imgsz, n_train=batch, n_val=4)))
+        ds = YOLODataset(img_path=data["train"], imgsz=imgsz, augment=False, data=data, task=task,
+                         hyp=get_cfg(overrides={"imgsz": imgsz}))
+        out = ds.collate_fn([ds[i] for i in range(batch)])
+        out = {k: v.to(device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+        out["img"] = out["img"].float().div(255)
+        return out
     yaml = datasets.build("digits-det", imgsz=imgsz, n_train=batch, n_val=4)
     root = yaml.parent
     imgs, idx, cls, boxes = [], [], [], []
@@ -134,7 +149,8 @@ def timed(step, repeats: int, device: str) -> tuple[float, int]:
 def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False, amp: bool = False) -> tuple:
     """(plain_step, private_step, method) for one case, on the same model weights and batch; with
     ``amp``, both run their forward and backward under bf16 autocast."""
-    batch = load_batch("cls" if "cls" in spec["cfg"] else "det", spec["imgsz"], spec["batch"], device)
+    kind = next((k for k in ("cls", "seg", "obb") if f"-{k}" in spec["cfg"]), "det")
+    batch = load_batch(kind, spec["imgsz"], spec["batch"], device)
     plain_model = make_model(spec["cfg"], device, freeze_bn_affine)
     dp_model = copy.deepcopy(plain_model)
     freeze_batchnorm(dp_model)
@@ -302,7 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default="det26,cls,det8")
+    parser.add_argument("--cases", default="det26,cls,det8,seg26,obb26")
     parser.add_argument("--imgsz", type=int, default=None, help="image size of the detection cases (default 320)")
     parser.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16: both steps under autocast")
     args = parser.parse_args()

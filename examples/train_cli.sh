@@ -18,3 +18,7 @@ WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; pr
     project=runs/examples name=private-cli exist_ok=True
 
 "$YOLO_DP" report runs/examples/private-cli/weights/last.pt
+
+# oriented boxes from scratch (no public OBB weights offline: DP mode trains GroupNorm in place of BatchNorm)
+"$YOLO" obb train model=yolo26n-obb.yaml data=digits-obb epochs=5 imgsz=128 workers=0 epsilon=8 \
+    project=runs/examples name=private-obb-cli exist_ok=True

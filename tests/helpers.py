@@ -174,13 +174,32 @@ def det_batch(counts: list[int], size: int = 64, seed: int = 0, rotated: bool = 
     }
 
 
+def seg_batch(counts: list[int], size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float) -> dict:
+    """``det_batch`` with instance masks as Ultralytics collates them with ``overlap_mask=True``
+    (``masks`` [B, size/4, size/4]: 0 background, j + 1 the image's j-th instance, its box filled)
+    and YOLO26's per-pixel class map ``sem_masks``."""
+    batch = det_batch(counts, size, seed, dtype=dtype)
+    m = size // 4
+    masks = torch.zeros(len(counts), m, m)
+    sem = torch.zeros(len(counts), m, m)
+    for i in range(len(counts)):
+        own = (batch["batch_idx"] == i).nonzero().view(-1)
+        for j, row in enumerate(own.tolist()):
+            cx, cy, w, h = (batch["bboxes"][row] * m).tolist()
+            ys, xs = slice(int(cy - h / 2), int(cy + h / 2) + 1), slice(int(cx - w / 2), int(cx + w / 2) + 1)
+            masks[i, ys, xs] = j + 1
+            sem[i, ys, xs] = batch["cls"][row, 0]
+    return {**batch, "masks": masks, "sem_masks": sem}
+
+
 def image(batch: dict, i: int) -> dict:
     """Image i alone, as a batch of one."""
     if "batch_idx" not in batch:
         return {"img": batch["img"][i : i + 1], "cls": batch["cls"][i : i + 1]}
     m = batch["batch_idx"] == i
-    return {"img": batch["img"][i : i + 1], "batch_idx": torch.zeros(int(m.sum())),
-            "cls": batch["cls"][m], "bboxes": batch["bboxes"][m]}
+    one = {"img": batch["img"][i : i + 1], "batch_idx": torch.zeros(int(m.sum())),
+           "cls": batch["cls"][m], "bboxes": batch["bboxes"][m]}
+    return {**one, **{k: batch[k][i : i + 1] for k in ("masks", "sem_masks") if k in batch}}
 
 
 def ultralytics_loss_alone(model, one: dict) -> torch.Tensor:

@@ -52,17 +52,19 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
 
 
 @pytest.mark.slow
-def test_end_to_end_private_oriented_boxes(tmp_path, no_network):
-    """A private yolo26n-obb run (from scratch: GroupNorm) on a small digits-obb, through the stock
-    trainer: Poisson steps, mosaic off, the dp entry's epsilon from the accountant, the ledger."""
-    data = datasets.build("digits-obb", imgsz=64, n_train=40, n_val=8, root=tmp_path / "data")
+@pytest.mark.parametrize("name,cfg", [("digits-obb", "yolo26n-obb.yaml"), ("digits-seg", "yolo26n-seg.yaml")])
+def test_end_to_end_private_obb_and_segmentation(tmp_path, no_network, name, cfg):
+    """A private yolo26n-obb / -seg run (from scratch: GroupNorm) on a small embedded set, through
+    the stock trainer: Poisson steps, mosaic and copy-paste off, the dp entry's epsilon from the
+    accountant, the ledger."""
+    data = datasets.build(name, imgsz=64, n_train=40, n_val=8, root=tmp_path / "data")
     ledger = tmp_path / "ledger.sqlite"
     dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, physical_batch=8, ledger=ledger)
-    model = YOLO("yolo26n-obb.yaml")
+    model = YOLO(cfg)
     dp.attach(model)
     model.train(data=str(data), epochs=2, imgsz=64, batch=10, workers=0, project=str(tmp_path), name="run")
     save_dir = tmp_path / "run"
-    assert dp.steps == 8 and dp.noise_draws == 8 and model.trainer.args.mosaic == 0.0
+    assert dp.steps == 8 and dp.noise_draws == 8 and model.trainer.args.mosaic == model.trainer.args.copy_paste == 0
     entry = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
     assert entry["sample_rate"] == pytest.approx(10 / 40) and entry["steps"] == 8
     spent = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)

@@ -57,6 +57,13 @@ def test_resume_may_change_memory_and_speed_settings_only():
     assert [c.split(":")[0] for c in changed] == ["epsilon", "delta", "max_grad_norm", "noise_multiplier", "norm"]
 
 
+def test_a_checkpoint_from_before_a_setting_resumes_with_what_it_meant():
+    """Checkpoints written before ``norm`` existed trained frozen BatchNorm."""
+    recorded = {k: v for k, v in DPConfig(epsilon=4, noise_multiplier=1.0).released().items() if k != "norm"}
+    assert DPConfig(epsilon=4, noise_multiplier=1.0, norm="batch").changed_on_resume(recorded) == []
+    assert DPConfig(epsilon=4, noise_multiplier=1.0).changed_on_resume(recorded) == ["norm: batch -> auto"]
+
+
 def test_readme_key_table_is_the_settings_help():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|$", readme.split("| key | meaning |")[1].split("\n\n")[0], re.M))

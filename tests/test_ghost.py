@@ -20,7 +20,8 @@ def test_ghost_path_on_plain_layers_and_refusals():
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
-        nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+        nn.GroupNorm(3, 6), nn.ConvTranspose2d(6, 4, 2, stride=2), nn.SiLU(), nn.ConvTranspose2d(4, 4, 3, padding=1),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 4),
     ).double().eval()
     with torch.no_grad():  # GroupNorm's affine parameters away from their init (1, 0)
         model[4].weight.uniform_(0.5, 1.5)

@@ -258,8 +258,8 @@ def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
         check_rank(trainer(), {}, rank=1, prepared=False)
     with pytest.raises(RuntimeError, match="mosaic still on in process 1"):
         check_rank(trainer(mosaic=1.0), {}, rank=1, prepared=True)
-    with pytest.raises(ValueError, match="segment"):
-        check_rank(trainer(task="segment"), {}, rank=1, prepared=True)
+    with pytest.raises(ValueError, match="pose"):
+        check_rank(trainer(task="pose"), {}, rank=1, prepared=True)
     check_rank(trainer(), {}, rank=1, prepared=True)
 
 
@@ -292,4 +292,4 @@ def test_a_list_of_datasets_is_refused(tiny_det, tmp_path):
 
 @pytest.mark.slow
 def test_unsupported_task_is_refused(tiny_det, tmp_path):
-    assert_refused(tmp_path, tiny_det, "segment.*supported", cfg="yolo26n-seg.yaml")
+    assert_refused(tmp_path, tiny_det, "pose.*supported", cfg="yolo26n-pose.yaml")

@@ -3,15 +3,17 @@ the other images, and exact per-image gradients against a naive loop."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ultralytics_dp import per_sample_grad_norms, per_sample_losses
 from ultralytics_dp.ghost import clipped_grad_sum_ghost
-from ultralytics_dp.losses import batch_losses, per_image_loss_fn, sample_batch
+from ultralytics_dp.losses import _branches, batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
 
-from helpers import det_batch, image, naive_image_grads, trainer_model, ultralytics_loss_alone
+from helpers import det_batch, image, naive_image_grads, seg_batch, trainer_model, ultralytics_loss_alone
 
 
 @pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml"])
@@ -76,15 +78,28 @@ def test_obb_loss_is_per_image_and_its_gradients_exact(cfg):
     for i in range(4):
         reference = ultralytics_loss_alone(model, image(batch, i))
         assert torch.allclose(losses[i], reference.double(), rtol=1e-6), (i, losses[i], reference)
-    other = det_batch([3, 2, 1, 5], seed=1, rotated=True, dtype=torch.float64)
-    mixed = {**other, "img": torch.cat([batch["img"][:3], other["img"][3:]])}
+    _independent_and_exact(model, batch, det_batch([3, 2, 1, 5], seed=1, rotated=True, dtype=torch.float64))
+
+
+def _independent_and_exact(model, batch, other):
+    """Images 0-2's losses unchanged when image 3 and its labels come from ``other`` (1e-9, float64);
+    per-image gradient norms equal a naive loop's (1e-6); clipped sums agree (``_clipped_sums_agree``)."""
+    losses = per_sample_losses(model, batch)
+    per_image = [k for k in ("img", "masks", "sem_masks") if k in batch]
+    mixed = {k: torch.cat([batch[k][:3], other[k][3:]]) for k in per_image}
     keep, take = batch["batch_idx"] < 3, other["batch_idx"] >= 3
     mixed.update({k: torch.cat([batch[k][keep], other[k][take]]) for k in ("batch_idx", "cls", "bboxes")})
     assert torch.allclose(per_sample_losses(model, mixed)[:3], losses[:3], rtol=1e-9)
 
-    naive = naive_image_grads(model, batch, 4)
+    naive = naive_image_grads(model, batch, len(batch["img"]))
     naive_norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in naive])
     assert torch.allclose(per_sample_grad_norms(model, batch).double(), naive_norms, rtol=1e-6)
+    _clipped_sums_agree(model, batch, naive, naive_norms)
+
+
+def _clipped_sums_agree(model, batch, naive, naive_norms):
+    """ghost = torch.func clipped sums (1e-5), and torch.func = the naive loop's clipped sum (1e-5:
+    the assigner's float32 targets, computed alone vs. in the batch)."""
     c = float(naive_norms[naive_norms > 0].min()) * 1.5  # clips some images, not all
     ref, _ = clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, batch), max_grad_norm=c)
     ours, _ = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=c)
@@ -93,5 +108,44 @@ def test_obb_loss_is_per_image_and_its_gradients_exact(cfg):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     expected = {name: sum(min(1.0, c / float(n)) * gs[j] for gs, n in zip(naive, naive_norms))
                 for j, name in enumerate(names)}
-    # 1e-5: the assigner's targets are float32 (as in Ultralytics), computed alone vs. in the batch
     assert ((flat(ref) - flat(expected)).norm() / flat(expected).norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n-seg.yaml", "yolov8n-seg.yaml"])
+def test_segmentation_loss_is_per_image_and_its_gradients_exact(cfg):
+    """Masks (and YOLO26's semantic branch): each image's loss equals Ultralytics' own on that image
+    alone (float32: its assigners run in float32 only), and in float64 it is the same in any batch,
+    ignores the other images, and its gradients match a naive loop."""
+    model = trainer_model(cfg)
+    batch = seg_batch([0, 1, 4, 2])
+    for i in range(4):
+        reference = ultralytics_loss_alone(model, image(batch, i))
+        assert torch.allclose(per_sample_losses(model, image(batch, i))[0], reference, rtol=1e-5), i
+
+    model = copy.deepcopy(model).double()
+    batch = seg_batch([0, 1, 4, 2], dtype=torch.float64)
+    losses = per_sample_losses(model, batch)
+    alone = torch.cat([per_sample_losses(model, image(batch, i)) for i in range(4)])
+    assert torch.allclose(losses, alone, rtol=1e-9)
+    _independent_and_exact(model, batch, seg_batch([3, 2, 1, 5], seed=1, dtype=torch.float64))
+
+
+def test_the_assigners_out_of_memory_warning_never_reaches_the_console(capsys, caplog):
+    """After an out-of-memory error Ultralytics' assigner logs the chunk's size and its largest label
+    count (private statistics); the assignment runs with the console closed."""
+    model = trainer_model("yolo26n.yaml")
+    batch = det_batch([1, 17, 2])
+    for _, crit, _ in _branches(model):
+        forward = crit.assigner._forward
+        calls = []
+
+        def out_of_memory_once(*args, forward=forward, calls=calls, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return forward(*args, **kwargs)
+
+        crit.assigner._forward = out_of_memory_once
+    sample_batch(model, batch)
+    printed = capsys.readouterr()
+    assert "max_num_obj" not in printed.out + printed.err + caplog.text

@@ -63,13 +63,35 @@ def test_fuse_leaves_a_group_norm_model_unchanged_and_refusals():
         to_group_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
 
 
-def test_which_norm_a_run_builds():
-    bn = ClassificationModel("yolo26n-cls.yaml", nc=10, verbose=False)
-    gn = to_group_norm(copy.deepcopy(bn))
-    assert untrained_batch_norm(bn) and not untrained_batch_norm(gn)
+def test_which_norm_a_run_builds_and_what_is_refused():
+    untrained = ClassificationModel("yolo26n-cls.yaml", nc=10, verbose=False)
+    gn = to_group_norm(copy.deepcopy(untrained))
+    pretrained = copy.deepcopy(untrained)
+    for m in pretrained.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.fill_(2.0)  # statistics that saw (public) data
+    assert untrained_batch_norm(untrained) and not untrained_batch_norm(gn) and not untrained_batch_norm(pretrained)
     assert [wants_group_norm(n, None) for n in ("auto", "group", "batch")] == [True, True, False]
-    assert [wants_group_norm(n, bn) for n in ("auto", "group", "batch")] == [False, True, False]
-    assert [wants_group_norm(n, gn) for n in ("auto", "group", "batch")] == [True, True, True]
+    assert [wants_group_norm(n, pretrained) for n in ("auto", "group", "batch")] == [False, True, False]
+    assert [wants_group_norm(n, gn) for n in ("auto", "group")] == [True, True]
+    assert [wants_group_norm(n, untrained) for n in ("group", "batch")] == [True, False]
+    with pytest.raises(ValueError, match="never saw data"):  # YOLO(yaml).load(gn.pt) dropped the GroupNorm weights
+        wants_group_norm("auto", untrained)
+    with pytest.raises(ValueError, match="have GroupNorm.*pretrained="):
+        wants_group_norm("batch", gn)
+    mixed = copy.deepcopy(gn)
+    mixed.model[-1].conv = Conv(3, 4)  # a BatchNorm head loaded into a GroupNorm body
+    with pytest.raises(ValueError, match="have GroupNorm"):
+        wants_group_norm("auto", mixed)
+
+
+@pytest.mark.parametrize("cfg", ["yolov10n.yaml", "yolov9t.yaml"])
+def test_architectures_whose_fuse_reads_batchnorm_are_refused(cfg):
+    """RepVGGDW / RepConv fuse their convolutions' BatchNorm: GroupNorm would crash validation."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    with pytest.raises(ValueError, match="cannot fuse with GroupNorm.*norm='batch'"):
+        to_group_norm(DetectionModel(cfg, verbose=False))
 
 
 def test_build_with_loads_weights_after_converting():
@@ -87,13 +109,13 @@ def test_build_with_loads_weights_after_converting():
         for p in source.parameters():
             p.add_(torch.randn_like(p))
     gn_source = to_group_norm(copy.deepcopy(source))
-    for norm in ("auto", "batch"):
+    for norm in ("auto", "group"):
         rebuilt = build_with(build, norm)("yolo26n-cls.yaml", gn_source)
         assert has_group_norm(rebuilt)
         assert all(torch.equal(v, gn_source.state_dict()[k]) for k, v in rebuilt.state_dict().items())
     forced = build_with(build, "group")("yolo26n-cls.yaml", source)
     assert torch.equal(forced.model[0].act[0].weight, source.model[0].bn.weight)
-    assert not has_group_norm(build_with(build, "auto")("yolo26n-cls.yaml", source))
+    assert not has_group_norm(build_with(build, "batch")("yolo26n-cls.yaml", source))
 
 
 @pytest.mark.slow

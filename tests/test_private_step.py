@@ -7,7 +7,7 @@ import torch
 
 from ultralytics_dp.losses import per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
-from ultralytics_dp.private_step import private_gradient
+from ultralytics_dp.private_step import private_gradient, select
 
 from helpers import det_batch, image, trainer_model
 
@@ -79,3 +79,15 @@ def test_a_batch_of_partial_records_is_refused():
     with pytest.raises(ValueError, match="whole records"):
         private_gradient(model, batch, method="ghost", max_grad_norm=1.0, noise_multiplier=0.0,
                          expected_batch_size=1.0, views=2)
+
+
+def test_select_keeps_each_images_masks():
+    """Segmentation chunks: one mask per image (overlap_mask) or per instance, and the class map."""
+    batch = {"img": torch.arange(3.0).view(3, 1, 1, 1), "batch_idx": torch.tensor([0.0, 2, 2]),
+             "cls": torch.tensor([[1.0], [2], [3]]), "bboxes": torch.rand(3, 4),
+             "masks": torch.arange(3.0).view(3, 1, 1), "sem_masks": torch.arange(3.0).view(3, 1, 1) + 10}
+    chunk = select(batch, [2, 0])
+    assert chunk["masks"].view(-1).tolist() == [2.0, 0.0] and chunk["sem_masks"].view(-1).tolist() == [12.0, 10.0]
+    assert chunk["batch_idx"].tolist() == [1.0, 0.0, 0.0] and chunk["cls"].view(-1).tolist() == [1.0, 2.0, 3.0]
+    per_instance = select(batch, [2], overlap_masks=False)  # instances 1 and 2 belong to image 2
+    assert per_instance["masks"].view(-1).tolist() == [1.0, 2.0] and per_instance["batch_idx"].tolist() == [0.0, 0.0]

@@ -337,8 +337,8 @@ class DifferentialPrivacy:
             trainer.model = distributed.unwrap(trainer.model)  # the private step all-reduces, not DDP
             check_supported(trainer.model)
             if norms.untrained_batch_norm(trainer.model):
-                log("WARNING: training from scratch with frozen BatchNorm (norm='batch'): it stays at its initial "
-                    "statistics and the model learns little; use norm='auto' or pretrained weights")
+                log("WARNING: frozen BatchNorm at its initial statistics (training from scratch with norm='batch'): "
+                    "the model learns little; use norm='auto' or pretrained weights")
             freeze_batchnorm(trainer.model)
             method = resolve_grad_method(trainer.model, self.config.grad_method)
             dataset = trainer.train_loader.dataset

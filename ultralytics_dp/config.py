@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 GRAD_METHODS = ("auto", "ghost", "vmap")
 NORMS = ("auto", "group", "batch")  # see ``norms``
+# what a setting added later meant in checkpoints written before it existed (for the resume check)
+RECORDED_BEFORE = {"norm": "batch"}
 
 
 def _finite_positive(name: str, value: Any) -> None:
@@ -145,7 +147,7 @@ class DPConfig:
         for key, f in SETTINGS.items():
             if not f.metadata["resume"] or not f.metadata["released"]:
                 continue
-            old, new = recorded.get(key), getattr(self, key)
+            old, new = recorded.get(key, RECORDED_BEFORE.get(key)), getattr(self, key)
             numbers = all(isinstance(v, (int, float)) for v in (old, new))
             same = math.isclose(old, new, rel_tol=1e-9) if numbers else old == new
             if not same:

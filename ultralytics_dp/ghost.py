@@ -12,7 +12,8 @@ One batched forward (hooks keep each layer's input ``a``), one backward to the l
 Privacy assumption relied on here: ``b_i`` is the gradient of image i's loss alone. That holds
 because the summed per-image losses are differentiated and nothing mixes images in the forward
 (BatchNorm in eval mode is checked; the losses are per image, see ``losses``). Supported layers:
-Conv2d (any groups, with or without bias), Linear, and the affine parameters of eval-mode BatchNorm
+Conv2d (any groups, with or without bias), ConvTranspose2d (without output padding), Linear, and
+the affine parameters of eval-mode BatchNorm
 and of GroupNorm (which normalises each image with its own statistics).
 Any other trainable parameter makes ``supports`` false, and callers use the ``torch.func`` path.
 This module must not import Ultralytics.
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from .grad_sample import check_no_train_batchnorm, trainable_params
 from .mechanism import check_positive, clip_factors
 
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+SUPPORTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -48,8 +49,9 @@ def supports(model: nn.Module) -> bool:
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     return all(count == 1 for count in owners.values()) and all(
-        isinstance(m, SUPPORTED) and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros"
-                                                                          or isinstance(m.padding, str)))
+        isinstance(m, SUPPORTED)
+        and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)))
+        and not (isinstance(m, nn.ConvTranspose2d) and any(m.output_padding))
         for m in _layers(model).values()
     )
 
@@ -60,12 +62,15 @@ def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
     return cols.view(a.shape[0], m.groups, -1, cols.shape[-1])
 
 
-def _conv_per_sample_weight_grad(m: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
-    """[B, C_out, C_in/groups, kh, kw] per-sample weight gradients from one convolution backward
-    in which the batch becomes groups (no im2col of the input)."""
+def _conv_per_sample_weight_grad(m: nn.Conv2d | nn.ConvTranspose2d, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample weight gradients ([B, *weight.shape]) from one convolution backward in which the
+    batch becomes groups (no im2col of the input). A transposed convolution is the adjoint of the
+    convolution with the same weight, so its weight gradient is that convolution's with the input
+    and the output gradient swapped."""
     n = a.shape[0]
-    size = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-    g = torch.nn.grad.conv2d_weight(a.reshape(1, -1, *a.shape[2:]), size, b.reshape(1, -1, *b.shape[2:]),
+    x, y = (b, a) if isinstance(m, nn.ConvTranspose2d) else (a, b)
+    size = (n * m.weight.shape[0], m.weight.shape[1], *m.kernel_size)
+    g = torch.nn.grad.conv2d_weight(x.reshape(1, -1, *x.shape[2:]), size, y.reshape(1, -1, *y.shape[2:]),
                                     stride=m.stride, padding=m.padding, dilation=m.dilation, groups=n * m.groups)
     return g.view(n, *m.weight.shape)
 
@@ -94,6 +99,11 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
             terms.append(("weight", b.reshape(n, m.groups, o, t), _conv_unfold(m, a)))
         elif m.weight.requires_grad:
             terms.append(("weight", _conv_per_sample_weight_grad(m, a, b), None))
+        if m.bias is not None and m.bias.requires_grad:
+            terms.append(("bias", b.sum((2, 3)), None))
+        return terms
+    if isinstance(m, nn.ConvTranspose2d):  # few in YOLO (the mask prototypes' upsampling): no ghost form
+        terms = [("weight", _conv_per_sample_weight_grad(m, a, b), None)] if m.weight.requires_grad else []
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b.sum((2, 3)), None))
         return terms
@@ -175,8 +185,8 @@ def clipped_grad_sum_ghost(
     check_no_train_batchnorm(model)
     layers = _layers(model)
     if not supports(model):
-        raise ValueError("model has trainable layers other than Conv2d, Linear, BatchNorm and GroupNorm; use the "
-                         "torch.func path")
+        raise ValueError("model has trainable layers other than Conv2d, ConvTranspose2d, Linear, BatchNorm and "
+                         "GroupNorm; use the torch.func path")
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     outputs: list[tuple[str, Tensor, Tensor]] = []
 

@@ -12,8 +12,9 @@ per image too) and yields fixed-shape padded targets and masks, which the differ
 per-image loss consumes with weighted sums instead of boolean indexing.
 
 Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``), ``OBBModel``
-(``v8OBBLoss``, YOLO26 ``E2ELoss`` of it) and ``ClassificationModel``. Segmentation, pose and
-others are refused.
+(``v8OBBLoss``, YOLO26 ``E2ELoss`` of it), ``SegmentationModel`` (``v8SegmentationLoss``, YOLO26
+``E2ELoss`` of ``SegmentLoss26``; mask terms in ``segment_loss``) and ``ClassificationModel``.
+Pose and others are refused.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel
-from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss, v8OBBLoss
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, SegmentationModel
+from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, SegmentLoss26, v8DetectionLoss, v8OBBLoss,
+                                    v8SegmentationLoss)
 from ultralytics.utils.tal import make_anchors, rbox2dist
 
+from . import segment_loss
 from .grad_sample import Batch, ModelCall, per_sample_grads
+from .guard import quiet_console
 
-SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel) and classification "
-             "(ClassificationModel)")
+SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel), instance segmentation "
+             "(SegmentationModel) and classification (ClassificationModel)")
 _DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
 _DUMMY_RBOX = (0.5, 0.5, 1.0, 1.0, 0.0)
-_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss)  # exact types: subclasses add terms not written here
+# exact types: subclasses add terms not written here
+_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26)
 
 
 def _task(model: nn.Module) -> str:
@@ -42,6 +47,8 @@ def _task(model: nn.Module) -> str:
         return "detect"
     if type(model) is OBBModel:
         return "obb"
+    if type(model) is SegmentationModel:
+        return "segment"
     if isinstance(model, ClassificationModel):
         return "classify"
     raise ValueError(f"unsupported model {type(model).__name__} for differential privacy; supported: {SUPPORTED}")
@@ -98,11 +105,18 @@ def assign_targets(model: nn.Module, batch: Batch, preds: object | None = None) 
     """
     if preds is None:
         preds = model(batch["img"])
-    preds = _parse(preds)
+    with quiet_console():  # after an out-of-memory error, the assigner logs the chunk's size and label count
+        return _assign(model, batch, _parse(preds))
+
+
+def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
     out = {}
     n = batch["img"].shape[0]
     for key, crit, _ in _branches(model):
         p = preds[key] if key else preds
+        if isinstance(crit, v8SegmentationLoss):
+            out.update(segment_loss.assign(crit, p, batch, key or "det"))
+            continue
         pred_distri = p["boxes"].permute(0, 2, 1).contiguous()
         pred_scores = p["scores"].permute(0, 2, 1).contiguous()
         anchor_points, stride_tensor, imgsz = _geometry(crit, p)
@@ -211,7 +225,10 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
     ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
     loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
     hyp = crit.hyp
-    return loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
+    total = loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
+    if isinstance(crit, v8SegmentationLoss):
+        total = total + segment_loss.losses(crit, p, targets, name)
+    return total
 
 
 def _probiou(obb1: Tensor, obb2: Tensor, floor: float, eps: float = 1e-7) -> Tensor:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from ultralytics.nn.modules import Conv, DWConv
 
 # groups per layer (gcd with its channel count: YOLO's 16-1280 channels give 8 groups). Fixed a
 # priori, not tuned: every tuning run on private data would spend privacy.
@@ -47,12 +48,14 @@ def untrained_batch_norm(model: nn.Module) -> bool:
 
 def to_group_norm(model: nn.Module, groups: int = GROUPS) -> nn.Module:
     """Replace, in place, every BatchNorm of an Ultralytics model by GroupNorm (see the module
-    docstring); refuses a BatchNorm anywhere else, naming it."""
+    docstring); refuses a BatchNorm anywhere but in a plain ``Conv``/``DWConv`` (``Conv2``'s fused
+    form drops a branch), and a model whose ``fuse()`` then fails (``RepConv``, ``RepVGGDW`` read
+    their convolutions' BatchNorm), naming it: before any step, so nothing is spent."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.modules.batchnorm._BatchNorm):
                 continue
-            if child_name != "bn" or not hasattr(module, "forward_fuse") or not hasattr(module, "act"):
+            if child_name != "bn" or type(module) not in (Conv, DWConv):
                 where = ".".join(filter(None, (name, child_name)))
                 raise ValueError(f"BatchNorm {where} is not the 'bn' of an Ultralytics Conv; norm='group' cannot "
                                  "replace it: use norm='batch' (frozen BatchNorm) or pretrained weights")
@@ -63,15 +66,33 @@ def to_group_norm(model: nn.Module, groups: int = GROUPS) -> nn.Module:
             del module.bn
             module.act = nn.Sequential(gn, module.act)
             module.forward = module.forward_fuse  # act(conv(x)), as Ultralytics' own fuse() sets it
+    if hasattr(model, "fuse"):
+        try:  # what validation, prediction and export will do with the checkpoint
+            copy.deepcopy(model).fuse(verbose=False)
+        except AttributeError as err:
+            raise ValueError(f"this architecture cannot fuse with GroupNorm ({err}); use norm='batch' (frozen "
+                             "BatchNorm) or pretrained weights") from None
     return model
 
 
 def wants_group_norm(norm: str, weights: nn.Module | None) -> bool:
     """``auto``: GroupNorm from scratch (no weights) and for weights that have it; frozen BatchNorm
-    when fine-tuning BatchNorm weights (their statistics come from the public pretraining)."""
-    if weights is not None and has_group_norm(weights):
-        return True  # a GroupNorm model can only load into a GroupNorm model
-    return norm == "group" or (norm == "auto" and weights is None)
+    when fine-tuning BatchNorm weights (their statistics come from the public pretraining).
+    Refused: weights that mix both, or (``auto``) BatchNorm that never saw data, which is what
+    Ultralytics' ``YOLO(yaml).load(groupnorm.pt)`` leaves after dropping the GroupNorm weights."""
+    if weights is None:
+        return norm in ("auto", "group")
+    if has_group_norm(weights):
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in weights.modules()) or norm == "batch":
+            raise ValueError("these weights have GroupNorm (a private run from scratch); load them with "
+                             "YOLO('weights.pt') or pretrained='weights.pt' (YOLO(yaml).load() drops GroupNorm "
+                             "weights), with norm='auto' or 'group'")
+        return True
+    if norm == "auto" and untrained_batch_norm(weights):
+        raise ValueError("the weights' BatchNorm never saw data (a model from a yaml, or YOLO(yaml).load() that "
+                         "dropped GroupNorm weights): start from the checkpoint itself (YOLO('weights.pt')), or "
+                         "choose norm='group' (GroupNorm) or norm='batch' (frozen BatchNorm)")
+    return norm == "group"
 
 
 def build_with(build: Callable[..., nn.Module], norm: str) -> Callable[..., nn.Module]:

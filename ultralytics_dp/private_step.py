@@ -16,7 +16,8 @@ Privacy assumptions relied on here:
   random functions of that image alone, its gradient is the mean of theirs and is clipped once,
   so it still adds one vector of norm <= C, and chunks never split a record.
 * Both back-ends compute the same clipped sum (tested to 1e-5): "ghost" (mixed ghost clipping and
-  book-keeping, no per-sample gradients; Conv2d, Linear, BatchNorm and GroupNorm layers) and "vmap"
+  book-keeping, no per-sample gradients; Conv2d, ConvTranspose2d, Linear, BatchNorm and GroupNorm
+  layers) and "vmap"
   (``torch.func`` per-sample gradients, any layer).
 * An out-of-memory error becomes a ``MemoryError`` that names ``physical_batch``: Ultralytics'
   own recovery (halve ``batch``, rebuild a shuffled loader) would change q and break sampling.
@@ -44,8 +45,8 @@ def resolve_grad_method(model: nn.Module, method: str) -> str:
     if method == "auto":
         return "ghost" if ghost.supports(model) else "vmap"
     if method == "ghost" and not ghost.supports(model):
-        raise ValueError("grad_method='ghost' needs a model whose trainable layers are Conv2d, Linear and "
-                         "BatchNorm/GroupNorm only; use grad_method='vmap'")
+        raise ValueError("grad_method='ghost' needs a model whose trainable layers are Conv2d, ConvTranspose2d, "
+                         "Linear and BatchNorm/GroupNorm only; use grad_method='vmap'")
     return method
 
 
@@ -64,9 +65,10 @@ def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tu
 CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
 
 
-def select(batch: dict, idx: list[int]) -> dict:
+def select(batch: dict, idx: list[int], overlap_masks: bool = True) -> dict:
     """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels are
-    re-indexed to the chunk)."""
+    re-indexed to the chunk). Segmentation masks are one per image (``overlap_masks``, Ultralytics'
+    ``overlap_mask``) or one per instance."""
     index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
     out = {"img": batch["img"][index]}
     if "batch_idx" in batch:
@@ -76,6 +78,10 @@ def select(batch: dict, idx: list[int]) -> dict:
         keep = remap[owner] >= 0
         out.update(batch_idx=remap[owner][keep].to(batch["batch_idx"].dtype),
                    cls=batch["cls"][keep], bboxes=batch["bboxes"][keep])
+        if "masks" in batch:
+            out["masks"] = batch["masks"][index.to(batch["masks"].device) if overlap_masks else keep]
+        if "sem_masks" in batch:
+            out["sem_masks"] = batch["sem_masks"][index.to(batch["sem_masks"].device)]
     else:
         out["cls"] = batch["cls"][index]
     return out
@@ -102,10 +108,11 @@ def private_gradient(
     if n % views:
         raise ValueError(f"a batch of {n} images is not whole records of {views} views")
     per_chunk = max(1, (physical_batch or max(n, 1)) // views)  # physical_batch counts images
+    overlap = getattr(getattr(model, "args", None), "overlap_mask", True)
     try:
         for records in split_physical(list(range(n // views)), per_chunk):
             idx = [r * views + k for r in records for k in range(views)]
-            sums, _ = clipped_sum(model, select(batch, idx), max_grad_norm, views)
+            sums, _ = clipped_sum(model, select(batch, idx, overlap), max_grad_norm, views)
             for k in total:
                 total[k] += sums[k]
     except RuntimeError as err:
