@@ -192,6 +192,13 @@ def seg_batch(counts: list[int], size: int = 64, seed: int = 0, dtype: torch.dty
     return {**batch, "masks": masks, "sem_masks": sem}
 
 
+def per_instance_masks(batch: dict) -> dict:
+    """``seg_batch`` with ``overlap_mask=False``: one binary mask per instance, in label order."""
+    owner = batch["batch_idx"].long()
+    within = torch.cat([torch.arange(int((owner == i).sum())) for i in range(len(batch["img"]))])
+    return {**batch, "masks": (batch["masks"][owner] == (within + 1).view(-1, 1, 1)).float()}
+
+
 def image(batch: dict, i: int) -> dict:
     """Image i alone, as a batch of one."""
     if "batch_idx" not in batch:
@@ -199,7 +206,11 @@ def image(batch: dict, i: int) -> dict:
     m = batch["batch_idx"] == i
     one = {"img": batch["img"][i : i + 1], "batch_idx": torch.zeros(int(m.sum())),
            "cls": batch["cls"][m], "bboxes": batch["bboxes"][m]}
-    return {**one, **{k: batch[k][i : i + 1] for k in ("masks", "sem_masks") if k in batch}}
+    if "masks" in batch and len(batch["masks"]) != len(batch["img"]):  # one mask per instance
+        one["masks"] = batch["masks"][m]
+    elif "masks" in batch:
+        one["masks"] = batch["masks"][i : i + 1]
+    return {**one, **{k: batch[k][i : i + 1] for k in ("sem_masks",) if k in batch}}
 
 
 def ultralytics_loss_alone(model, one: dict) -> torch.Tensor:

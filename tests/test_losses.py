@@ -13,7 +13,8 @@ from ultralytics_dp.ghost import clipped_grad_sum_ghost
 from ultralytics_dp.losses import _branches, batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
 
-from helpers import det_batch, image, naive_image_grads, seg_batch, trainer_model, ultralytics_loss_alone
+from helpers import (det_batch, image, naive_image_grads, per_instance_masks, seg_batch, trainer_model,
+                     ultralytics_loss_alone)
 
 
 @pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml"])
@@ -149,3 +150,18 @@ def test_the_assigners_out_of_memory_warning_never_reaches_the_console(capsys, c
     sample_batch(model, batch)
     printed = capsys.readouterr()
     assert "max_num_obj" not in printed.out + printed.err + caplog.text
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n-seg.yaml", "yolov8n-seg.yaml"])
+def test_segmentation_with_one_mask_per_instance(cfg):
+    """overlap_mask=False: masks come one per instance; the same equalities as with overlap."""
+    model = trainer_model(cfg)
+    model.args.overlap_mask = False
+    batch = per_instance_masks(seg_batch([0, 1, 4, 2]))
+    for i in range(4):
+        reference = ultralytics_loss_alone(model, image(batch, i))
+        assert torch.allclose(per_sample_losses(model, image(batch, i))[0], reference, rtol=1e-5), i
+    model = copy.deepcopy(model).double()
+    batch = per_instance_masks(seg_batch([0, 1, 4, 2], dtype=torch.float64))
+    alone = torch.cat([per_sample_losses(model, image(batch, i)) for i in range(4)])
+    assert torch.allclose(per_sample_losses(model, batch), alone, rtol=1e-9)
