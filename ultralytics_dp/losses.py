@@ -175,13 +175,6 @@ def _bce_with_logits(x: Tensor, y: Tensor) -> Tensor:
     return F.softplus(x) - x * y
 
 
-def _cls_loss(crit: v8DetectionLoss, pred_scores: Tensor, scores: Tensor, score_sum: Tensor) -> Tensor:
-    bce = _bce_with_logits(pred_scores, scores)
-    if crit.class_weights is not None:
-        bce = bce * crit.class_weights
-    return bce.flatten(1).sum(1) / score_sum
-
-
 def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, stride_tensor: Tensor, imgsz: Tensor,
                    weight: Tensor, score_sum: Tensor) -> Tensor:
     """[B] DFL (reg_max > 1) or, for YOLO26 (reg_max == 1), L1 on image-size-normalised distances,
@@ -203,29 +196,44 @@ def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, str
 
 
 def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) -> Tensor:
-    """[B] gain-weighted (box + cls + dfl/l1 [+ angle]) losses, each image normalised by its own score sum."""
-    if isinstance(crit, v8OBBLoss):
-        return _obb_losses(crit, p, targets, name)
+    """[B] gain-weighted (box + cls + dfl/l1 [+ angle | + mask]) losses, each image normalised by its
+    own score sum. Boxes are xyxy, or xywhr for OBB (``v8OBBLoss``: ProbIoU and an angle term)."""
+    rotated = isinstance(crit, v8OBBLoss)
     pred_distri = p["boxes"].permute(0, 2, 1)
     pred_scores = p["scores"].permute(0, 2, 1)
     anchor_points, stride_tensor, imgsz = _geometry(crit, p)
-    pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
     scores = targets[f"{name}.scores"].to(pred_scores.dtype)
     fg = targets[f"{name}.fg"].to(pred_scores.dtype)
-    target_bboxes = targets[f"{name}.bboxes"].to(pred_scores.dtype) / stride_tensor
+    pixels = targets[f"{name}.bboxes"].to(pred_scores.dtype)
     score_sum = scores.flatten(1).sum(1).clamp(min=1)  # per image, not per batch
-    loss_cls = _cls_loss(crit, pred_scores, scores, score_sum)
+
+    bce = _bce_with_logits(pred_scores, scores)
+    if crit.class_weights is not None:
+        bce = bce * crit.class_weights
+    loss_cls = bce.flatten(1).sum(1) / score_sum
 
     weight = scores.sum(-1) * fg  # [B, A], zero on background anchors
     keep = fg.unsqueeze(-1) > 0
-    dummy = pred_bboxes.new_tensor(_DUMMY_BOX)
     # background anchors see a constant box pair: no gradient and no NaN can come from them
-    iou = _ciou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy))
+    if rotated:
+        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri, p["angle"].permute(0, 2, 1))  # grid units
+        target_bboxes = torch.cat((pixels[..., :4] / stride_tensor, pixels[..., 4:]), -1)
+        dummy = pred_bboxes.new_tensor(_DUMMY_RBOX)
+        iou = _probiou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy),
+                       floor=crit.bbox_loss.floor)
+        ltrb = rbox2dist(target_bboxes[..., :4], anchor_points, target_bboxes[..., 4:5])
+    else:
+        pred_bboxes = crit.bbox_decode(anchor_points, pred_distri)
+        target_bboxes = pixels / stride_tensor
+        dummy = pred_bboxes.new_tensor(_DUMMY_BOX)
+        iou = _ciou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy))
+        ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
     loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
-    ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
     loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
     hyp = crit.hyp
     total = loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
+    if rotated:
+        total = total + _angle_loss(pred_bboxes, target_bboxes, weight) / score_sum * hyp.angle
     if isinstance(crit, v8SegmentationLoss):
         total = total + segment_loss.losses(crit, p, targets, name)
     return total
@@ -244,44 +252,19 @@ def _probiou(obb1: Tensor, obb2: Tensor, floor: float, eps: float = 1e-7) -> Ten
     den = (a1 + a2) * (b1 + b2) - (c1 + c2).pow(2) + eps
     t1 = ((a1 + a2) * (y1 - y2).pow(2) + (b1 + b2) * (x1 - x2).pow(2)) / den * 0.25
     t2 = ((c1 + c2) * (x2 - x1) * (y1 - y2)) / den * 0.5
-    t3 = (((a1 + a2) * (b1 + b2) - (c1 + c2).pow(2))
-          / (4 * ((a1 * b1 - c1.pow(2)).clamp(min=0) * (a2 * b2 - c2.pow(2)).clamp(min=0)).sqrt() + eps) + eps).log() * 0.5
+    dets = ((a1 * b1 - c1.pow(2)).clamp(min=0) * (a2 * b2 - c2.pow(2)).clamp(min=0)).sqrt()
+    t3 = (((a1 + a2) * (b1 + b2) - (c1 + c2).pow(2)) / (4 * dets + eps) + eps).log() * 0.5
     bd = (t1 + t2 + t3).clamp(eps, 100.0)
     return 1 - (1.0 - (-bd).exp() + eps).sqrt()
 
 
-def _obb_losses(crit: v8OBBLoss, p: dict, targets: Batch, name: str) -> Tensor:
-    """[B] gain-weighted (box + cls + dfl/l1 + angle) losses of rotated boxes (``v8OBBLoss``), each
-    image normalised by its own score sum."""
-    pred_distri = p["boxes"].permute(0, 2, 1)
-    pred_scores = p["scores"].permute(0, 2, 1)
-    pred_angle = p["angle"].permute(0, 2, 1)
-    anchor_points, stride_tensor, imgsz = _geometry(crit, p)
-    pred_bboxes = crit.bbox_decode(anchor_points, pred_distri, pred_angle)  # xywhr, grid units
-    scores = targets[f"{name}.scores"].to(pred_scores.dtype)
-    fg = targets[f"{name}.fg"].to(pred_scores.dtype)
-    pixels = targets[f"{name}.bboxes"].to(pred_scores.dtype)
-    target_bboxes = torch.cat((pixels[..., :4] / stride_tensor, pixels[..., 4:]), -1)
-    score_sum = scores.flatten(1).sum(1).clamp(min=1)
-    loss_cls = _cls_loss(crit, pred_scores, scores, score_sum)
-
-    weight = scores.sum(-1) * fg
-    keep = fg.unsqueeze(-1) > 0
-    dummy = pred_bboxes.new_tensor(_DUMMY_RBOX)
-    iou = _probiou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy),
-                   floor=crit.bbox_loss.floor)
-    loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
-    ltrb = rbox2dist(target_bboxes[..., :4], anchor_points, target_bboxes[..., 4:5])
-    loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
-
-    # angle: sin^2 of twice the wrapped difference, damped for near-square boxes (Ultralytics' form)
+def _angle_loss(pred_bboxes: Tensor, target_bboxes: Tensor, weight: Tensor) -> Tensor:
+    """[B] weighted sum of sin^2 of twice the wrapped angle difference, damped for near-square boxes
+    (Ultralytics' ``calculate_angle_loss``)."""
     log_ar = torch.log((target_bboxes[..., 2] + 1e-9) / (target_bboxes[..., 3] + 1e-9))
     delta = pred_bboxes[..., 4] - target_bboxes[..., 4]
     wrapped = delta - torch.round(delta / math.pi) * math.pi
-    angle = torch.exp(-log_ar.pow(2) / 9) * torch.sin(2 * wrapped).pow(2)
-    loss_angle = (angle * weight).sum(1) / score_sum
-    hyp = crit.hyp
-    return loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl + loss_angle * hyp.angle
+    return (torch.exp(-log_ar.pow(2) / 9) * torch.sin(2 * wrapped).pow(2) * weight).sum(1)
 
 
 def losses_from_preds(model: nn.Module, preds: object, batch: Batch) -> Tensor:

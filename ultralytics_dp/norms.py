@@ -39,10 +39,14 @@ def has_group_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.GroupNorm) for m in model.modules())
 
 
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def untrained_batch_norm(model: nn.Module) -> bool:
     """True if every BatchNorm still has its initial statistics (mean 0, variance 1): a model from
     scratch, which frozen BatchNorm leaves unnormalised."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in _batch_norms(model) if m.track_running_stats]
     return bool(bns) and all(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1) for m in bns)
 
 
@@ -83,7 +87,7 @@ def wants_group_norm(norm: str, weights: nn.Module | None) -> bool:
     if weights is None:
         return norm in ("auto", "group")
     if has_group_norm(weights):
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in weights.modules()) or norm == "batch":
+        if _batch_norms(weights) or norm == "batch":
             raise ValueError("these weights have GroupNorm (a private run from scratch); load them with "
                              "YOLO('weights.pt') or pretrained='weights.pt' (YOLO(yaml).load() drops GroupNorm "
                              "weights), with norm='auto' or 'group'")
