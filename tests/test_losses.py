@@ -165,3 +165,24 @@ def test_segmentation_with_one_mask_per_instance(cfg):
     batch = per_instance_masks(seg_batch([0, 1, 4, 2], dtype=torch.float64))
     alone = torch.cat([per_sample_losses(model, image(batch, i)) for i in range(4)])
     assert torch.allclose(per_sample_losses(model, batch), alone, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cfg,dtype,make_batch", [
+    ("yolov8n.yaml", torch.bfloat16, lambda: det_batch([2, 3], size=160)),  # DFL targets near reg_max (H200)
+    ("yolov8n-obb.yaml", torch.float16, lambda: det_batch([1, 2, 0, 3], rotated=True)),  # an image without labels
+    ("yolov8n-seg.yaml", torch.bfloat16, lambda: seg_batch([1, 2, 0, 3])),  # mask crop boxes
+])
+def test_losses_under_autocast_match_ultralytics(cfg, dtype, make_batch):
+    """Under autocast (the trainer's amp=True, or bf16) the per-image losses stay finite and equal
+    Ultralytics' own loss on each image alone under the same autocast. Casting the targets to the
+    predictions' half precision once rounded the DFL clamp up to the last bin and indexed past it
+    (bf16), made the loss of an image without labels NaN (fp16: its gradient silently dropped), and
+    moved the mask crop boxes (bf16: mask losses up to 49% off)."""
+    model = trainer_model(cfg)
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=dtype):
+        losses = per_sample_losses(model, batch)
+        for i in range(len(batch["img"])):
+            reference = ultralytics_loss_alone(model, image(batch, i)).float()
+            assert torch.isfinite(losses[i]), (i, losses[i])
+            assert torch.allclose(losses[i].float(), reference, rtol=1e-2), (i, losses[i], reference)

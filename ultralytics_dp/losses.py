@@ -202,9 +202,12 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
     pred_distri = p["boxes"].permute(0, 2, 1)
     pred_scores = p["scores"].permute(0, 2, 1)
     anchor_points, stride_tensor, imgsz = _geometry(crit, p)
-    scores = targets[f"{name}.scores"].to(pred_scores.dtype)
-    fg = targets[f"{name}.fg"].to(pred_scores.dtype)
-    pixels = targets[f"{name}.bboxes"].to(pred_scores.dtype)
+    # targets stay float32 under autocast, as in Ultralytics: in bf16 the DFL clamp to reg_max - 1.01
+    # rounds up to reg_max - 1, and the right-hand bin would index past the distribution; segment_loss too
+    dtype = torch.promote_types(pred_scores.dtype, torch.float32)
+    scores = targets[f"{name}.scores"].to(dtype)
+    fg = targets[f"{name}.fg"].to(dtype)
+    pixels = targets[f"{name}.bboxes"].to(dtype)
     score_sum = scores.flatten(1).sum(1).clamp(min=1)  # per image, not per batch
 
     bce = _bce_with_logits(pred_scores, scores)

@@ -127,7 +127,8 @@ def _assign_one(crit: v8SegmentationLoss, p: dict, batch: dict) -> dict[str, Ten
 def losses(crit: v8SegmentationLoss, p: dict, targets: dict, name: str) -> Tensor:
     """[B] the gain-weighted mask (and semantic) terms of each image, normalised by its own count."""
     proto, sem_pred = p["proto"] if isinstance(p["proto"], tuple) else (p["proto"], None)
-    gt = targets[f"{name}.seg_masks"].to(proto.dtype)
+    dtype = torch.promote_types(proto.dtype, torch.float32)  # targets stay float32 under autocast (``losses``)
+    gt = targets[f"{name}.seg_masks"].to(dtype)
     if proto.shape[-2:] != gt.shape[-2:]:
         proto = F.interpolate(proto, gt.shape[-2:], mode="bilinear", align_corners=False)
     coef = p["mask_coefficient"].permute(0, 2, 1)  # [B, A, nm]
@@ -135,21 +136,21 @@ def losses(crit: v8SegmentationLoss, p: dict, targets: dict, name: str) -> Tenso
     coef = coef.gather(1, idx.unsqueeze(-1).expand(-1, -1, coef.shape[-1]))  # [B, K, nm]
     pred = torch.einsum("bkn,bnhw->bkhw", coef, proto)
     bce = F.softplus(pred) - pred * gt
-    x1, y1, x2, y2 = targets[f"{name}.seg_boxes"].to(proto.dtype).unbind(-1)
-    cols = torch.arange(gt.shape[-1], device=gt.device, dtype=proto.dtype)
-    rows = torch.arange(gt.shape[-2], device=gt.device, dtype=proto.dtype)
+    x1, y1, x2, y2 = targets[f"{name}.seg_boxes"].to(dtype).unbind(-1)
+    cols = torch.arange(gt.shape[-1], device=gt.device, dtype=dtype)
+    rows = torch.arange(gt.shape[-2], device=gt.device, dtype=dtype)
     inside_x = (cols >= x1[..., None]) & (cols < x2[..., None])  # [B, K, W]
     inside_y = (rows >= y1[..., None]) & (rows < y2[..., None])  # [B, K, H]
-    inside = (inside_y[..., :, None] & inside_x[..., None, :]).to(proto.dtype)
-    valid = targets[f"{name}.seg_valid"].to(proto.dtype)
-    area = torch.where(valid > 0, targets[f"{name}.seg_area"].to(proto.dtype), 1.0)
+    inside = (inside_y[..., :, None] & inside_x[..., None, :]).to(dtype)
+    valid = targets[f"{name}.seg_valid"].to(dtype)
+    area = torch.where(valid > 0, targets[f"{name}.seg_area"].to(dtype), 1.0)
     per_anchor = (bce * inside).mean((2, 3)) / area * valid
     total = per_anchor.sum(1) / valid.sum(1).clamp(min=1)
     if sem_pred is not None:
-        sem = targets[f"{name}.sem"].to(sem_pred.dtype)
+        sem = targets[f"{name}.sem"].to(dtype)
         bce_sem = (F.softplus(sem_pred) - sem_pred * sem).flatten(1).mean(1)
         prob = sem_pred.sigmoid()
         dice = (2 * (prob * sem).sum((2, 3)) + _DICE_SMOOTH) / (prob.sum((2, 3)) + sem.sum((2, 3)) + _DICE_SMOOTH)
         semantic = _SEM_BCE * bce_sem + _SEM_DICE * (1 - dice).mean(1)
-        total = total + semantic * targets[f"{name}.sem_on"].to(sem_pred.dtype)
+        total = total + semantic * targets[f"{name}.sem_on"].to(dtype)
     return total * crit.hyp.box
