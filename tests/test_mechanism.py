@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ultralytics_dp.mechanism import add_noise, clipped_grad_sum, private_mean
+from ultralytics_dp.mechanism import clipped_grad_sum, noisy_flat, private_mean
 
 from helpers import ce_loss, make, max_rel_err, naive_grads, weighted_loss
 
@@ -46,7 +46,7 @@ def test_noise_statistics():
     gen = torch.Generator().manual_seed(123)
     zero = {"w": torch.zeros(n, dtype=torch.float64)}
     samples = torch.stack(
-        [add_noise(zero, noise_multiplier=sigma, max_grad_norm=c, generator=gen)["w"] for _ in range(draws)]
+        [noisy_flat(zero, noise_multiplier=sigma, max_grad_norm=c, generator=gen) for _ in range(draws)]
     )
     target = sigma * c
     per_coord_std = samples.std(dim=0)
@@ -60,16 +60,16 @@ def test_noise_statistics():
 def test_default_noise_ignores_global_seed():
     zero = {"w": torch.zeros(100)}
     torch.manual_seed(0)
-    a = add_noise(zero, noise_multiplier=1.0, max_grad_norm=1.0)["w"]
+    a = noisy_flat(zero, noise_multiplier=1.0, max_grad_norm=1.0)
     torch.manual_seed(0)
-    b = add_noise(zero, noise_multiplier=1.0, max_grad_norm=1.0)["w"]
+    b = noisy_flat(zero, noise_multiplier=1.0, max_grad_norm=1.0)
     assert not torch.equal(a, b)
 
 
 def test_default_noise_differs_across_processes_with_same_seed():
     code = (
-        "import torch; from ultralytics_dp.mechanism import add_noise; torch.manual_seed(0);"
-        "print(add_noise({'w': torch.zeros(4)}, noise_multiplier=1.0, max_grad_norm=1.0)['w'].tolist())"
+        "import torch; from ultralytics_dp.mechanism import noisy_flat; torch.manual_seed(0);"
+        "print(noisy_flat({'w': torch.zeros(4)}, noise_multiplier=1.0, max_grad_norm=1.0).tolist())"
     )
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
@@ -113,18 +113,22 @@ def test_empty_batch_is_pure_noise_over_expected_size():
     g1 = torch.Generator().manual_seed(5)
     g2 = torch.Generator().manual_seed(5)
     grad = private_mean(total, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=expected, generator=g1)
+    # the independent reference: the same Gaussian draws (one for all coordinates, in parameter order), scaled by hand
+    draws = torch.randn(sum(v.numel() for v in total.values()), generator=g2, dtype=torch.float64)
+    start = 0
     for k, v in total.items():
-        # the independent reference: the same Gaussian draws, scaled by hand
-        assert torch.allclose(grad[k], torch.randn(v.shape, generator=g2, dtype=v.dtype) * sigma * c / expected)
+        assert grad[k].shape == v.shape
+        assert torch.allclose(grad[k].flatten(), draws[start:start + v.numel()] * sigma * c / expected)
+        start += v.numel()
 
 
 @pytest.mark.parametrize(
     "kwargs", [{"noise_multiplier": -1.0, "max_grad_norm": 1.0}, {"noise_multiplier": 1.0, "max_grad_norm": 0.0},
                {"noise_multiplier": float("nan"), "max_grad_norm": 1.0}]
 )
-def test_add_noise_rejects_bad_input(kwargs):
+def test_noise_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
-        add_noise({"w": torch.zeros(2)}, **kwargs)
+        noisy_flat({"w": torch.zeros(2)}, **kwargs)
 
 
 def test_mechanism_and_accounting_do_not_import_ultralytics():
@@ -143,9 +147,9 @@ def test_secure_noise_statistics_and_no_seed():
     sigma, c = 1.3, 0.7
     zero = {"w": torch.zeros(200_000, dtype=torch.float64)}
     torch.manual_seed(0)
-    a = add_noise(zero, noise_multiplier=sigma, max_grad_norm=c, secure=True)["w"]
+    a = noisy_flat(zero, noise_multiplier=sigma, max_grad_norm=c, secure=True)
     torch.manual_seed(0)
-    b = add_noise(zero, noise_multiplier=sigma, max_grad_norm=c, secure=True)["w"]
+    b = noisy_flat(zero, noise_multiplier=sigma, max_grad_norm=c, secure=True)
     assert not torch.equal(a, b)
     for sample in (a, b):
         assert abs(sample.std().item() / (sigma * c) - 1) < 0.03
@@ -153,4 +157,10 @@ def test_secure_noise_statistics_and_no_seed():
         kurtosis = ((sample / sample.std()) ** 4).mean().item()
         assert abs(kurtosis - 3) < 0.1  # Gaussian tails, not a sum of uniforms
     with pytest.raises(ValueError, match="secure"):
-        add_noise(zero, noise_multiplier=1.0, max_grad_norm=1.0, secure=True, generator=torch.Generator())
+        noisy_flat(zero, noise_multiplier=1.0, max_grad_norm=1.0, secure=True, generator=torch.Generator())
+
+
+def test_noise_refuses_gradients_of_mixed_dtype():
+    with pytest.raises(ValueError, match="one device and dtype"):
+        noisy_flat({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}, noise_multiplier=1.0,
+                   max_grad_norm=1.0)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .mechanism import add_noise, check_positive
+from .mechanism import check_positive, flatten, noisy_flat, unflatten
 
 T = TypeVar("T")
 
@@ -98,19 +98,14 @@ def private_mean(
     """``(sum over the ranks of their clipped sums + one N(0, (sigma*C)^2) draw) / (q*N)`` on every rank.
 
     ``local_sum``: this rank's sum of clipped per-image gradients. The noise is drawn on rank 0 only
-    (with ``generator`` or ``secure`` as in ``mechanism.add_noise``) and added before the all-reduce,
+    (with ``generator`` or ``secure`` as in ``mechanism.noisy_flat``) and added before the all-reduce,
     so the job's total noise is exactly one draw. One flat all-reduce for all parameters."""
     check_positive("expected_batch_size", expected_batch_size)
     rank, _ = rank_and_world()
-    noisy = (add_noise(local_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
-                       secure=secure) if rank == 0 else local_sum)
-    flat = torch.cat([v.reshape(-1) for v in noisy.values()])
+    flat = (noisy_flat(local_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
+                       secure=secure) if rank == 0 else flatten(local_sum))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, start = {}, 0
-    for k, v in noisy.items():
-        out[k] = flat[start:start + v.numel()].view_as(v) / expected_batch_size
-        start += v.numel()
-    return out
+    return unflatten(flat.div_(expected_batch_size), local_sum)
 
 
 def unwrap(model: Any) -> Any:

@@ -205,9 +205,9 @@ def clipped_grad_sum_ghost(
     if losses.shape[0] % views:
         raise ValueError(f"{losses.shape[0]} images are not whole records of {views} views")
     n = losses.shape[0] // views
-    total = {name: torch.zeros_like(p) for name, p in trainable_params(model).items()}
+    params = trainable_params(model)
     if n == 0:
-        return total, losses.new_zeros(0)
+        return {name: torch.zeros_like(p) for name, p in params.items()}, losses.new_zeros(0)
     grads = torch.autograd.grad(losses.sum(), [o for _, _, o in outputs], allow_unused=True)
     for (name, a, _), b in zip(outputs, grads):
         if b is not None:
@@ -215,7 +215,7 @@ def clipped_grad_sum_ghost(
 
     # pass 1: per-sample squared norms, keeping per layer either gradients or ghost factors
     kept: list[tuple[str, Tensor, Tensor | None]] = []
-    sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
+    squares: list[Tensor] = []
     for name, calls in records.items():
         module = layers[name]
         per_call = [_layer_terms(module, a, b) for a, b in calls]
@@ -226,19 +226,23 @@ def clipped_grad_sum_ghost(
             else:  # a layer called more than once: sum its calls' per-sample gradients first
                 left, right = sum(_as_gradient(*pc[k][1:]) for pc in per_call), None
             left, right = _group_views(left, right, views)
-            sq += _sq_norm(left, right).double()
+            squares.append(_sq_norm(left, right))
             kept.append((pname, left, right))
-    norms = sq.sqrt()
+    # each term's square in its own dtype, summed in float64; one stack, not one kernel per term
+    norms = (torch.stack(squares).double().sum(0) if squares else losses.new_zeros(n, dtype=torch.float64)).sqrt()
     finite = torch.isfinite(norms)
+    all_finite = bool(finite.all())  # the one host sync of the step
     factor = clip_factors(norms, max_grad_norm)
 
     # pass 2 (book-keeping): the clipped sum, with no second backward
+    total: dict[str, Tensor] = {}
     for pname, left, right in kept:
-        if not finite.all():  # NaN * 0 is NaN: zero the non-finite images' factors out first
+        if not all_finite:  # NaN * 0 is NaN: zero the non-finite images' factors out first
             left = torch.where(_bcast(finite, left), left, 0.0)
             right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
-        total[pname] += _weighted_sum(left, right, factor.to(left.dtype)).reshape(total[pname].shape)
-    return total, norms.float()
+        p = params[pname]  # under autocast the product may come back in half precision
+        total[pname] = _weighted_sum(left, right, factor.to(left.dtype)).reshape(p.shape).to(p.dtype)
+    return {name: total[name] if name in total else torch.zeros_like(p) for name, p in params.items()}, norms.float()
 
 
 def _as_gradient(left: Tensor, right: Tensor | None) -> Tensor:

@@ -108,15 +108,30 @@ def clipped_grad_sum(
     return total, norm.float()
 
 
-def add_noise(
+def flatten(tensors: dict[str, Tensor]) -> Tensor:
+    """All coordinates in one new 1-D tensor (dict order); they must share one device and dtype
+    (a model's gradients do), since a silent cast or copy would hide a mistake."""
+    kinds = {(v.device, v.dtype) for v in tensors.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"gradients must share one device and dtype, got {sorted(map(str, kinds))}")
+    return torch.cat([v.reshape(-1) for v in tensors.values()])
+
+
+def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``flat`` as views shaped like ``like``'s tensors (the inverse of ``flatten``)."""
+    return dict(zip(like, (v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like.values()]), like.values()))))
+
+
+def noisy_flat(
     grad_sum: dict[str, Tensor],
     *,
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator | None = None,
     secure: bool = False,
-) -> dict[str, Tensor]:
-    """A new dict with independent N(0, (sigma*C)^2) added to every coordinate.
+) -> Tensor:
+    """``flatten(grad_sum)`` plus independent N(0, (sigma*C)^2) on every coordinate, drawn at once
+    (one kernel rather than one per parameter tensor; the coordinates are i.i.d. either way).
 
     ``generator=None`` uses the engine's OS-seeded generator (never torch's global RNG).
     ``secure=True`` draws from the OS CSPRNG instead (``secure_normal``) and refuses a generator,
@@ -126,16 +141,13 @@ def add_noise(
     check_positive("max_grad_norm", max_grad_norm)
     if secure and generator is not None:
         raise ValueError("secure mode draws noise from OS entropy; it refuses a (reproducible) generator")
-    std = noise_multiplier * max_grad_norm
-    noisy = {}
-    for k, g in grad_sum.items():
-        if secure:
-            noise = secure_normal(g.shape, device=g.device, dtype=g.dtype)
-        else:
-            gen = generator if generator is not None else noise_generator(g.device)
-            noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
-        noisy[k] = g + std * noise
-    return noisy
+    flat = flatten(grad_sum)
+    if secure:
+        noise = secure_normal(flat.shape, device=flat.device, dtype=flat.dtype)
+    else:
+        gen = generator if generator is not None else noise_generator(flat.device)
+        noise = torch.randn(flat.shape, generator=gen, device=flat.device, dtype=flat.dtype)
+    return flat.add_(noise, alpha=noise_multiplier * max_grad_norm)
 
 
 def private_mean(
@@ -152,7 +164,6 @@ def private_mean(
     Divides by the *expected* batch size ``q*N``, never the realised one (which is private).
     """
     check_positive("expected_batch_size", expected_batch_size)
-    noisy = add_noise(
-        grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator, secure=secure
-    )
-    return {k: v / expected_batch_size for k, v in noisy.items()}
+    noisy = noisy_flat(grad_sum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator,
+                       secure=secure)
+    return unflatten(noisy.div_(expected_batch_size), grad_sum)

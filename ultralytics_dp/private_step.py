@@ -103,7 +103,7 @@ def private_gradient(
     the noise generator (tests; default: the engine's OS-seeded one)."""
     check_no_train_batchnorm(model)
     clipped_sum = CLIPPED_SUM[method]
-    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    total: dict[str, Tensor] | None = None
     n = batch["img"].shape[0]
     if n % views:
         raise ValueError(f"a batch of {n} images is not whole records of {views} views")
@@ -113,12 +113,13 @@ def private_gradient(
         for records in split_physical(list(range(n // views)), per_chunk):
             idx = [r * views + k for r in records for k in range(views)]
             sums, _ = clipped_sum(model, select(batch, idx, overlap), max_grad_norm, views)
-            for k in total:
-                total[k] += sums[k]
+            total = sums if total is None else {k: v.add_(sums[k]) for k, v in total.items()}
     except RuntimeError as err:
         if "out of memory" in str(err).lower():
             raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
         raise
+    if total is None:  # an empty Poisson batch: the step is noise alone
+        total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
     mean = distributed.private_mean if across_ranks else private_mean
     return mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=expected_batch_size, generator=generator, secure=secure)
