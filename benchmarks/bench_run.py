@@ -6,7 +6,7 @@ each, with set-up (dataset scan, accounting, ledger) and the final validation in
 of each is reported. The same explicit arguments go to both runs; the private run differs only by
 what DP mode changes (Poisson batches, no mixing augmentations, its defaults for unset arguments).
 
-    .venv/bin/python benchmarks/bench_run.py [--repeats 3] [--cases det,cls]
+    .venv/bin/python benchmarks/bench_run.py [--repeats 3] [--cases det,cls] [--device 0]
 
 Writes the "whole run" section of benchmarks/RESULTS.md and redraws benchmarks/ratios.png.
 """
@@ -18,6 +18,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,13 +40,13 @@ CASES = {
 HEADING = "# Benchmark: whole private vs non-private runs"
 
 
-def one_run(case: dict, private: bool, work: Path) -> tuple[float, dict]:
+def one_run(case: dict, private: bool, work: Path, device: str) -> tuple[float, dict]:
     args = {k: v for k, v in case.items() if k != "model"}
     model = YOLO(case["model"])
     dp = DifferentialPrivacy(epsilon=8, ledger=work / "ledger.sqlite").attach(model) if private else None
     start = time.perf_counter()
-    model.train(**args, epochs=1, workers=0, plots=False, verbose=False, project=str(work), name="run",
-                exist_ok=True)
+    model.train(**args, epochs=1, workers=0, device=device, plots=False, verbose=False, project=str(work),
+                name="run", exist_ok=True)
     took = time.perf_counter() - start
     return took, {"steps": dp.steps, "epsilon": dp.epsilon} if dp else {}
 
@@ -54,27 +55,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--device", default="cpu", help="Ultralytics' device argument, e.g. 0 for the first GPU")
     args = parser.parse_args()
+    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name(int(args.device))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ULTRALYTICS_DP_LEDGER"] = str(Path(tmp) / "default-ledger.sqlite")
         for name in args.cases.split(","):
             case = CASES[name]
-            one_run(case, False, Path(tmp))  # warm-up: dataset cache, imports
+            one_run(case, False, Path(tmp), args.device)  # warm-up: dataset cache, imports
             times: dict[bool, list[float]] = {False: [], True: []}
             for i in range(args.repeats):
                 for private in (False, True):
-                    took, info = one_run(case, private, Path(tmp) / f"{name}{i}{private}")
+                    took, info = one_run(case, private, Path(tmp) / f"{name}{i}{private}", args.device)
                     times[private].append(took)
                     print(f"{name} {'private' if private else 'plain'}: {took:.1f} s {info}", flush=True)
             plain, private = statistics.median(times[False]), statistics.median(times[True])
             rows.append((name, case, plain, private))
     lines = [
-        HEADING,
+        HEADING if device == "cpu" else f"{HEADING} ({device})",
         "",
         f"- date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
-        f"{psutil.cpu_count()} cores, cpu; torch {torch.__version__}",
-        f"- command: `python benchmarks/bench_run.py --repeats {args.repeats}`",
+        f"{psutil.cpu_count()} cores, {device}; torch {torch.__version__}",
+        f"- command: `python benchmarks/bench_run.py {' '.join(sys.argv[1:])}`",
         "- one epoch of `model.train()` from the packaged yaml, set-up and final validation included; private: "
         "epsilon=8, delta=1e-5, the DP defaults for unset arguments; medians of the repeats, alternating",
         "",
@@ -85,7 +88,8 @@ def main() -> None:
         setting = ", ".join(f"{k}={v}" for k, v in case.items())
         lines.append(f"| {name} | {setting} | {plain:.1f} | {private:.1f} | {private / plain:.2f} |")
     replace_section([*lines, ""])
-    draw_ratios()
+    if device == "cpu":  # the chart is the CPU tables'
+        draw_ratios()
     print("\n".join(lines))
 
 

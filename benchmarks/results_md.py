@@ -16,6 +16,8 @@ def replace_section(lines: list[str]) -> None:
     body = [*lines]
     if end < len(old) and body and body[-1] != "":
         body.append("")
+    if start == len(old) and old and old[-1] != "":  # appended: a blank line before the heading
+        body.insert(0, "")
     RESULTS.write_text("\n".join([*old[:start], *body, *old[end:]]).rstrip("\n") + "\n")
 
 
