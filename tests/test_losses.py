@@ -186,3 +186,19 @@ def test_losses_under_autocast_match_ultralytics(cfg, dtype, make_batch):
             reference = ultralytics_loss_alone(model, image(batch, i)).float()
             assert torch.isfinite(losses[i]), (i, losses[i])
             assert torch.allclose(losses[i].float(), reference, rtol=1e-2), (i, losses[i], reference)
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8n-obb.yaml", "yolo26n.yaml"])
+def test_a_nan_label_is_ignored_as_ultralytics_ignores_it(cfg):
+    """A box label with a NaN coordinate is never assigned, so Ultralytics' loss ignores it. Ours
+    used to cast the background anchors' NaN distances to a DFL bin index and crash (IndexError;
+    a device-side assert on CUDA) mid-run, or (YOLO26's L1) differ from Ultralytics'; now each
+    image's loss equals Ultralytics' alone."""
+    model = trainer_model(cfg)
+    batch = det_batch([1, 2, 1], rotated="obb" in cfg)
+    batch["bboxes"][1, 0] = float("nan")  # image 1's first box
+    losses = per_sample_losses(model, batch)
+    for i in range(3):
+        reference = ultralytics_loss_alone(model, image(batch, i))
+        assert torch.isfinite(losses[i]), (i, losses[i])
+        assert torch.allclose(losses[i], reference, rtol=1e-4), (i, losses[i], reference)

@@ -232,6 +232,7 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
         iou = _ciou(torch.where(keep, pred_bboxes, dummy), torch.where(keep, target_bboxes, dummy))
         ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
     loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
+    ltrb = torch.where(keep, ltrb, 0.0)  # Ultralytics takes distances on foreground anchors only
     loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
     hyp = crit.hyp
     total = loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
