@@ -65,3 +65,16 @@ def test_an_npy_image_cache_in_the_training_set_is_refused(tiny_det, tmp_path):
     np.save(image.with_suffix(".npy"), np.zeros((64, 64, 3), dtype=np.uint8))
     assert_refused(tmp_path, yaml, "image cache Ultralytics would train on")
 
+
+
+@pytest.mark.slow
+def test_single_cls_trains_on_labels_of_every_class(tiny_det, tmp_path):
+    """single_cls relabels each image's own boxes 0 (listed safe); the class-range check used to
+    refuse every label above 0 because Ultralytics had already replaced the names with one class."""
+    from ultralytics_dp import DifferentialPrivacy
+
+    from helpers import train_tiny
+
+    dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, ledger=tmp_path / "ledger.sqlite")
+    model, _, _ = train_tiny(tiny_det, tmp_path, dp, epochs=1, single_cls=True)
+    assert dp.steps > 0 and model.trainer.data["nc"] == 1

@@ -74,7 +74,9 @@ def check_training_set(dataset: Any) -> None:
     from ultralytics.data.utils import img2label_paths
 
     every_image = dataset.get_img_files(dataset.img_path)
-    nc = len(dataset.data["names"])
+    # single_cls relabels every box of every image 0 (Ultralytics replaced the names already): any
+    # integer class is then in range, as Ultralytics' own label check has it
+    nc = float("inf") if getattr(dataset, "single_cls", False) else len(dataset.data["names"])
     for label_file in img2label_paths(every_image):
         path = Path(label_file)
         if not path.exists():
