@@ -22,3 +22,7 @@ WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; pr
 # oriented boxes from scratch (no public OBB weights offline: DP mode trains GroupNorm in place of BatchNorm)
 "$YOLO" obb train model=yolo26n-obb.yaml data=digits-obb epochs=5 imgsz=128 workers=0 epsilon=8 \
     project=runs/examples name=private-obb-cli exist_ok=True
+
+# pose (YOLOv8; YOLO26 pose is refused), from scratch on the embedded digits' 5 keypoints
+"$YOLO" pose train model=yolov8n-pose.yaml data=digits-pose epochs=5 imgsz=128 workers=0 epsilon=8 \
+    project=runs/examples name=private-pose-cli exist_ok=True

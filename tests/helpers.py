@@ -192,6 +192,18 @@ def seg_batch(counts: list[int], size: int = 64, seed: int = 0, dtype: torch.dty
     return {**batch, "masks": masks, "sem_masks": sem}
 
 
+def pose_batch(counts: list[int], size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float,
+               kpts: int = 17) -> dict:
+    """``det_batch`` of one class with ``kpts`` keypoints per box (x, y inside it, visibility 0 or 2),
+    as Ultralytics collates pose labels."""
+    batch = det_batch(counts, size, seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 100)
+    k = torch.rand(len(batch["cls"]), kpts, 3, generator=g)
+    xy = batch["bboxes"][:, None, :2] + (k[..., :2] - 0.5) * batch["bboxes"][:, None, 2:]
+    visible = (k[..., 2:] > 0.3).float() * 2
+    return {**batch, "cls": torch.zeros_like(batch["cls"]), "keypoints": torch.cat((xy, visible), -1)}
+
+
 def per_instance_masks(batch: dict) -> dict:
     """``seg_batch`` with ``overlap_mask=False``: one binary mask per instance, in label order."""
     owner = batch["batch_idx"].long()
@@ -210,6 +222,8 @@ def image(batch: dict, i: int) -> dict:
         one["masks"] = batch["masks"][m]
     elif "masks" in batch:
         one["masks"] = batch["masks"][i : i + 1]
+    if "keypoints" in batch:  # one set per instance
+        one["keypoints"] = batch["keypoints"][m]
     return {**one, **{k: batch[k][i : i + 1] for k in ("sem_masks",) if k in batch}}
 
 

@@ -18,7 +18,7 @@ import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 from ultralytics.cfg import DEFAULT_CFG_DICT
 
-from ultralytics_dp import DifferentialPrivacy
+from ultralytics_dp import DifferentialPrivacy, datasets
 from ultralytics_dp.guard import TRAINING_ARGS
 from ultralytics_dp.ledger import Ledger, version_fingerprint
 from ultralytics_dp.norms import to_group_norm
@@ -258,8 +258,8 @@ def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
         check_rank(trainer(), {}, rank=1, prepared=False)
     with pytest.raises(RuntimeError, match="mosaic still on in process 1"):
         check_rank(trainer(mosaic=1.0), {}, rank=1, prepared=True)
-    with pytest.raises(ValueError, match="pose"):
-        check_rank(trainer(task="pose"), {}, rank=1, prepared=True)
+    with pytest.raises(ValueError, match="depth"):
+        check_rank(trainer(task="depth"), {}, rank=1, prepared=True)
     check_rank(trainer(), {}, rank=1, prepared=True)
 
 
@@ -291,5 +291,6 @@ def test_a_list_of_datasets_is_refused(tiny_det, tmp_path):
 
 
 @pytest.mark.slow
-def test_unsupported_task_is_refused(tiny_det, tmp_path):
-    assert_refused(tmp_path, tiny_det, "pose.*supported", cfg="yolo26n-pose.yaml")
+def test_unsupported_loss_is_refused(tmp_path):
+    pose = datasets.build("digits-pose", imgsz=64, n_train=16, n_val=8, root=tmp_path / "data")
+    assert_refused(tmp_path, pose, "PoseLoss26.*supported", cfg="yolo26n-pose.yaml")

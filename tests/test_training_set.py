@@ -78,3 +78,18 @@ def test_single_cls_trains_on_labels_of_every_class(tiny_det, tmp_path):
     dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, ledger=tmp_path / "ledger.sqlite")
     model, _, _ = train_tiny(tiny_det, tmp_path, dp, epochs=1, single_cls=True)
     assert dp.steps > 0 and model.trainer.data["nc"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line,match", [
+    ("0 0.5 0.5 0.2 0.2 0.4 0.4 2\n", "5x3 keypoint values"),  # one keypoint instead of five
+    ("0 0.5 0.5 0.2 0.2" + " 1.5 0.4 2" + " 0.4 0.4 2" * 4 + "\n", "normalised"),  # a keypoint off the image
+])
+def test_bad_pose_labels_are_refused(tmp_path, line, match):
+    """Pose label lines are 'class x y w h' and kpt_shape keypoint values (the plain check took a
+    valid 5x3 line for a corrupt polygon)."""
+    from ultralytics_dp import datasets
+
+    pose = datasets.build("digits-pose", imgsz=64, n_train=16, n_val=8, root=tmp_path / "data")
+    (pose.parent / "labels" / "train" / "00003.txt").write_text(line)
+    assert_refused(tmp_path, pose, match, cfg="yolov8n-pose.yaml")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 MIXING_AUGMENTATIONS = ("mosaic", "mixup", "cutmix", "copy_paste")
-SUPPORTED_TASKS = ("detect", "obb", "segment", "classify")
+SUPPORTED_TASKS = ("detect", "obb", "segment", "pose", "classify")
 
 # Every Ultralytics training argument that touches the training data, what DP mode does with it
 # ("refused", "neutralised", "guarded" or "safe") and why. The README's table is checked against it.

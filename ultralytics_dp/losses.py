@@ -13,8 +13,9 @@ per-image loss consumes with weighted sums instead of boolean indexing.
 
 Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``), ``OBBModel``
 (``v8OBBLoss``, YOLO26 ``E2ELoss`` of it), ``SegmentationModel`` (``v8SegmentationLoss``, YOLO26
-``E2ELoss`` of ``SegmentLoss26``; mask terms in ``segment_loss``) and ``ClassificationModel``.
-Pose and others are refused.
+``E2ELoss`` of ``SegmentLoss26``; mask terms in ``segment_loss``), ``PoseModel`` with YOLOv8/11's
+``v8PoseLoss`` (keypoint terms in ``pose_loss``) and ``ClassificationModel``. YOLO26 pose
+(``PoseLoss26``) and others are refused.
 """
 
 from __future__ import annotations
@@ -25,21 +26,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, SegmentationModel
-from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, SegmentLoss26, v8DetectionLoss, v8OBBLoss,
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
+from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, SegmentLoss26, v8DetectionLoss, v8OBBLoss, v8PoseLoss,
                                     v8SegmentationLoss)
 from ultralytics.utils.tal import make_anchors, rbox2dist
 
-from . import segment_loss
+from . import pose_loss, segment_loss
 from .grad_sample import Batch, ModelCall, per_sample_grads
 from .guard import quiet_console
 
 SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel), instance segmentation "
-             "(SegmentationModel) and classification (ClassificationModel)")
+             "(SegmentationModel), YOLOv8/YOLO11 pose (PoseModel) and classification (ClassificationModel)")
 _DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
 _DUMMY_RBOX = (0.5, 0.5, 1.0, 1.0, 0.0)
 # exact types: subclasses add terms not written here
-_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26)
+_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26, v8PoseLoss)
 
 
 def _task(model: nn.Module) -> str:
@@ -49,14 +50,16 @@ def _task(model: nn.Module) -> str:
         return "obb"
     if type(model) is SegmentationModel:
         return "segment"
+    if type(model) is PoseModel:
+        return "pose"
     if isinstance(model, ClassificationModel):
         return "classify"
     raise ValueError(f"unsupported model {type(model).__name__} for differential privacy; supported: {SUPPORTED}")
 
 
 def check_supported(model: nn.Module) -> str:
-    """Return 'detect' or 'classify', or raise naming what is supported. Creates the model's
-    criterion (the trainer reads it at every epoch end)."""
+    """Return the task ('detect', 'obb', 'segment', 'pose' or 'classify'), or raise naming what is
+    supported. Creates the model's criterion (the trainer reads it at every epoch end)."""
     task = _task(model)
     if task != "classify":
         _branches(model)
@@ -81,7 +84,8 @@ def _branches(model: nn.Module) -> list[tuple[str | None, v8DetectionLoss, float
         return [("one2many", crit.one2many, 1.0), ("one2one", crit.one2one, 1.0)]
     if type(crit) in _BRANCH_LOSSES:
         return [(None, crit, 1.0)]
-    raise ValueError(f"unsupported detection loss {type(crit).__name__}; supported: {SUPPORTED}")
+    inner = type(getattr(crit, "one2many", crit)).__name__
+    raise ValueError(f"unsupported loss {inner} for differential privacy; supported: {SUPPORTED}")
 
 
 def _parse(preds: object) -> dict:
@@ -133,7 +137,7 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
             pred_bboxes = torch.cat((pred_bboxes[..., :4] * stride_tensor, pred_bboxes[..., 4:]), -1)
         else:
             pred_bboxes = crit.bbox_decode(anchor_points, pred_distri) * stride_tensor
-        _, target_bboxes, target_scores, fg_mask, _ = crit.assigner(
+        _, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
             pred_scores.sigmoid(),
             pred_bboxes.type(gt_bboxes.dtype),
             anchor_points * stride_tensor,
@@ -145,6 +149,8 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
         out[f"{name}.bboxes"] = target_bboxes.float()
         out[f"{name}.scores"] = target_scores.float()
         out[f"{name}.fg"] = fg_mask.float()
+        if type(crit) is v8PoseLoss:
+            out.update(pose_loss.assign(crit, batch, n, imgsz, target_gt_idx, target_bboxes, stride_tensor, name))
     return out
 
 
@@ -196,8 +202,9 @@ def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, str
 
 
 def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) -> Tensor:
-    """[B] gain-weighted (box + cls + dfl/l1 [+ angle | + mask]) losses, each image normalised by its
-    own score sum. Boxes are xyxy, or xywhr for OBB (``v8OBBLoss``: ProbIoU and an angle term)."""
+    """[B] gain-weighted (box + cls + dfl/l1 [+ angle | + mask | + keypoints]) losses, each image
+    normalised by its own score sum (mask and keypoint terms by its own foreground count). Boxes are
+    xyxy, or xywhr for OBB (``v8OBBLoss``: ProbIoU and an angle term)."""
     rotated = isinstance(crit, v8OBBLoss)
     pred_distri = p["boxes"].permute(0, 2, 1)
     pred_scores = p["scores"].permute(0, 2, 1)
@@ -240,6 +247,8 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
         total = total + _angle_loss(pred_bboxes, target_bboxes, weight) / score_sum * hyp.angle
     if isinstance(crit, v8SegmentationLoss):
         total = total + segment_loss.losses(crit, p, targets, name)
+    if type(crit) is v8PoseLoss:
+        total = total + pose_loss.losses(crit, p, targets, name, anchor_points, fg)
     return total
 
 

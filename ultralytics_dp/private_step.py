@@ -66,9 +66,9 @@ CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
 
 
 def select(batch: dict, idx: list[int], overlap_masks: bool = True) -> dict:
-    """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels are
-    re-indexed to the chunk). Segmentation masks are one per image (``overlap_masks``, Ultralytics'
-    ``overlap_mask``) or one per instance."""
+    """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels and
+    keypoints are re-indexed to the chunk). Segmentation masks are one per image (``overlap_masks``,
+    Ultralytics' ``overlap_mask``) or one per instance."""
     index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
     out = {"img": batch["img"][index]}
     if "batch_idx" in batch:
@@ -78,6 +78,8 @@ def select(batch: dict, idx: list[int], overlap_masks: bool = True) -> dict:
         keep = remap[owner] >= 0
         out.update(batch_idx=remap[owner][keep].to(batch["batch_idx"].dtype),
                    cls=batch["cls"][keep], bboxes=batch["bboxes"][keep])
+        if "keypoints" in batch:  # one set per instance, like the boxes
+            out["keypoints"] = batch["keypoints"][keep.to(batch["keypoints"].device)]
         if "masks" in batch:
             out["masks"] = batch["masks"][index.to(batch["masks"].device) if overlap_masks else keep]
         if "sem_masks" in batch:

@@ -51,8 +51,8 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
 AUGMULT_DEFAULTS = {"scale": 0.2}
 # task -> (lr0 * sigma / batch, largest lr0): measured on tuning splits (benchmarks/UTILITY.md)
 LR_NOISE = {"classify": (7e-4, 0.2), "detect": (2e-4, 0.05)}
-# the detection losses plus an angle (OBB) or mask term: not measured separately
-LR_NOISE["obb"] = LR_NOISE["segment"] = LR_NOISE["detect"]
+# the detection losses plus an angle (OBB), mask or keypoint term: not measured separately
+LR_NOISE["obb"] = LR_NOISE["segment"] = LR_NOISE["pose"] = LR_NOISE["detect"]
 
 
 def with_defaults(args: Mapping[str, Any], explicit: Mapping[str, Any], augmult: int = 1

@@ -12,6 +12,7 @@ record (one person's image) sampled twice per step, with twice the sensitivity: 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,16 @@ def check_distinct_images(train: Any, val: Any) -> None:
             seen.setdefault(key, (side, path))
 
 
+def _coordinates(values: list[float], kpt_shape: list[int] | None) -> tuple[list[float], list[float]]:
+    """(normalised coordinates, keypoint visibilities) of one label line: box or polygon, and each
+    keypoint's x, y (and visibility when ``kpt_shape`` has 3 values per keypoint)."""
+    if not kpt_shape:
+        return values[1:], []
+    ndim = kpt_shape[1]
+    points = [values[5 + i:5 + i + ndim] for i in range(0, len(values) - 5, ndim)]
+    return values[1:5] + [v for p in points for v in p[:2]], [p[2] for p in points if ndim == 3]
+
+
 def check_training_set(dataset: Any) -> None:
     """Refuse, before any step, a training set that is too small, has corrupt or out-of-range
     labels, lost images that Ultralytics silently dropped as corrupt (N would be wrong), or has
@@ -77,6 +88,7 @@ def check_training_set(dataset: Any) -> None:
     # single_cls relabels every box of every image 0 (Ultralytics replaced the names already): any
     # integer class is then in range, as Ultralytics' own label check has it
     nc = float("inf") if getattr(dataset, "single_cls", False) else len(dataset.data["names"])
+    kpt_shape = dataset.data.get("kpt_shape") if getattr(dataset, "use_keypoints", False) else None
     for label_file in img2label_paths(every_image):
         path = Path(label_file)
         if not path.exists():
@@ -89,12 +101,18 @@ def check_training_set(dataset: Any) -> None:
                 values = [float(v) for v in fields]
             except ValueError:
                 raise ValueError(f"corrupt label file {path} line {lineno}: {line!r} is not numbers") from None
-            if len(values) < 5 or len(values) % 2 == 0:
+            if kpt_shape and len(values) != 5 + kpt_shape[0] * kpt_shape[1]:
+                raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h' and "
+                                 f"{kpt_shape[0]}x{kpt_shape[1]} keypoint values, got {line!r}")
+            if not kpt_shape and (len(values) < 5 or len(values) % 2 == 0):
                 raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h', got {line!r}")
             if not values[0].is_integer() or not 0 <= values[0] < nc:
                 raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside 0..{nc - 1}")
-            if not all(0 <= v <= 1 for v in values[1:]):
+            coords, visibility = _coordinates(values, kpt_shape)
+            if not all(0 <= v <= 1 for v in coords):
                 raise ValueError(f"label file {path} line {lineno}: coordinates must be normalised to [0, 1]")
+            if not all(v >= 0 and math.isfinite(v) for v in visibility):
+                raise ValueError(f"label file {path} line {lineno}: keypoint visibility must be a number >= 0")
     if len(every_image) != n:
         raise ValueError(f"Ultralytics dropped {len(every_image) - n} of {len(every_image)} training images as "
                          "corrupt; fix or remove them so the training set is what you think it is")
