@@ -11,7 +11,7 @@ from ultralytics_dp.losses import batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
 from ultralytics_dp.norms import to_group_norm
 
-from helpers import SmallCNN, ce_loss, det_batch, max_rel_err, trainer_model
+from helpers import SmallCNN, ce_loss, det_batch, image, max_rel_err, seg_batch, trainer_model
 
 
 def test_ghost_path_on_plain_layers_and_refusals():
@@ -99,3 +99,42 @@ def test_ghost_path_under_bf16_autocast_matches_the_fp32_reference():
     assert torch.allclose(norms.double(), ref_norms.double(), rtol=0.05)
     flat = lambda d: torch.cat([d[k].double().flatten() for k in sorted(d)])  # noqa: E731
     assert ((flat(ours) - flat(ref)).norm() / flat(ref).norm()).item() <= 0.05
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8n-seg.yaml"])
+def test_under_bf16_autocast_a_clipped_image_adds_at_most_c(cfg):
+    """The sensitivity under the trainer's autocast: each image alone, clipped to a C below its
+    norm, adds a vector of norm <= C. The ghost norms and weighted sums used to run in bf16, so a
+    clipped image could add about 1.002 C (found by an independent review)."""
+    model = trainer_model(cfg)
+    batch = seg_batch([1, 2, 3]) if "-seg" in cfg else det_batch([1, 2, 3])
+    c = 0.002
+    for i in range(3):
+        one = image(batch, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, one), max_grad_norm=c)
+        assert norms[0] > c
+        size = torch.sqrt(sum(v.double().pow(2).sum() for v in total.values()))
+        assert size <= c * (1 + 1e-5), (i, float(size / c))
+
+
+def test_a_layer_called_twice_in_ghost_and_in_gradient_form():
+    """YOLO26 pose runs its flow's Linear layers in both branches, on different numbers of
+    positions, so one call took the ghost form ([B, 1, O, D]) and the other the gradient form
+    ([B, O, D]); their sum broadcast to [B, B, O, D] (wrong norms, then a crash)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 10, 2]: 1 position, then 10
+            return self.lin(x[:, :1]).pow(2).sum((1, 2)) + self.lin(x).tanh().sum((1, 2))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    batch = {"x": torch.randn(4, 10, 2, dtype=torch.float64)}
+    ref, ref_norms = clipped_grad_sum(model, lambda call, s: call(s["x"]).sum(), batch, max_grad_norm=1.0)
+    ours, norms = clipped_grad_sum_ghost(model, lambda m: m(batch["x"]), max_grad_norm=1.0)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-10)
+    assert max_rel_err(ours, ref) <= 1e-10

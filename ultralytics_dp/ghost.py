@@ -213,7 +213,17 @@ def clipped_grad_sum_ghost(
         if b is not None:
             records[name].append((a, b.detach()))
 
-    # pass 1: per-sample squared norms, keeping per layer either gradients or ghost factors
+    # the norms and the clipped sum in the parameters' precision even under the trainer's autocast:
+    # in bf16 a clipped image could add about 1.002 C, more than the accountant's sensitivity
+    with torch.autocast(losses.device.type, enabled=False):
+        return _clip_and_sum(layers, records, params, n, views, max_grad_norm, losses.device)
+
+
+def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Tensor, Tensor]]],
+                  params: dict[str, Tensor], n: int, views: int, max_grad_norm: float, device: torch.device
+                  ) -> tuple[dict[str, Tensor], Tensor]:
+    """Pass 1: per-record squared norms (each layer's per-sample gradient or ghost factors);
+    pass 2 (book-keeping): the clipped sum from the same terms, with no second backward."""
     kept: list[tuple[str, Tensor, Tensor | None]] = []
     squares: list[Tensor] = []
     for name, calls in records.items():
@@ -223,25 +233,26 @@ def clipped_grad_sum_ghost(
             pname = f"{name}.{per_call[0][k][0]}"
             if len(per_call) == 1:
                 _, left, right = per_call[0][k]
-            else:  # a layer called more than once: sum its calls' per-sample gradients first
-                left, right = sum(_as_gradient(*pc[k][1:]) for pc in per_call), None
+            else:  # a layer called more than once: sum its calls' per-sample gradients first, flat
+                # (a call in ghost form gives [B, G, O, D], one in gradient form [B, *shape])
+                left, right = sum(_as_gradient(*pc[k][1:]).flatten(1) for pc in per_call), None
             left, right = _group_views(left, right, views)
             squares.append(_sq_norm(left, right))
             kept.append((pname, left, right))
     # each term's square in its own dtype, summed in float64; one stack, not one kernel per term
-    norms = (torch.stack(squares).double().sum(0) if squares else losses.new_zeros(n, dtype=torch.float64)).sqrt()
+    squared = torch.stack(squares).double().sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
+    norms = squared.sqrt()
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
     factor = clip_factors(norms, max_grad_norm)
 
-    # pass 2 (book-keeping): the clipped sum, with no second backward
+    # pass 2 (book-keeping)
     total: dict[str, Tensor] = {}
     for pname, left, right in kept:
         if not all_finite:  # NaN * 0 is NaN: zero the non-finite images' factors out first
             left = torch.where(_bcast(finite, left), left, 0.0)
             right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
-        p = params[pname]  # under autocast the product may come back in half precision
-        total[pname] = _weighted_sum(left, right, factor.to(left.dtype)).reshape(p.shape).to(p.dtype)
+        total[pname] = _weighted_sum(left, right, factor.to(left.dtype)).reshape(params[pname].shape)
     return {name: total[name] if name in total else torch.zeros_like(p) for name, p in params.items()}, norms.float()
 
 
