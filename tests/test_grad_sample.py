@@ -45,3 +45,30 @@ def test_train_mode_batchnorm_raises():
     model.stem[1].train()
     with pytest.raises(ValueError, match="stem.1"):
         per_sample_grads(model, ce_loss, batch)
+
+
+def test_a_loss_that_calls_the_models_own_modules_gets_their_gradients():
+    """YOLO26 pose's loss runs the head's flow after the forward. The parameters used to be
+    substituted for the forward only, so such modules got a zero per-sample gradient."""
+
+    class Body(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)  # the head is not part of the forward
+
+    torch.manual_seed(0)
+    model = Body().double()
+    batch = {"x": torch.randn(5, 3, dtype=torch.float64)}
+
+    def loss_fn(model_call, sample):
+        return model.head(model_call(sample["x"])).pow(2).sum()
+
+    ours = per_sample_grads(model, loss_fn, batch)
+    for i in range(5):
+        model.zero_grad()
+        loss_fn(model, {"x": batch["x"][i : i + 1]}).backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(ours[name][i], p.grad, rtol=1e-10), (name, i)

@@ -72,12 +72,25 @@ def per_sample_grads(
     if n == 0:
         return {k: v.new_zeros((0, *v.shape)) for k, v in params.items()}
 
+    whole = _ModelAndLoss(model, loss_fn)
+    prefixed = lambda d: {f"model.{k}": v for k, v in d.items()}  # noqa: E731
+    fixed = (prefixed(frozen), prefixed(buffers))
+
     def sample_loss(p: dict[str, Tensor], sample: Batch) -> Tensor:
         one = {k: v.unsqueeze(0) for k, v in sample.items()}
-
-        def model_call(*args: object, **kwargs: object) -> object:
-            return functional_call(model, (p, frozen, buffers), args, kwargs)
-
-        return loss_fn(model_call, one)
+        return functional_call(whole, (prefixed(p), *fixed), (one,))
 
     return vmap(grad(sample_loss), in_dims=(None, 0), randomness="different", chunk_size=chunk_size)(params, batch)
+
+
+class _ModelAndLoss(nn.Module):
+    """The model and the loss as one module, so that ``functional_call`` substitutes the parameters
+    for the whole loss and not only for the model's forward: a loss may call the model's own
+    modules after the forward (YOLO26 pose's flow), and those parameters need their gradient too."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, sample: Batch) -> Tensor:
+        return self.loss_fn(self.model, sample)
