@@ -23,6 +23,6 @@ WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; pr
 "$YOLO" obb train model=yolo26n-obb.yaml data=digits-obb epochs=5 imgsz=128 workers=0 epsilon=8 \
     project=runs/examples name=private-obb-cli exist_ok=True
 
-# pose (YOLOv8; YOLO26 pose is refused), from scratch on the embedded digits' 5 keypoints
-"$YOLO" pose train model=yolov8n-pose.yaml data=digits-pose epochs=5 imgsz=128 workers=0 epsilon=8 \
+# pose from scratch on the embedded digits' 5 keypoints (YOLOv8/YOLO11 pose models work the same way)
+"$YOLO" pose train model=yolo26n-pose.yaml data=digits-pose epochs=5 imgsz=128 workers=0 epsilon=8 \
     project=runs/examples name=private-pose-cli exist_ok=True

@@ -291,6 +291,5 @@ def test_a_list_of_datasets_is_refused(tiny_det, tmp_path):
 
 
 @pytest.mark.slow
-def test_unsupported_loss_is_refused(tmp_path):
-    pose = datasets.build("digits-pose", imgsz=64, n_train=16, n_val=8, root=tmp_path / "data")
-    assert_refused(tmp_path, pose, "PoseLoss26.*supported", cfg="yolo26n-pose.yaml")
+def test_unsupported_task_is_refused(tiny_det, tmp_path):
+    assert_refused(tmp_path, tiny_det, "semantic.*not supported", cfg="yolo26n-sem.yaml")

@@ -82,11 +82,13 @@ def test_obb_loss_is_per_image_and_its_gradients_exact(cfg):
     _independent_and_exact(model, batch, det_batch([3, 2, 1, 5], seed=1, rotated=True, dtype=torch.float64))
 
 
-def test_pose_loss_is_per_image_and_its_gradients_exact():
-    """Keypoints (YOLOv8 pose, float64): each image's loss equals Ultralytics' v8PoseLoss on that
-    image alone (to 1e-6; its loss buffer is float32), although Ultralytics averages the keypoint
-    terms over the batch's foreground anchors; ignores the other images; gradients exact."""
-    model = trainer_model("yolov8n-pose.yaml").double()
+@pytest.mark.parametrize("cfg", ["yolov8n-pose.yaml", "yolo26n-pose.yaml"])
+def test_pose_loss_is_per_image_and_its_gradients_exact(cfg):
+    """Keypoints (float64): each image's loss equals Ultralytics' v8PoseLoss / YOLO26's PoseLoss26
+    (with its RLE flow term) on that image alone (to 1e-6; their loss buffers and RLE sigmas are
+    float32), although Ultralytics averages the keypoint terms over the batch's foreground anchors;
+    ignores the other images; per-image gradients match a naive loop; ghost = torch.func."""
+    model = trainer_model(cfg).double()
     batch = pose_batch([0, 1, 4, 2], dtype=torch.float64)
     losses = per_sample_losses(model, batch)
     for i in range(4):
@@ -95,10 +97,11 @@ def test_pose_loss_is_per_image_and_its_gradients_exact():
     _independent_and_exact(model, batch, pose_batch([3, 2, 1, 5], seed=1, dtype=torch.float64))
 
 
-def test_yolo26_pose_is_refused_by_name():
-    """PoseLoss26 (RLE keypoints through a normalising flow) has no per-image form here yet."""
-    with pytest.raises(ValueError, match="PoseLoss26.*supported"):
-        check_supported(trainer_model("yolo26n-pose.yaml"))
+def test_an_unsupported_model_is_refused_by_name():
+    from ultralytics import RTDETR
+
+    with pytest.raises(ValueError, match="RTDETRDetectionModel.*supported"):
+        check_supported(RTDETR("rtdetr-l.yaml").model)
 
 
 def _independent_and_exact(model, batch, other):

@@ -13,9 +13,9 @@ per-image loss consumes with weighted sums instead of boolean indexing.
 
 Supported: ``DetectionModel`` (YOLOv8/11 ``v8DetectionLoss``, YOLO26 ``E2ELoss``), ``OBBModel``
 (``v8OBBLoss``, YOLO26 ``E2ELoss`` of it), ``SegmentationModel`` (``v8SegmentationLoss``, YOLO26
-``E2ELoss`` of ``SegmentLoss26``; mask terms in ``segment_loss``), ``PoseModel`` with YOLOv8/11's
-``v8PoseLoss`` (keypoint terms in ``pose_loss``) and ``ClassificationModel``. YOLO26 pose
-(``PoseLoss26``) and others are refused.
+``E2ELoss`` of ``SegmentLoss26``; mask terms in ``segment_loss``), ``PoseModel`` (``v8PoseLoss``,
+YOLO26 ``E2ELoss`` of ``PoseLoss26``; keypoint terms in ``pose_loss``) and ``ClassificationModel``.
+Others are refused.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
-from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, SegmentLoss26, v8DetectionLoss, v8OBBLoss, v8PoseLoss,
-                                    v8SegmentationLoss)
+from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, PoseLoss26, SegmentLoss26, v8DetectionLoss, v8OBBLoss,
+                                    v8PoseLoss, v8SegmentationLoss)
 from ultralytics.utils.tal import make_anchors, rbox2dist
 
 from . import pose_loss, segment_loss
@@ -36,11 +36,11 @@ from .grad_sample import Batch, ModelCall, per_sample_grads
 from .guard import quiet_console
 
 SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel), instance segmentation "
-             "(SegmentationModel), YOLOv8/YOLO11 pose (PoseModel) and classification (ClassificationModel)")
+             "(SegmentationModel), pose (PoseModel) and classification (ClassificationModel)")
 _DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
 _DUMMY_RBOX = (0.5, 0.5, 1.0, 1.0, 0.0)
 # exact types: subclasses add terms not written here
-_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26, v8PoseLoss)
+_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26, v8PoseLoss, PoseLoss26)
 
 
 def _task(model: nn.Module) -> str:
@@ -137,6 +137,8 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
             pred_bboxes = torch.cat((pred_bboxes[..., :4] * stride_tensor, pred_bboxes[..., 4:]), -1)
         else:
             pred_bboxes = crit.bbox_decode(anchor_points, pred_distri) * stride_tensor
+        pose = isinstance(crit, v8PoseLoss)
+        kpts = crit._batch_keypoints(batch, n, imgsz) if pose else None  # [B, M, K, 3] pixels, per image
         _, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
             pred_scores.sigmoid(),
             pred_bboxes.type(gt_bboxes.dtype),
@@ -144,13 +146,14 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
             gt_labels,
             gt_bboxes,
             mask_gt,
+            **(pose_loss.assigner_kwargs(crit, p, kpts, anchor_points, stride_tensor) if pose else {}),
         )
         name = key or "det"
         out[f"{name}.bboxes"] = target_bboxes.float()
         out[f"{name}.scores"] = target_scores.float()
         out[f"{name}.fg"] = fg_mask.float()
-        if type(crit) is v8PoseLoss:
-            out.update(pose_loss.assign(crit, batch, n, imgsz, target_gt_idx, target_bboxes, stride_tensor, name))
+        if pose:
+            out.update(pose_loss.targets(kpts, target_gt_idx, target_bboxes, fg_mask, stride_tensor, name))
     return out
 
 
@@ -247,7 +250,7 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
         total = total + _angle_loss(pred_bboxes, target_bboxes, weight) / score_sum * hyp.angle
     if isinstance(crit, v8SegmentationLoss):
         total = total + segment_loss.losses(crit, p, targets, name)
-    if type(crit) is v8PoseLoss:
+    if isinstance(crit, v8PoseLoss):
         total = total + pose_loss.losses(crit, p, targets, name, anchor_points, fg)
     return total
 

@@ -107,7 +107,8 @@ def check_training_set(dataset: Any) -> None:
             if not kpt_shape and (len(values) < 5 or len(values) % 2 == 0):
                 raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h', got {line!r}")
             if not values[0].is_integer() or not 0 <= values[0] < nc:
-                raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside 0..{nc - 1}")
+                allowed = "an integer >= 0 (single_cls)" if nc == float("inf") else f"0..{nc - 1}"
+                raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside {allowed}")
             coords, visibility = _coordinates(values, kpt_shape)
             if not all(0 <= v <= 1 for v in coords):
                 raise ValueError(f"label file {path} line {lineno}: coordinates must be normalised to [0, 1]")
