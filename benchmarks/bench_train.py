@@ -7,7 +7,7 @@ of each kind of step (on CPU the peak RSS of a fresh process running only that k
 ``torch.cuda.max_memory_allocated`` on GPU) are reported as ratios. On the classification case Opacus 1.6 (``bench`` extra) runs the same
 clipping and noise in hooks mode, functorch mode and ghost clipping.
 
-    .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8,seg26,obb26]
+    .venv/bin/python benchmarks/bench_train.py [--device cuda] [--repeats 5] [--cases det26,cls,det8,seg26,obb26,pose26]
 
 Writes benchmarks/RESULTS.md and benchmarks/ratios.png.
 """
@@ -34,6 +34,7 @@ from PIL import Image
 import ultralytics_dp  # noqa: F401  (import hooks)
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import PoseModel
 
 from results_md import draw_ratios, replace_section
 from ultralytics_dp import datasets
@@ -48,8 +49,9 @@ CASES = {
     "det8": dict(cfg="yolov8n.yaml", imgsz=320, batch=32, physical=16),
     "seg26": dict(cfg="yolo26n-seg.yaml", imgsz=320, batch=32, physical=16),
     "obb26": dict(cfg="yolo26n-obb.yaml", imgsz=320, batch=32, physical=16),
+    "pose26": dict(cfg="yolo26n-pose.yaml", imgsz=320, batch=32, physical=16),
 }
-TASK_DATA = {"seg": ("digits-seg", "segment"), "obb": ("digits-obb", "obb")}
+TASK_DATA = {"seg": ("digits-seg", "segment"), "obb": ("digits-obb", "obb"), "pose": ("digits-pose", "pose")}
 
 
 class PeakMemory:
@@ -121,7 +123,9 @@ def load_batch(kind: str, imgsz: int, batch: int, device: str) -> dict:
 
 def make_model(cfg: str, device: str, freeze_bn_affine: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = YOLO(cfg).model.to(device)
+    # digits-pose has 10 classes and 5 keypoints, not the yaml's 1 and 17
+    model = PoseModel(cfg, nc=10, data_kpt_shape=(5, 3), verbose=False) if "-pose" in cfg else YOLO(cfg).model
+    model = model.to(device)
     model.args = get_cfg()
     model.train()
     if freeze_bn_affine:
@@ -149,7 +153,7 @@ def timed(step, repeats: int, device: str) -> tuple[float, int]:
 def build_steps(spec: dict, device: str, freeze_bn_affine: bool = False, amp: bool = False) -> tuple:
     """(plain_step, private_step, method) for one case, on the same model weights and batch; with
     ``amp``, both run their forward and backward under bf16 autocast."""
-    kind = next((k for k in ("cls", "seg", "obb") if f"-{k}" in spec["cfg"]), "det")
+    kind = next((k for k in ("cls", *TASK_DATA) if f"-{k}" in spec["cfg"]), "det")
     batch = load_batch(kind, spec["imgsz"], spec["batch"], device)
     plain_model = make_model(spec["cfg"], device, freeze_bn_affine)
     dp_model = copy.deepcopy(plain_model)
@@ -318,7 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default="det26,cls,det8,seg26,obb26")
+    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--imgsz", type=int, default=None, help="image size of the detection cases (default 320)")
     parser.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16: both steps under autocast")
     args = parser.parse_args()

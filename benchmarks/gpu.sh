@@ -2,7 +2,7 @@
 # One prepared run for a lent GPU (the `device` tool of the developers' library), about 6 minutes:
 #   1. the private step on CUDA equals the CPU reference, and its noise has the right scale;
 #   2. the step benchmark on CUDA for det26, det8 and cls (+ Opacus), detection at 320 and 640 px,
-#      fp32 and bf16 autocast (seg26 and obb26 at 320 px fp32 only);
+#      fp32 and bf16 autocast (seg26, obb26 and pose26 at 320 px fp32 only);
 #   3. one epoch of a whole run, private vs non-private, with device=0.
 # Each benchmark writes its own section of benchmarks/RESULTS.md (named by the card); all output
 # goes to $OUT/gpu.log and the updated RESULTS.md to $OUT after each step, so a run cut short
