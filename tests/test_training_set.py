@@ -93,3 +93,18 @@ def test_bad_pose_labels_are_refused(tmp_path, line, match):
     pose = datasets.build("digits-pose", imgsz=64, n_train=16, n_val=8, root=tmp_path / "data")
     (pose.parent / "labels" / "train" / "00003.txt").write_text(line)
     assert_refused(tmp_path, pose, match, cfg="yolov8n-pose.yaml")
+
+
+@pytest.mark.slow
+def test_a_label_file_with_a_byte_order_mark_trains(tiny_det, tmp_path):
+    """Ultralytics reads label files as utf-8-sig; the check read the mark as part of the class
+    and refused a valid dataset ("not numbers"), found by an independent review."""
+    from ultralytics_dp import DifferentialPrivacy
+
+    from helpers import train_tiny
+
+    yaml = copy_dataset(tiny_det, tmp_path)
+    (yaml.parent / "labels" / "train" / "00003.txt").write_text("\ufeff3 0.5 0.5 0.1 0.1\n", encoding="utf-8")
+    dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, ledger=tmp_path / "ledger.sqlite")
+    train_tiny(yaml, tmp_path, dp, epochs=1)
+    assert dp.steps > 0

@@ -93,7 +93,8 @@ def check_training_set(dataset: Any) -> None:
         path = Path(label_file)
         if not path.exists():
             continue  # an image without labels is a valid record (background)
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        # utf-8-sig: a byte-order mark, which Ultralytics' reader accepts, is not part of the first number
+        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             fields = line.split()
             if not fields:
                 continue
