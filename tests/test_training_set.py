@@ -108,3 +108,20 @@ def test_a_label_file_with_a_byte_order_mark_trains(tiny_det, tmp_path):
     dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, ledger=tmp_path / "ledger.sqlite")
     train_tiny(yaml, tmp_path, dp, epochs=1)
     assert dp.steps > 0
+
+
+@pytest.mark.slow
+def test_a_box_a_hair_outside_the_image_trains_as_in_ultralytics(tiny_det, tmp_path):
+    """Ultralytics accepts coordinates up to 1% outside [0, 1] (rounding in exported labels) and
+    clips them; the check refused them (found by the pose review). Further out is still refused."""
+    from ultralytics_dp import DifferentialPrivacy
+
+    from helpers import train_tiny
+
+    yaml = copy_dataset(tiny_det, tmp_path)
+    (yaml.parent / "labels" / "train" / "00003.txt").write_text("3 0.5 0.5 1.005 0.1\n")
+    dp = DifferentialPrivacy(epsilon=4.0, delta=1e-3, ledger=tmp_path / "ledger.sqlite")
+    train_tiny(yaml, tmp_path / "ok", dp, epochs=1)
+    assert dp.steps > 0
+    (yaml.parent / "labels" / "train" / "00003.txt").write_text("3 0.5 0.5 1.02 0.1\n")
+    assert_refused(tmp_path / "refused", yaml, "normalised")

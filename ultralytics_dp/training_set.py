@@ -57,6 +57,9 @@ def check_distinct_images(train: Any, val: Any) -> None:
             seen.setdefault(key, (side, path))
 
 
+SLACK = 0.01  # how far outside [0, 1] Ultralytics' label check lets a coordinate be
+
+
 def _coordinates(values: list[float], kpt_shape: list[int] | None) -> tuple[list[float], list[float]]:
     """(normalised coordinates, keypoint visibilities) of one label line: box or polygon, and each
     keypoint's x, y (and visibility when ``kpt_shape`` has 3 values per keypoint)."""
@@ -111,9 +114,11 @@ def check_training_set(dataset: Any) -> None:
                 allowed = "an integer >= 0 (single_cls)" if nc == float("inf") else f"0..{nc - 1}"
                 raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside {allowed}")
             coords, visibility = _coordinates(values, kpt_shape)
-            if not all(0 <= v <= 1 for v in coords):
+            # Ultralytics' own tolerance (1% outside the image, then clipped); what it still drops
+            # is refused below, by the count of images it kept
+            if not all(-SLACK <= v <= 1 + SLACK for v in coords):
                 raise ValueError(f"label file {path} line {lineno}: coordinates must be normalised to [0, 1]")
-            if not all(v >= 0 and math.isfinite(v) for v in visibility):
+            if not all(v >= -SLACK and math.isfinite(v) for v in visibility):
                 raise ValueError(f"label file {path} line {lineno}: keypoint visibility must be a number >= 0")
     if len(every_image) != n:
         raise ValueError(f"Ultralytics dropped {len(every_image) - n} of {len(every_image)} training images as "
