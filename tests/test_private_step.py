@@ -91,3 +91,28 @@ def test_select_keeps_each_images_masks():
     assert chunk["batch_idx"].tolist() == [1.0, 0.0, 0.0] and chunk["cls"].view(-1).tolist() == [1.0, 2.0, 3.0]
     per_instance = select(batch, [2], overlap_masks=False)  # instances 1 and 2 belong to image 2
     assert per_instance["masks"].view(-1).tolist() == [1.0, 2.0] and per_instance["batch_idx"].tolist() == [0.0, 0.0]
+
+
+def test_the_torch_func_path_runs_under_the_trainers_autocast():
+    """With amp=True the step runs under autocast; torch.func's per-sample forward then failed in
+    eval-mode BatchNorm ('expected scalar type BFloat16 but found Float', found by a review). The
+    path now runs in the parameters' precision: the same clipped sum as without autocast, which an
+    independent computation (the naive per-image clip below) checks."""
+    model = trainer_model("yolov8n.yaml")
+    batch = det_batch([1, 2, 0])
+    c = 0.01
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = private_gradient(model, batch, method="vmap", max_grad_norm=c, noise_multiplier=0.0,
+                                expected_batch_size=1.0)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i in range(3):
+        loss = per_image_loss_fn(model)(model, sample_batch(model, image(batch, i)))
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values() if g is not None))
+        for k, g in grads.items():
+            if g is not None:
+                expected[k] += g * min(1.0, c / (float(norm) + 1e-6))
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert all(v.dtype == torch.float32 for v in ours.values())
+    assert ((flat(ours) - flat(expected)).norm() / flat(expected).norm()).item() <= 1e-5

@@ -56,10 +56,13 @@ def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> t
 
 
 def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tuple[dict[str, Tensor], Tensor]:
-    samples = sample_batch(model, chunk)
-    if views > 1:  # one vmapped sample per record: its views on a second dimension
-        samples = {k: v.view(v.shape[0] // views, views, *v.shape[1:]) for k, v in samples.items()}
-    return clipped_grad_sum(model, per_image_loss_fn(model, views), samples, max_grad_norm=max_grad_norm)
+    # torch.func's per-sample forward fails under autocast (eval BatchNorm gets mixed dtypes): this
+    # path runs in the parameters' precision even when the trainer uses amp=True
+    with torch.autocast(chunk["img"].device.type, enabled=False):
+        samples = sample_batch(model, chunk)
+        if views > 1:  # one vmapped sample per record: its views on a second dimension
+            samples = {k: v.view(v.shape[0] // views, views, *v.shape[1:]) for k, v in samples.items()}
+        return clipped_grad_sum(model, per_image_loss_fn(model, views), samples, max_grad_norm=max_grad_norm)
 
 
 CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
