@@ -107,7 +107,8 @@ def autocast(device: str) -> int:
     failures = 0
     for cfg in ("yolov8n.yaml", "yolo26n.yaml", "yolo26n-seg.yaml"):
         model = on(trainer_model(cfg), device, torch.float32)
-        batch = {k: v.to(device) for k, v in (seg_batch([2, 3], 160) if "-seg" in cfg else det_batch([2, 3], 160)).items()}
+        batch = seg_batch([2, 3], 160) if "-seg" in cfg else det_batch([2, 3], 160)
+        batch = {k: v.to(device) for k, v in batch.items()}
         fixed = sample_batch(model, batch)
         ghost_sum = lambda: clipped_grad_sum_ghost(  # noqa: E731
             model, lambda m: losses_from_preds(m, m(fixed["img"]), fixed), max_grad_norm=1e6)[0]

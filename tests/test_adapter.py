@@ -55,8 +55,8 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
 @pytest.mark.parametrize("name,cfg", [("digits-obb", "yolo26n-obb.yaml"), ("digits-seg", "yolo26n-seg.yaml"),
                                       ("digits-pose", "yolov8n-pose.yaml"), ("digits-pose", "yolo26n-pose.yaml")])
 def test_end_to_end_private_obb_segmentation_and_pose(tmp_path, no_network, name, cfg):
-    """A private yolo26n-obb / -seg / -pose or yolov8n-pose run (from scratch: GroupNorm) on a small embedded set, through
-    the stock trainer: Poisson steps, mosaic and copy-paste off, the dp entry's epsilon from the
+    """A private yolo26n-obb / -seg / -pose or yolov8n-pose run (from scratch: GroupNorm) on a small
+    embedded set, through the stock trainer: Poisson steps, mosaic and copy-paste off, the dp entry's epsilon from the
     accountant, the ledger."""
     data = datasets.build(name, imgsz=64, n_train=40, n_val=8, root=tmp_path / "data")
     ledger = tmp_path / "ledger.sqlite"

@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from ultralytics_dp.accounting import compute_epsilon
 from ultralytics_dp.checkpoint import read_dp_entry
-from ultralytics_dp.private_step import private_gradient, select
+from ultralytics_dp.private_step import private_gradient
+from ultralytics_dp.sampling import select
 from ultralytics_dp.sampling import PoissonLoader
 
 from helpers import det_batch, ledger_steps, trainer_model

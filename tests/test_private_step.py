@@ -7,7 +7,8 @@ import torch
 
 from ultralytics_dp.losses import per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism import clipped_grad_sum
-from ultralytics_dp.private_step import private_gradient, select
+from ultralytics_dp.private_step import private_gradient
+from ultralytics_dp.sampling import select
 
 from helpers import det_batch, image, trainer_model
 

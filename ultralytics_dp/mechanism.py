@@ -119,7 +119,8 @@ def flatten(tensors: dict[str, Tensor]) -> Tensor:
 
 def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     """``flat`` as views shaped like ``like``'s tensors (the inverse of ``flatten``)."""
-    return dict(zip(like, (v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like.values()]), like.values()))))
+    pieces = flat.split([t.numel() for t in like.values()])
+    return {k: v.view_as(t) for (k, t), v in zip(like.items(), pieces)}
 
 
 def noisy_flat(

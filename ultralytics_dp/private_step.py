@@ -34,7 +34,7 @@ from . import distributed, ghost
 from .grad_sample import check_no_train_batchnorm, trainable_params
 from .losses import batch_losses, per_image_loss_fn, sample_batch
 from .mechanism import clipped_grad_sum, private_mean
-from .sampling import split_physical
+from .sampling import select, split_physical
 
 # (model, chunk, C, views) -> (sum of clipped per-record gradients by parameter name, per-record norms)
 ClippedSum = Callable[[nn.Module, dict, float, int], tuple[dict[str, Tensor], Tensor]]
@@ -66,30 +66,6 @@ def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tu
 
 
 CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
-
-
-def select(batch: dict, idx: list[int], overlap_masks: bool = True) -> dict:
-    """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels and
-    keypoints are re-indexed to the chunk). Segmentation masks are one per image (``overlap_masks``,
-    Ultralytics' ``overlap_mask``) or one per instance."""
-    index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
-    out = {"img": batch["img"][index]}
-    if "batch_idx" in batch:
-        owner = batch["batch_idx"].long()
-        remap = torch.full((batch["img"].shape[0],), -1, dtype=torch.long, device=owner.device)
-        remap[index.to(owner.device)] = torch.arange(len(idx), device=owner.device)
-        keep = remap[owner] >= 0
-        out.update(batch_idx=remap[owner][keep].to(batch["batch_idx"].dtype),
-                   cls=batch["cls"][keep], bboxes=batch["bboxes"][keep])
-        if "keypoints" in batch:  # one set per instance, like the boxes
-            out["keypoints"] = batch["keypoints"][keep.to(batch["keypoints"].device)]
-        if "masks" in batch:
-            out["masks"] = batch["masks"][index.to(batch["masks"].device) if overlap_masks else keep]
-        if "sem_masks" in batch:
-            out["sem_masks"] = batch["sem_masks"][index.to(batch["sem_masks"].device)]
-    else:
-        out["cls"] = batch["cls"][index]
-    return out
 
 
 def private_gradient(

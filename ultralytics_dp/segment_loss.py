@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from ultralytics.utils.loss import v8SegmentationLoss
 
+from .sampling import select
+
 # Ultralytics' semantic branch: BCEDiceLoss(weight_bce=0.5, weight_dice=0.5), Dice smoothing 1
 _SEM_BCE, _SEM_DICE, _DICE_SMOOTH = 0.5, 0.5, 1.0
 
@@ -44,15 +46,7 @@ def assign(crit: v8SegmentationLoss, p: dict, batch: dict, name: str) -> dict[st
     ``name.sem_on`` [B].
     """
     n = batch["img"].shape[0]
-    owner = batch["batch_idx"].view(-1).long()
-    per_image = []
-    for i in range(n):
-        own = owner == i
-        one = {"batch_idx": torch.zeros(int(own.sum()), device=owner.device), "cls": batch["cls"][own],
-               "bboxes": batch["bboxes"][own], "masks": batch["masks"][i : i + 1] if crit.overlap else batch["masks"][own]}
-        if "sem_masks" in batch:
-            one["sem_masks"] = batch["sem_masks"][i : i + 1]
-        per_image.append(_assign_one(crit, _image(p, i), one))
+    per_image = [_assign_one(crit, _image(p, i), select(batch, [i], crit.overlap)) for i in range(n)]
     k = max(1, max(t["seg_idx"].shape[1] for t in per_image))
     out = {}
     for key in per_image[0]:

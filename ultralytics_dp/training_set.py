@@ -90,7 +90,8 @@ def check_training_set(dataset: Any) -> None:
     every_image = dataset.get_img_files(dataset.img_path)
     # single_cls relabels every box of every image 0 (Ultralytics replaced the names already): any
     # integer class is then in range, as Ultralytics' own label check has it
-    nc = float("inf") if getattr(dataset, "single_cls", False) else len(dataset.data["names"])
+    single_cls = getattr(dataset, "single_cls", False)
+    nc = float("inf") if single_cls else len(dataset.data["names"])
     kpt_shape = dataset.data.get("kpt_shape") if getattr(dataset, "use_keypoints", False) else None
     for label_file in img2label_paths(every_image):
         path = Path(label_file)
@@ -111,7 +112,7 @@ def check_training_set(dataset: Any) -> None:
             if not kpt_shape and (len(values) < 5 or len(values) % 2 == 0):
                 raise ValueError(f"corrupt label file {path} line {lineno}: expected 'class x y w h', got {line!r}")
             if not values[0].is_integer() or not 0 <= values[0] < nc:
-                allowed = "an integer >= 0 (single_cls)" if nc == float("inf") else f"0..{nc - 1}"
+                allowed = "an integer >= 0 (single_cls)" if single_cls else f"0..{nc - 1}"
                 raise ValueError(f"label file {path} line {lineno}: class {fields[0]} outside {allowed}")
             coords, visibility = _coordinates(values, kpt_shape)
             # Ultralytics' own tolerance (1% outside the image, then clipped); what it still drops
