@@ -1,6 +1,7 @@
 """Time the accountant: compute_epsilon at T = 1e3, 1e5, 1e6, get_noise_multiplier and max_steps,
 and Opacus' PRVAccountant on the same epsilon queries (``bench`` extra), then the queries a run's
-set-up makes and the edge cases of the target grid (issue 16). Run on one core:
+set-up makes, the edge cases, and a sweep of issue 16's target grid (epsilon 0.1-1000, sigma
+0.3-50, q 1e-4-0.7), each query with cold caches. Run on one core:
 
     taskset -c 0 .venv/bin/python benchmarks/bench_accounting.py
 """
@@ -12,7 +13,7 @@ import platform
 import time
 
 from results_md import replace_section
-from ultralytics_dp.accounting import _compute_epsilon, _rdp, compute_epsilon, get_noise_multiplier, max_steps
+from ultralytics_dp.accounting import _GRIDS, _compute_epsilon, _rdp, compute_epsilon, get_noise_multiplier, max_steps
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6
 
@@ -62,6 +63,7 @@ def main() -> None:
     print("\nthe queries of a training run's set-up and the edge cases (delta=1e-5, a cold cache for each):")
     for name, fn, kwargs in EDGE_CASES:
         _rdp.cache_clear()
+        _GRIDS.clear()
         _compute_epsilon.cache_clear()
         try:
             out, t = timed(fn, delta=1e-5, **kwargs)
@@ -70,7 +72,55 @@ def main() -> None:
         print(f"{name:<46}{t:>8.2f} s  {out}")
         shown = f"{out:.6g}" if isinstance(out, float) else out
         lines.append(f"| {name} delta=1e-5 | {t:.2f} | {shown} |")
+    lines += sweep()
     replace_section([*lines, ""])
+
+
+def cold(fn, **kwargs):
+    """(result, seconds) of one query with every cache emptied first."""
+    _rdp.cache_clear()
+    _GRIDS.clear()
+    _compute_epsilon.cache_clear()
+    return timed(fn, delta=1e-5, **kwargs)
+
+
+SIGMAS, RATES = (0.3, 0.6, 1.0, 2.0, 5.0, 15.0, 50.0), (1e-4, 1e-3, 1e-2, 0.1, 0.7)
+TARGETS = (0.1, 0.3, 1.0, 3.0, 8.0, 30.0, 100.0, 1000.0)
+
+
+def sweep() -> list[str]:
+    """Every query of the grid; a case is in range when its epsilon (and sigma) lie in the targets'."""
+    cases = []
+    for sigma in SIGMAS:
+        for q in RATES:
+            eps, t = cold(compute_epsilon, noise_multiplier=sigma, sample_rate=q, steps=100_000)
+            cases.append(("compute_epsilon T=1e5", f"sigma={sigma} q={q}", t, 0.1 <= eps <= 1000, f"{eps:.4g}"))
+    for target in TARGETS:
+        for q in RATES:
+            try:
+                sigma, t = cold(get_noise_multiplier, target_epsilon=target, sample_rate=q, steps=10_000)
+            except ValueError:  # unreachable with sigma <= 1e4: out of range
+                continue
+            cases.append(("get_noise_multiplier T=1e4", f"eps={target} q={q}", t, 0.3 <= sigma <= 50, f"{sigma:.5g}"))
+    for target in TARGETS[::2] + (1000.0,):
+        for sigma in SIGMAS[::2]:
+            for q in RATES[::2]:
+                steps, t = cold(max_steps, target_epsilon=target, noise_multiplier=sigma, sample_rate=q)
+                cases.append(("max_steps", f"eps={target} sigma={sigma} q={q}", t, True, str(steps)))
+    lines = ["", "Issue 16's target grid, every query with cold caches (delta=1e-5; compute_epsilon at 1e5 steps, "
+             "get_noise_multiplier at 1e4 steps; in range: epsilon in [0.1, 1000] and sigma in [0.3, 50]):", "",
+             "| query | cases | in range | in range under 1 s | slowest in range (s) | the in-range cases over 1 s |",
+             "|---|---|---|---|---|---|"]
+    for kind in dict.fromkeys(c[0] for c in cases):
+        mine = [c for c in cases if c[0] == kind]
+        inside = [c for c in mine if c[3]]
+        slow = sorted((c for c in inside if c[2] >= 1.0), key=lambda c: -c[2])
+        listed = "; ".join(f"{c[1]} ({c[2]:.1f} s, {c[4]})" for c in slow) or "none"
+        row = (f"| {kind} | {len(mine)} | {len(inside)} | {sum(c[2] < 1.0 for c in inside)} | "
+               f"{max(c[2] for c in inside):.2f} | {listed} |")
+        print(row)
+        lines.append(row)
+    return lines
 
 
 EDGE_CASES = [  # (name, query, arguments): the cases of issue 16, then the extremes of its target grid

@@ -18,9 +18,9 @@ from ultralytics_dp.accounting import (
 )
 
 
-def pld_epsilon(segments, delta):
+def pld_epsilon(segments, delta, interval=1e-4):
     """Independent reference: Google's privacy-loss-distribution accountant."""
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     for sigma, q, steps in segments:
         acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
     return acc.get_epsilon(delta)
@@ -225,3 +225,58 @@ def test_the_truncated_prv_mean_matches_adaptive_quadrature(sigma, q, t_min, t_m
     cuts = np.unique(np.clip([t_min, np.log1p(-q) if q < 1 else t_min, -1e-3, 0.0, 1e-3, t_max], t_min, t_max))
     reference = t_max - sum(integrate.quad(prv.cdf, a, b, limit=1000, epsabs=1e-13)[0] for a, b in zip(cuts, cuts[1:]))
     assert prv.mean() == pytest.approx(reference, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("sigma,q,t_max,size", [(1.0, 0.128, 12.0, 4000), (10.0, 1e-3, 3.2, 20000),
+                                                (0.3, 0.7, 600.0, 6000), (2.0, 1.0, 10.0, 2000)])
+def test_the_discretisation_is_prv_accountants_cell_centred_one(sigma, q, t_max, size):
+    """Our one-CDF-per-edge, support-only discretisation against prv_accountant's own ``CellCentred``."""
+    import numpy as np
+    from prv_accountant import PoissonSubsampledGaussianMechanism
+    from prv_accountant.discretisers import CellCentred
+    from prv_accountant.domain import Domain
+
+    from ultralytics_dp.accounting import _discretise, _TruncatedPRV
+
+    domain = Domain.create_aligned(-t_max, t_max, 2 * t_max / size)
+    prv = _TruncatedPRV(PoissonSubsampledGaussianMechanism(q, sigma), domain.t_min(), domain.t_max())
+    ours, theirs = _discretise(prv, domain), CellCentred().discretise(prv, domain)
+    assert np.allclose(ours.pmf, theirs.pmf, rtol=1e-10, atol=1e-15) and abs(ours.pmf.sum() - 1) < 1e-12
+    assert ours.domain.t_min() == pytest.approx(float(theirs.domain.t_min()), abs=1e-12 * t_max)
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.37, 1e-3, 20000), (1.0, 0.128, 70000), (0.3, 0.7, 100),
+                                           (50.0, 1e-4, 1000), (2.0, 1.0, 3), (9.8, 0.01, 1000)])
+def test_epsilon_from_a_composed_grid_is_prv_accountants(sigma, q, steps):
+    """The windowed float64 solve (and its long-double fallback) against prv_accountant's
+    ``DiscretePrivacyRandomVariable.compute_epsilon`` on the same composed grid: epsilon from
+    0.00004 (where the window starts below 0) to about 1000 (where e^t overflows float64)."""
+    from ultralytics_dp.accounting import REL_ERROR, Segment, _Composition, _solve_epsilon
+    from ultralytics_dp.accounting import rdp_epsilon as rdp_bound
+
+    segment = Segment(sigma, q, steps)
+    comp = _Composition([segment], max(REL_ERROR * rdp_bound([segment], 1e-5), 1e-4), 1e-8)
+    f_n = comp.compose([steps])
+    _, estimate, upper = f_n.compute_epsilon(1e-5, 1e-8, comp.eps_error)
+    assert _solve_epsilon(f_n, 1e-5) == pytest.approx(estimate, rel=1e-10, abs=1e-15)
+    assert comp.upper(1e-5, f_n) == pytest.approx(upper, rel=1e-10, abs=1e-15)
+
+
+@pytest.mark.parametrize("target,q,steps", [(1.0, 1e-3, 20000), (8.0, 0.7, 15), (50.0, 0.128, 100)])
+def test_a_calibrated_sigma_is_within_budget_and_close_to_the_smallest(target, q, steps):
+    kw = dict(delta=1e-5, sample_rate=q, steps=steps)
+    sigma = get_noise_multiplier(target_epsilon=target, **kw)
+    assert compute_epsilon(noise_multiplier=sigma, **kw) <= target < compute_epsilon(noise_multiplier=sigma / 1.003, **kw)
+    assert pld_epsilon([(sigma, q, steps)], 1e-5) <= target
+
+
+def test_a_query_whose_grid_would_not_fit_in_memory_is_answered_on_a_coarser_one():
+    """The PRV grid here would hold 6e7 points (gigabytes); a coarser one still gives an upper bound,
+    far tighter than RDP's."""
+    from ultralytics_dp.accounting import MAX_GRID_POINTS, Segment, _answer
+
+    kw = dict(noise_multiplier=50.0, sample_rate=1e-4, delta=1e-5)
+    comp, _, _ = _answer([Segment(50.0, 1e-4, 100_000)], 1e-5)
+    assert comp.size <= 1.1 * MAX_GRID_POINTS
+    eps = compute_epsilon(steps=100_000, **kw)
+    assert pld_epsilon([(50.0, 1e-4, 100_000)], 1e-5, interval=1e-6) <= eps < rdp_epsilon(50.0, 1e-4, 100_000, 1e-5)
