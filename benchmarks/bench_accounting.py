@@ -13,7 +13,8 @@ import platform
 import time
 
 from results_md import replace_section
-from ultralytics_dp.accounting import _GRIDS, _compute_epsilon, _rdp, compute_epsilon, get_noise_multiplier, max_steps
+from ultralytics_dp.accounting import (_GRIDS, _compute_epsilon, _rdp, _rdp_fractional, compute_epsilon,
+                                      get_noise_multiplier, max_steps)
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6
 
@@ -62,11 +63,8 @@ def main() -> None:
     lines.append(f"| max_steps eps=2 sigma={SIGMA} q={Q} delta={DELTA} | {t:.2f} | T={steps} |")
     print("\nthe queries of a training run's set-up and the edge cases (delta=1e-5, a cold cache for each):")
     for name, fn, kwargs in EDGE_CASES:
-        _rdp.cache_clear()
-        _GRIDS.clear()
-        _compute_epsilon.cache_clear()
         try:
-            out, t = timed(fn, delta=1e-5, **kwargs)
+            out, t = cold(fn, **kwargs)
         except Exception as err:  # a failure is a result worth printing
             out, t = f"{type(err).__name__}", float("nan")
         print(f"{name:<46}{t:>8.2f} s  {out}")
@@ -78,9 +76,9 @@ def main() -> None:
 
 def cold(fn, **kwargs):
     """(result, seconds) of one query with every cache emptied first."""
-    _rdp.cache_clear()
+    for cache in (_rdp, _rdp_fractional, _compute_epsilon):
+        cache.cache_clear()
     _GRIDS.clear()
-    _compute_epsilon.cache_clear()
     return timed(fn, delta=1e-5, **kwargs)
 
 
