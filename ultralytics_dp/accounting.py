@@ -472,8 +472,9 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
 
     Searching is done on a grid ``COARSE`` times coarser (cheap estimates; epsilon is smooth and
     falls with sigma, close to a power law, so a secant on log-log axes lands in a few evaluations).
-    The answer is then checked, and if need be raised, with ``compute_epsilon`` itself: what is
-    returned is never more than a rigorous upper bound says the target allows.
+    The answer is then settled on ``compute_epsilon`` itself: raised if it overspends, lowered while
+    that stays within the target, so what is returned is never less noise than a rigorous upper
+    bound says the target allows.
     """
     _check_target(target_epsilon)
     _check_delta(delta)
