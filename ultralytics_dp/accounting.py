@@ -601,9 +601,23 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
         eps = compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=t, delta=delta)
         return eps - target_epsilon
 
-    # one secant step on the reported figure from the guess, then bracket it there by doubling
+    # secant steps on the reported figure from the guess (the first with the coarse grid's rate),
+    # while they move; then the tightest bracket they found, or one grown by doubling from the last
+    top = cap if limit is None else limit - 1
+    tried = [guess]
     if rate > 0:
-        guess = min(max(round(guess - excess(guess) / rate), 0), cap if limit is None else limit - 1)
+        tried.append(min(max(round(guess - excess(guess) / rate), 0), top))
+    while len(tried) < 5 and len(tried) > 1 and excess(tried[-1]) != excess(tried[-2]):
+        (t0, e0), (t1, e1) = ((t, excess(t)) for t in tried[-2:])
+        step = min(max(round(t1 - e1 * (t1 - t0) / (e1 - e0)), 0), top)
+        if step in tried:
+            break
+        tried.append(step)
+    within = [t for t in tried if excess(t) <= 0]
+    over = [t for t in tried if excess(t) > 0]
+    if within and over and max(within) < min(over):
+        return _bracket_search(excess, max(within), min(over))
+    guess = tried[-1]
     width = 1
     if excess(guess) <= 0:
         lo, hi = guess, guess + 1
