@@ -33,8 +33,6 @@ Speed (issue 16; each piece computes what prv_accountant computes, tested agains
 * ``_solve_epsilon``: epsilon from the composed grid on a window located by tail sums, in float64.
 * Grids are sized for the step count rounded up (``_sized``) with eps_error on a ladder, and kept
   (``_composition``), so the queries of one search (T and T + 1) share one discretisation.
-* A grid's domain is sized by RDP with fractional orders too (``_domain_epsilon``), as
-  prv_accountant does: for small sigma, integer orders alone made domains, and grids, ~100x larger.
 What is left is the grid itself: its points grow as (epsilon + 3) * sqrt(T) / eps_error, so a
 small epsilon over very many steps (epsilon 0.1 over 1e5 steps at q = 1e-4) still takes seconds.
 This module must not import Ultralytics.
@@ -66,7 +64,6 @@ GRID_STEPS = 10**7  # above this many steps, max_steps answers with the RDP budg
 # its mesh is coarser and its eps_error larger (``_domain``)
 MAX_GRID_POINTS = 2 * 10**7
 RDP_ORDERS = np.arange(2, 257)  # integer orders only: closed form, vectorised (see _rdp)
-FRACTIONAL_ORDERS = np.array([1.1, 1.25, 1.5, 1.75])  # only to size grids (see _domain_epsilon)
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(64)
 COARSE = 8.0  # how much coarser than a reported figure's the grid that steers a search is
 SIGMA_DIGITS = 5  # a calibrated sigma is rounded up to this many significant digits
@@ -343,17 +340,9 @@ def _rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     return special.logsumexp(np.where(k <= a, terms, -np.inf), axis=1) / (RDP_ORDERS - 1)
 
 
-@lru_cache(maxsize=1024)
-def _rdp_fractional(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """Per-step RDP at ``FRACTIONAL_ORDERS``, by prv_accountant's series for fractional orders
-    (Mironov, Talwar, Zhang 2019): ~10-30 ms per (sigma, q), so used only to size grids."""
-    mechanism = PoissonSubsampledGaussianMechanism(sample_rate, noise_multiplier)
-    return np.array([mechanism.rdp(float(a)) for a in FRACTIONAL_ORDERS])
-
-
-def _rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: np.ndarray = RDP_ORDERS) -> float:
+def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
     """Epsilon from total RDP at each order (the conversion prv_accountant and TF Privacy use)."""
-    eps = rdp - np.log(delta * orders) / (orders - 1) + np.log1p(-1 / orders)
+    eps = rdp - np.log(delta * RDP_ORDERS) / (RDP_ORDERS - 1) + np.log1p(-1 / RDP_ORDERS)
     return float(np.nanmin(eps))
 
 
@@ -365,22 +354,13 @@ def rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
     return _rdp_to_epsilon(sum(s.steps * _rdp(s.sample_rate, s.noise_multiplier) for s in segs), delta)
 
 
-def _domain_epsilon(segments: Sequence[Segment], delta: float) -> float:
-    """RDP's epsilon bound over the integer and the fractional orders (the smaller; each is a valid
-    bound). prv_accountant sizes its grids with orders from 1.1 up: for small sigma, orders 1-2
-    give a bound many times tighter than order 2 does (sigma=0.3, q=0.01: RDP 0.02 at order 1.1
-    against 2.0 at order 2), hence a domain, and a grid, many times smaller."""
-    fractional = sum(s.steps * _rdp_fractional(s.sample_rate, s.noise_multiplier) for s in segments)
-    return min(rdp_epsilon(segments, delta), _rdp_to_epsilon(fractional, delta, FRACTIONAL_ORDERS))
-
-
 def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
     """Half-width L of a grid that holds all but delta_error of the composed PRV's mass: remark 5.6
     of Gopi et al. 2021, as prv_accountant's ``compute_safe_domain_size``, on the cached RDP."""
     total = sum(s.steps for s in segments)
-    widest = _domain_epsilon(segments, delta_error / 4)
+    widest = rdp_epsilon(segments, delta_error / 4)
     for s in segments:
-        widest = max(widest, _domain_epsilon([Segment(s.noise_multiplier, s.sample_rate, 1)], delta_error / 8 / total))
+        widest = max(widest, rdp_epsilon([Segment(s.noise_multiplier, s.sample_rate, 1)], delta_error / 8 / total))
     return max(widest, eps_error) + 3
 
 
