@@ -13,7 +13,8 @@ import platform
 import time
 
 from results_md import replace_section
-from ultralytics_dp.accounting import _GRIDS, _compute_epsilon, _rdp, compute_epsilon, get_noise_multiplier, max_steps
+from ultralytics_dp.accounting import (_GRIDS, _compute_epsilon, _rdp, _rdp_fractional, compute_epsilon,
+                                      get_noise_multiplier, max_steps)
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6
 
@@ -75,7 +76,7 @@ def main() -> None:
 
 def cold(fn, **kwargs):
     """(result, seconds) of one query with every cache emptied first."""
-    for cache in (_rdp, _compute_epsilon):
+    for cache in (_rdp, _rdp_fractional, _compute_epsilon):
         cache.cache_clear()
     _GRIDS.clear()
     return timed(fn, delta=1e-5, **kwargs)

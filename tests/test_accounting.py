@@ -47,6 +47,7 @@ GRID = [
     (1.5, 0.001, 100000, 1e-6),
     (4.0, 0.3, 50, 1e-5),
     (1.2, 0.5, 1, 1e-6),
+    (0.3, 0.01, 2000, 1e-5),  # small sigma: the grid's domain is sized by the fractional RDP orders
 ]
 
 
@@ -302,3 +303,43 @@ def test_a_query_whose_grid_would_not_fit_in_memory_is_answered_on_a_coarser_one
     assert comp.size <= 1.1 * MAX_GRID_POINTS
     eps = compute_epsilon(steps=100_000, **kw)
     assert pld_epsilon([(50.0, 1e-4, 100_000)], 1e-5, interval=1e-6) <= eps < rdp_epsilon(50.0, 1e-4, 100_000, 1e-5)
+
+
+@pytest.mark.parametrize("sigma,q", [(0.3, 0.01), (0.6, 1e-3), (2.0, 0.3)])
+def test_the_fractional_order_rdp_is_the_mechanisms_renyi_divergence(sigma, q):
+    """Against numerical integration of E_{z~N(0,s^2)}[((1-q) + q e^((2z-1)/(2 s^2)))^a] (Mironov et al. 2019)."""
+    import numpy as np
+    from scipy import integrate, stats
+
+    from ultralytics_dp.accounting import FRACTIONAL_ORDERS, _rdp_fractional
+
+    def renyi(a: float) -> float:
+        moment = integrate.quad(lambda z: stats.norm.pdf(z, 0, sigma) * ((1 - q) + q * np.exp((2 * z - 1) / (2 * sigma**2))) ** a,
+                                -12 * sigma, 1 + 12 * sigma, limit=500, points=[0, 0.5, 1], epsabs=0, epsrel=1e-12)[0]
+        return math.log(moment) / (a - 1)
+
+    assert np.allclose(_rdp_fractional(q, sigma), [renyi(a) for a in FRACTIONAL_ORDERS], rtol=1e-6, atol=0)
+
+
+def test_the_composed_privacy_loss_is_read_where_it_lies_over_millions_of_steps():
+    """sigma=0.3, q=1e-4: one step's loss sits in one grid cell, so the shift that keeps its mean is
+    near half a cell; over 1.7e6 steps prv_accountant's window had moved by far more than the domain's
+    slack, the upper tail wrapped around, and max_steps answered 134,365 steps, where RDP (looser
+    than PRV) already allows more than 1.7e6."""
+    kw = dict(delta=1e-5, noise_multiplier=0.3, sample_rate=1e-4)
+    t = max_steps(target_epsilon=100, **kw)
+    assert compute_epsilon(steps=t, **kw) <= 100 < rdp_epsilon(0.3, 1e-4, t + 1, 1e-5)
+    ref = pld_epsilon([(0.3, 1e-4, 1_000_000)], 1e-5)
+    assert ref <= compute_epsilon(steps=1_000_000, **kw) <= 1.01 * ref
+
+
+def test_a_grid_whose_upper_tail_wrapped_around_fails_closed(monkeypatch):
+    """Read on prv_accountant's window (no re-centring), this composition wraps: refused, not answered."""
+    from ultralytics_dp import accounting
+
+    monkeypatch.setattr(accounting, "_centred", lambda f_n: f_n)
+    try:
+        with pytest.raises(RuntimeError, match="left its grid"):
+            accounting._answer([accounting.Segment(0.3, 1e-2, 100_000)], 1e-5, coarse=accounting.COARSE)
+    finally:
+        accounting._GRIDS.clear()

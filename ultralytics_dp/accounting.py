@@ -8,10 +8,14 @@ Privacy assumptions relied on here:
   (sigma, q, steps); the caller must make those true (see ``sampling`` and ``mechanism``).
 * delta is the caller's: it should be well below 1/N.
 * The reported epsilon is the PRV accountant's rigorous **upper** bound, never the estimate.
+* That bound holds if the grid's domain [-L, L] holds all but delta_error of the composed PRV's
+  mass. L comes from an RDP bound on the upper tail (remark 5.6 of Gopi et al. 2021); the lower
+  tail needs none (P[Y <= -t] <= e^(-t) for any PRV). Each composition is checked for upper-tail
+  mass that wrapped around the grid, and refused if it finds any.
 
 We use ``prv_accountant``'s privacy random variable (the mechanism's CDF), its domain and its
 Fourier/heterogeneous composers, with its grid sizes (mesh and domain, Gopi et al. 2021) unchanged,
-and fix three numerical traps of its 0.2.0 release:
+and fix four numerical traps of its 0.2.0 release:
 
 1. ``eps_error`` is absolute. We size it to the epsilon being computed (from the RDP bound,
    refined by a second pass if RDP was much looser), so the upper bound stays within 1% of the
@@ -19,7 +23,11 @@ and fix three numerical traps of its 0.2.0 release:
 2. Its truncated PRV forgets to subtract the CDF at the lower truncation point and integrates
    the mean on fixed points near 0, which fails at large epsilon ("Discrete mean differs from
    continuous mean significantly") or biases it. ``_TruncatedPRV`` fixes both.
-3. Cost grows as ``eps_error`` shrinks, so searches are steered on a grid ``COARSE`` times coarser
+3. Its Fourier composer reads the composed PRV on a window moved by T times one step's mean-keeping
+   shift; with a tiny q over millions of steps that can exceed the domain's slack, and the upper tail
+   wraps around the circular grid (epsilon too small). ``_centred`` reads it where it lies, and
+   ``_Composition`` fails closed if mass is found where no PRV can put it (a domain too narrow).
+4. Cost grows as ``eps_error`` shrinks, so searches are steered on a grid ``COARSE`` times coarser
    and only their answer is settled with ``compute_epsilon``.
 
 Speed (issue 16; each piece computes what prv_accountant computes, tested against it):
@@ -33,6 +41,8 @@ Speed (issue 16; each piece computes what prv_accountant computes, tested agains
 * ``_solve_epsilon``: epsilon from the composed grid on a window located by tail sums, in float64.
 * Grids are sized for the step count rounded up (``_sized``) with eps_error on a ladder, and kept
   (``_composition``), so the queries of one search (T and T + 1) share one discretisation.
+* A grid's domain is sized by RDP with fractional orders too (``_domain_epsilon``), as
+  prv_accountant does: for small sigma, integer orders alone made domains, and grids, ~100x larger.
 What is left is the grid itself: its points grow as (epsilon + 3) * sqrt(T) / eps_error, so a
 small epsilon over very many steps (epsilon 0.1 over 1e5 steps at q = 1e-4) still takes seconds.
 This module must not import Ultralytics.
@@ -48,7 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from prv_accountant import PoissonSubsampledGaussianMechanism
-from prv_accountant.composers import Heterogeneous
+from prv_accountant.composers import ConvolutionTree, Fourier
 from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 from prv_accountant.domain import Domain
 from scipy import special
@@ -64,6 +74,7 @@ GRID_STEPS = 10**7  # above this many steps, max_steps answers with the RDP budg
 # its mesh is coarser and its eps_error larger (``_domain``)
 MAX_GRID_POINTS = 2 * 10**7
 RDP_ORDERS = np.arange(2, 257)  # integer orders only: closed form, vectorised (see _rdp)
+FRACTIONAL_ORDERS = np.array([1.1, 1.25, 1.5, 1.75])  # only to size grids (see _domain_epsilon)
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(64)
 COARSE = 8.0  # how much coarser than a reported figure's the grid that steers a search is
 SIGMA_DIGITS = 5  # a calibrated sigma is rounded up to this many significant digits
@@ -255,12 +266,35 @@ class _Composition:
         domain, self.eps_error = _domain(segments, eps_error, delta_error)
         self.size, self.delta_error = len(domain), delta_error
         prvs = [PoissonSubsampledGaussianMechanism(s.sample_rate, s.noise_multiplier) for s in segments]
-        self.composer = Heterogeneous([_discretise(_TruncatedPRV(p, domain.t_min(), domain.t_max()), domain)
-                                       for p in prvs])
+        self.composers = [Fourier([_discretise(_TruncatedPRV(p, domain.t_min(), domain.t_max()), domain)])
+                          for p in prvs]
 
     def compose(self, counts: Sequence[int]) -> DiscretePrivacyRandomVariable:
-        """The discrete PRV of composing ``counts[i]`` steps of segment i."""
-        return self.composer.compute_composition(list(counts))
+        """The discrete PRV of composing ``counts[i]`` steps of segment i: each segment by FFT
+        (re-centred, ``_centred``), then the segments by linear convolution, as prv_accountant's
+        ``Heterogeneous`` composer does."""
+        parts = [_centred(c.compute_composition([n])) for c, n in zip(self.composers, counts)]
+        f_n = ConvolutionTree(parts).compute_composition([1] * len(parts))
+        self._check_nothing_wrapped(f_n)
+        return f_n
+
+    def _check_nothing_wrapped(self, f_n: DiscretePrivacyRandomVariable) -> None:
+        """Fail closed if part of the composed PRV's upper tail wrapped around the circular grid.
+
+        The domain's half-width L comes from an RDP bound on the upper tail (``_safe_domain_size``);
+        mass beyond L would wrap to the grid's bottom and lower epsilon. Any PRV Y has
+        P[Y <= -t] = E_Q[e^Y 1{Y <= -t}] <= e^(-t), and the grid's values are within eps_error of
+        the true loss but for a fraction of delta_error (the mesh is chosen for that, Gopi et al.
+        2021). So below -(log(1/delta_error) + 3) - eps_error a correct grid holds a small part of
+        delta_error (FFT rounding there measured < delta_error / 40): more than delta_error / 2 is
+        wrapped mass. (Vacuous where L is smaller than that floor, where epsilon is small.)
+        """
+        floor = -(math.log(1 / self.delta_error) + 3) - self.eps_error
+        cells = math.ceil((floor - float(f_n.domain.t_min())) / float(f_n.domain.dt()))
+        stray = float(f_n.pmf[:max(cells, 0)].sum())
+        if stray > self.delta_error / 2:
+            raise RuntimeError(f"the composed privacy loss left its grid ({stray:.3g} of mass below {floor:.4g}, "
+                               f"where a correct grid holds less than {self.delta_error / 2:.3g}); please report it")
 
     def estimate(self, delta: float, counts: Sequence[int]) -> float:
         """Epsilon's estimate: within eps_error of the true value (Gopi et al. 2021)."""
@@ -270,6 +304,28 @@ class _Composition:
         """Epsilon's rigorous upper bound: the estimate at delta - delta_error, plus eps_error
         (Gopi et al. 2021; prv_accountant's ``compute_epsilon``)."""
         return _solve_epsilon(f_n, delta - self.delta_error) + self.eps_error
+
+
+def _centred(f_n: DiscretePrivacyRandomVariable) -> DiscretePrivacyRandomVariable:
+    """The self-composed PRV ``f_n`` read on the window where its mass is.
+
+    FFT composition is circular: it knows each sum of n grid values only modulo the grid's period.
+    prv_accountant's ``Fourier`` composer reads the sums on the original domain [-L, L] and then
+    moves that window by n * s, where s is the shift that keeps one step's mean (at most half a
+    cell). The composed PRV itself lies in [-L, L] (L is sized for that), so once n * s is a
+    sizeable part of L (a tiny q puts one step's mass in one cell, so s is near h / 2, over
+    millions of steps) mass beyond the window's top wraps around to its bottom, and epsilon is
+    underestimated: on a domain sized by fractional RDP orders, max_steps(epsilon=100, sigma=0.3,
+    q=1e-4) answered 134,365 steps where 1.7e6 are allowed. Rolling the array by the whole cells
+    of n * s puts the window back on [-L, L] (to within half a cell), which is the same reading
+    wherever n * s is small.
+    """
+    domain = f_n.domain
+    h = domain.dt()
+    cells = round(domain.shifts() / h)
+    if not cells:
+        return f_n
+    return DiscretePrivacyRandomVariable(np.roll(f_n.pmf, cells), domain.shift_right(-cells * h), f_n.log_pmc_inf)
 
 
 _GRIDS: OrderedDict[tuple, _Composition] = OrderedDict()  # the last 2 grids, during one public query
@@ -340,9 +396,17 @@ def _rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     return special.logsumexp(np.where(k <= a, terms, -np.inf), axis=1) / (RDP_ORDERS - 1)
 
 
-def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
+@lru_cache(maxsize=1024)
+def _rdp_fractional(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Per-step RDP at ``FRACTIONAL_ORDERS``, by prv_accountant's series for fractional orders
+    (Mironov, Talwar, Zhang 2019): ~10-30 ms per (sigma, q), so used only to size grids."""
+    mechanism = PoissonSubsampledGaussianMechanism(sample_rate, noise_multiplier)
+    return np.array([mechanism.rdp(float(a)) for a in FRACTIONAL_ORDERS])
+
+
+def _rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: np.ndarray = RDP_ORDERS) -> float:
     """Epsilon from total RDP at each order (the conversion prv_accountant and TF Privacy use)."""
-    eps = rdp - np.log(delta * RDP_ORDERS) / (RDP_ORDERS - 1) + np.log1p(-1 / RDP_ORDERS)
+    eps = rdp - np.log(delta * orders) / (orders - 1) + np.log1p(-1 / orders)
     return float(np.nanmin(eps))
 
 
@@ -354,13 +418,22 @@ def rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
     return _rdp_to_epsilon(sum(s.steps * _rdp(s.sample_rate, s.noise_multiplier) for s in segs), delta)
 
 
+def _domain_epsilon(segments: Sequence[Segment], delta: float) -> float:
+    """RDP's epsilon bound over the integer and the fractional orders (the smaller; each is a valid
+    bound). prv_accountant sizes its grids with orders from 1.1 up: for small sigma, orders 1-2
+    give a bound many times tighter than order 2 does (sigma=0.3, q=0.01: RDP 0.02 at order 1.1
+    against 2.0 at order 2), hence a domain, and a grid, many times smaller."""
+    fractional = sum(s.steps * _rdp_fractional(s.sample_rate, s.noise_multiplier) for s in segments)
+    return min(rdp_epsilon(segments, delta), _rdp_to_epsilon(fractional, delta, FRACTIONAL_ORDERS))
+
+
 def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float) -> float:
     """Half-width L of a grid that holds all but delta_error of the composed PRV's mass: remark 5.6
     of Gopi et al. 2021, as prv_accountant's ``compute_safe_domain_size``, on the cached RDP."""
     total = sum(s.steps for s in segments)
-    widest = rdp_epsilon(segments, delta_error / 4)
+    widest = _domain_epsilon(segments, delta_error / 4)
     for s in segments:
-        widest = max(widest, rdp_epsilon([Segment(s.noise_multiplier, s.sample_rate, 1)], delta_error / 8 / total))
+        widest = max(widest, _domain_epsilon([Segment(s.noise_multiplier, s.sample_rate, 1)], delta_error / 8 / total))
     return max(widest, eps_error) + 3
 
 
