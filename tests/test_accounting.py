@@ -343,3 +343,11 @@ def test_a_grid_whose_upper_tail_wrapped_around_fails_closed(monkeypatch):
             accounting._answer([accounting.Segment(0.3, 1e-2, 100_000)], 1e-5, coarse=accounting.COARSE)
     finally:
         accounting._GRIDS.clear()
+
+
+def test_float64_rounding_below_the_grid_is_not_taken_for_wrapped_mass():
+    """At delta=1e-9 the cells below the check's floor hold ~2e-17 of rounding each, 2e-12 in all:
+    more than delta_error / 2 = 5e-13, so the check used to refuse this ordinary query."""
+    kw = dict(noise_multiplier=1.0, sample_rate=0.01, steps=100_000, delta=1e-9)
+    ref = pld_epsilon([(1.0, 0.01, 100_000)], 1e-9)
+    assert ref <= compute_epsilon(**kw) <= 1.01 * ref
