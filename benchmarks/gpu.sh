@@ -9,6 +9,8 @@
 # still returns what it finished.
 #
 #   bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh tune CONFIG...   # only detection tuning runs (benchmarks/tune_det.py) on CUDA;
+#                                           # carry the public model in .gpu_cache/pretrained/ as well
 #
 # The device machine has torch but not this project's other dependencies and no network: put their
 # wheels in .whl/ first (`pip download --no-deps -d .whl ultralytics==8.4.190 ultralytics-thop
@@ -31,6 +33,12 @@ step() {  # name, command...: run it, log it, keep going on failure, keep RESULT
     "$@" 2>&1 | tee -a "$LOG" || echo "FAILED: $name" | tee -a "$LOG"
     cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 }
+if [ "${1:-}" = tune ]; then
+    shift
+    export ULTRALYTICS_DP_DATA="$PWD/.gpu_cache"
+    step tune "$PY" benchmarks/tune_det.py --device 0 --out "$OUT/rows.jsonl" --ledger "$OUT/search.db" "$@"
+    exit
+fi
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step cuda-check "$PY" benchmarks/cuda_check.py
 step "steps 320 fp32" "$PY" benchmarks/bench_train.py --device cuda --imgsz 320 --amp fp32 --repeats 5
