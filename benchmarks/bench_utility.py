@@ -43,22 +43,25 @@ def _metric(task: str, metrics: object) -> float:
     return float(metrics.top1 if task == "cls" else metrics.box.map50)
 
 
-def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1) -> dict:
-    """One training (or evaluation) as a user would write it; returns a result row."""
-    data, public, architecture, imgsz, _ = TASKS[task]
+def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1, *,
+        data: str | None = None, ledger: str | bool = False, **train_args) -> dict:
+    """One training (or evaluation) as a user would write it; returns a result row. ``data``
+    replaces the task's dataset (a tuning split), ``ledger`` records the private runs,
+    ``train_args`` go to ``model.train`` over the DP defaults."""
+    default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
-    common = dict(data=data, imgsz=imgsz, workers=0, verbose=False, plots=False)
+    common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
     row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs}
     if recipe == "public only":
-        metrics = YOLO(pretrained(public)).val(**common)
+        metrics = YOLO(pretrained(public)).val(**common, **train_args)
     else:
         model = YOLO(architecture if recipe == "private from scratch" else pretrained(public))
         dp = None
         if epsilon is not None:
-            dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=False).attach(model)
+            dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=ledger).attach(model)
         with tempfile.TemporaryDirectory() as project:
             extra = {} if dp else {"fliplr": 0.0}  # non-private: Ultralytics' defaults, digits not mirrored
-            metrics = model.train(**common, **extra, epochs=epochs, project=project, name="run")
+            metrics = model.train(**common, **extra, **train_args, epochs=epochs, project=project, name="run")
         if dp:
             row.update(spent=round(dp.epsilon, 4), steps=dp.steps, sigma=round(dp.noise_multiplier, 4),
                        lr0=model.trainer.args.lr0, batch=model.trainer.args.batch)

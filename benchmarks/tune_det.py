@@ -1,6 +1,7 @@
 """Detection tuning on a split of digits-det's *training* set (800 train / 200 held out), never its
 validation set: one private fine-tune of the public model per config. Each run is recorded in the
-search ledger (``--ledger``), so what the search spent is known. Rows go to ``--out`` as JSON lines.
+search ledger (``--ledger``), so what the search spent is known. Each run is ``bench_utility.run`` on
+the split; its rows (mAP50 in ``metric``) go to ``--out`` as JSON lines.
 
     python benchmarks/tune_det.py --out rows.jsonl --ledger search.db public "" lr0=0.1,epochs=20 ...
 
@@ -13,15 +14,10 @@ import argparse
 import json
 import random
 import tempfile
-import time
 from pathlib import Path
 
-import ultralytics_dp  # noqa: F401
-from ultralytics import YOLO
-
-from ultralytics_dp import DifferentialPrivacy
+from bench_utility import run
 from ultralytics_dp.datasets import build
-from ultralytics_dp.public_weights import pretrained
 
 
 def split(root: Path) -> Path:
@@ -48,12 +44,6 @@ def parse(spec: str) -> dict:
     return out
 
 
-def emit(path: str, row: dict) -> None:
-    print(json.dumps(row), flush=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -61,28 +51,19 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("configs", nargs="+")
     args = p.parse_args()
-    yaml = split(Path(tempfile.gettempdir()) / "dettune-split")
-    public = pretrained("digits-public-det")
+    yaml = str(split(Path(tempfile.gettempdir()) / "dettune-split"))
     for spec in args.configs:
         if spec == "public":  # the public model alone, zero-shot on the held-out images
-            metrics = YOLO(public).val(data=str(yaml), imgsz=128, workers=0, verbose=False, plots=False,
-                                       device=args.device)
-            emit(args.out, dict(spec=spec, map50=round(float(metrics.box.map50), 4), device=args.device))
-            continue
-        cfg = parse(spec)
-        epsilon = cfg.pop("epsilon", 8.0)
-        augmult = int(cfg.pop("augmult", 1))
-        start = time.perf_counter()
-        model = YOLO(public)
-        dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=args.ledger).attach(model)
-        with tempfile.TemporaryDirectory() as project:
-            metrics = model.train(data=str(yaml), imgsz=128, workers=0, verbose=False, plots=False,
-                                  device=args.device, project=project, name="run", **{"epochs": 10, **cfg})
-        row = dict(spec=spec, epsilon=epsilon, augmult=augmult, map50=round(float(metrics.box.map50), 4),
-                   spent=round(dp.epsilon, 4), steps=dp.steps, sigma=round(dp.noise_multiplier, 4),
-                   lr0=model.trainer.args.lr0, batch=model.trainer.args.batch,
-                   seconds=round(time.perf_counter() - start, 1), device=args.device)
-        emit(args.out, row)
+            row = run("det", "public only", None, 0, data=yaml, device=args.device)
+        else:
+            cfg = parse(spec)
+            epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", 10)
+            row = run("det", "public -> private", epsilon, epochs, augmult, data=yaml, ledger=args.ledger,
+                      device=args.device, **cfg)
+        row.update(spec=spec, device=args.device)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
