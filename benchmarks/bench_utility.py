@@ -29,7 +29,7 @@ import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy
-from ultralytics_dp.public_weights import RECIPES, pretrained
+from ultralytics_dp.public_weights import _VERSION, RECIPES, pretrained
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "utility.json"
@@ -51,7 +51,8 @@ def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
-    row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs}
+    row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs,
+           "public": None if recipe.startswith("private from scratch") else f"v{_VERSION}"}
     if recipe == "public only":
         metrics = YOLO(pretrained(public)).val(**common, **train_args)
     else:
@@ -83,16 +84,20 @@ def report() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["recipe"], r["augmult"], r["epsilon"]), []).append(r)
-    lines = ["| task | recipe | augmult | epsilon | metric | mean | std | runs | seconds/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (task, recipe, k, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
-                                                                            kv[0][3] or float("inf"))):
+        epochs = "—" if r["recipe"] == "public only" else r["epochs"]
+        # rows from before the field was recorded used public model version 1 (or none, from scratch)
+        public = r.get("public", None if r["recipe"].startswith("private from scratch") else "v1") or "—"
+        groups.setdefault((r["task"], public, r["recipe"], r["augmult"], epochs, r["epsilon"]), []).append(r)
+    lines = ["| task | public model | recipe | augmult | epochs | epsilon | metric | mean | std | runs | seconds/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (task, public, recipe, k, epochs, eps), rs in sorted(groups.items(), key=lambda kv: (
+            *kv[0][:5], kv[0][5] or float("inf"))):
         values = [r["metric"] for r in rs]
         std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "—"
         label = "∞" if eps is None and recipe != "public only" else ("—" if eps is None else f"{eps:g}")
-        lines.append(f"| {task} | {recipe} | {k} | {label} | {TASKS[task][4]} | {statistics.mean(values):.4f} | "
-                     f"{std} | {len(values)} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+        lines.append(f"| {task} | {public} | {recipe} | {k} | {epochs} | {label} | {TASKS[task][4]} | "
+                     f"{statistics.mean(values):.4f} | {std} | {len(values)} | "
+                     f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     print("\n".join(lines))
 
     import matplotlib
@@ -104,30 +109,31 @@ def report() -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for (t, recipe, k, eps), rs in groups.items():
-            if t != task:
-                continue
+        # the chart shows the newest public model's rows (and from scratch); the table keeps the older ones
+        latest = max(key[1] for key in groups if key[0] == task and key[1] != "—")
+        shown = {key: rs for key, rs in groups.items() if key[0] == task and key[1] in (latest, "—")}
+        for (t, public, recipe, k, _, eps), rs in shown.items():
             mean = statistics.mean(r["metric"] for r in rs)
             if eps is None:
                 ax.axhline(mean, ls="--" if recipe == "public -> non-private" else ":",
                            color="k" if recipe == "public -> non-private" else "grey",
                            label=recipe + (" (ε=∞)" if recipe != "public only" else ""))
         curves: dict[tuple, list] = {}
-        for (t, recipe, k, eps), rs in groups.items():
-            if t == task and eps is not None:
+        for (t, public, recipe, k, epochs, eps), rs in shown.items():
+            if eps is not None:
                 values = [r["metric"] for r in rs]
-                curves.setdefault((recipe, k), []).append(
+                curves.setdefault((recipe, k, epochs), []).append(
                     (eps, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
-        for (recipe, k), points in sorted(curves.items()):
+        for (recipe, k, epochs), points in sorted(curves.items()):
             points.sort()
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                        capsize=3, label=recipe + (f", augmult={k}" if k > 1 else ""))
+                        capsize=3, label=recipe + (f", augmult={k}" if k > 1 else "") + f", {epochs} epochs")
         ax.set_xscale("log")
-        ticks = sorted({eps for (t, _, _, eps) in groups if t == task and eps is not None})
+        ticks = sorted({key[5] for key in shown if key[5] is not None})
         ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("ε (δ = 1e-5)")
-        ax.set_ylabel(f"{TASKS[task][0]} {TASKS[task][4]}")
+        ax.set_ylabel(f"{TASKS[task][0]} {TASKS[task][4]} (public model {latest})")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")

@@ -9,7 +9,7 @@
 # still returns what it finished.
 #
 #   bash benchmarks/gpu.sh
-#   bash benchmarks/gpu.sh tune CONFIG...   # only detection tuning runs (benchmarks/tune_det.py) on CUDA;
+#   bash benchmarks/gpu.sh tune ARGS...     # only tuning runs (benchmarks/tune.py ARGS: --task, --jobs, configs) on CUDA;
 #                                           # carry the public model in .gpu_cache/pretrained/ as well
 #
 # The device machine has torch but not this project's other dependencies and no network: put their
@@ -36,7 +36,7 @@ step() {  # name, command...: run it, log it, keep going on failure, keep RESULT
 if [ "${1:-}" = tune ]; then
     shift
     export ULTRALYTICS_DP_DATA="$PWD/.gpu_cache"
-    step tune "$PY" benchmarks/tune_det.py --device 0 --out "$OUT/rows.jsonl" --ledger "$OUT/search.db" "$@"
+    step tune "$PY" benchmarks/tune.py --device 0 --out "$OUT/rows.jsonl" --ledger "$OUT/search.db" "$@"
     exit
 fi
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
