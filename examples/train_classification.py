@@ -1,7 +1,8 @@
 """Public pretraining, then private fine-tuning: YOLO26n-cls on the embedded digits (ImageFolder layout).
 
-The public model is trained non-privately on digits typeset in matplotlib's fonts (cached); with
-internet, start from Ultralytics' ImageNet weights instead (``YOLO("yolo26n-cls.pt")``).
+The public model is trained non-privately on digits typeset in matplotlib's fonts or written with a
+simulated pen (cached); with internet, start from Ultralytics' ImageNet weights instead
+(``YOLO("yolo26n-cls.pt")``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Public pretraining, then private fine-tuning: YOLO26n detection on the embedded digits (`make demo`).
 
-1. Pretrain non-privately on public data (digits typeset in matplotlib's fonts; cached, so a second
-   run reuses it). With internet, start from Ultralytics' COCO weights instead (``YOLO("yolo26n.pt")``).
+1. Pretrain non-privately on public data (digits typeset in matplotlib's fonts or written with a
+   simulated pen; cached, so a second run reuses it). With internet, start from Ultralytics' COCO weights instead (``YOLO("yolo26n.pt")``).
 2. Measure that public model on the private task's validation set (zero-shot).
 3. Fine-tune it on the private handwritten digits with (epsilon, delta)-DP per training image, with
    the DP defaults (only model, data, epochs and epsilon are set) and print both side by side.

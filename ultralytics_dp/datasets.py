@@ -10,8 +10,9 @@ scikit-learn wheel. From them we build, deterministically for a given seed:
   and oriented boxes (each digit turned by a random angle, with its turned ink box).
 * ``digits-cls``: ImageFolder layout (``train/<class>/*.png``, ``val/<class>/*.png``).
 * ``digits-public-det`` / ``digits-public-cls``: the same formats built from digits typeset in
-  matplotlib's fonts (:mod:`ultralytics_dp.font_digits`): public data for pretraining, which never
-  reads the handwritten set.
+  matplotlib's fonts (:mod:`ultralytics_dp.font_digits`) and, half of them, written with a simulated
+  pen (:mod:`ultralytics_dp.pen_digits`): public data for pretraining, which never reads the
+  handwritten set.
 
 The source digits are split once into disjoint train and val pools, so no val image shares a
 source digit with any train image. Datasets are cached under ``$ULTRALYTICS_DP_DATA`` (or the
@@ -36,7 +37,7 @@ NAMES = [str(i) for i in range(10)]
 DATASETS = ("digits-det", "digits-seg", "digits-pose", "digits-obb", "digits-cls", "digits-public-det",
             "digits-public-cls")
 PUBLIC_POOL = (5000, 1000)  # font-rendered source digits for the public train and val pools
-_FORMAT_VERSION = 2  # bump when the generated files change, so stale caches are not reused
+_FORMAT_VERSION = 4  # bump when the generated files change, so stale caches are not reused
 VAL_FRACTION = 0.2
 
 
@@ -67,10 +68,14 @@ def _pools(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     """(train_images, train_labels, val_images, val_labels) of 8x8 source digits for ``name``."""
     if "public" not in name:
         return source_split(seed)
-    from .font_digits import render_pool
+    from . import font_digits, pen_digits
 
-    # distinct seeds give disjoint draws of fonts and distortions for train and val
-    return (*render_pool(PUBLIC_POOL[0], seed * 2 + 1000), *render_pool(PUBLIC_POOL[1], seed * 2 + 1001))
+    def pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # half typeset, half written with a pen
+        typeset, written = font_digits.render_pool(n - n // 2, seed), pen_digits.render_pool(n // 2, seed)
+        return np.concatenate([typeset[0], written[0]]), np.concatenate([typeset[1], written[1]])
+
+    # distinct seeds give disjoint draws of fonts, strokes and distortions for train and val
+    return (*pool(PUBLIC_POOL[0], seed * 2 + 1000), *pool(PUBLIC_POOL[1], seed * 2 + 1001))
 
 
 def _render_digit(digit: np.ndarray, size: int) -> np.ndarray:

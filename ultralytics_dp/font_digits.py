@@ -28,7 +28,7 @@ FONTS = (
     "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
     "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf", "cmti10.ttf",
 )
-_CANVAS = 160  # glyphs are drawn large, then reduced: the 32x32 bitmap keeps no font hinting artefacts
+CANVAS = 160  # glyphs are drawn large, then reduced: the 32x32 bitmap keeps no font hinting artefacts
 
 
 def font_paths() -> list[Path]:
@@ -44,8 +44,8 @@ def font_paths() -> list[Path]:
 
 def _glyph(font: ImageFont.FreeTypeFont, digit: int, rng: np.random.Generator) -> Image.Image:
     """The digit drawn white on black, with a random stroke width and affine distortion."""
-    img = Image.new("L", (_CANVAS, _CANVAS), 0)
-    ImageDraw.Draw(img).text((_CANVAS / 2, _CANVAS / 2), str(digit), fill=255, font=font, anchor="mm")
+    img = Image.new("L", (CANVAS, CANVAS), 0)
+    ImageDraw.Draw(img).text((CANVAS / 2, CANVAS / 2), str(digit), fill=255, font=font, anchor="mm")
     stroke = int(rng.integers(-2, 3))  # thinner or thicker pen: MinFilter erodes, MaxFilter dilates
     if stroke:
         size = 2 * abs(stroke) + 1
@@ -56,12 +56,12 @@ def _glyph(font: ImageFont.FreeTypeFont, digit: int, rng: np.random.Generator) -
     # inverse map (output -> input) about the centre, as PIL's AFFINE transform expects
     a, b = math.cos(angle) / sx, (math.sin(angle) + shear) / sx
     d, e = -math.sin(angle) / sy, math.cos(angle) / sy
-    c0 = _CANVAS / 2
+    c0 = CANVAS / 2
     coeffs = (a, b, c0 - a * c0 - b * c0, d, e, c0 - d * c0 - e * c0)
     return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR)
 
 
-def _to_8x8(glyph: Image.Image, rng: np.random.Generator) -> np.ndarray | None:
+def to_8x8(glyph: Image.Image, rng: np.random.Generator) -> np.ndarray | None:
     """optdigits preprocessing: fit the ink into a 32x32 binary bitmap, count ink per 4x4 block."""
     ink = np.asarray(glyph) > 127
     ys, xs = np.nonzero(ink)
@@ -86,11 +86,11 @@ def render_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """
     rng = np.random.default_rng(seed)
     paths = font_paths()
-    fonts = [ImageFont.truetype(str(p), size=_CANVAS // 2) for p in paths]
+    fonts = [ImageFont.truetype(str(p), size=CANVAS // 2) for p in paths]
     images, labels = np.zeros((n, 8, 8)), np.arange(n) % 10
     for i, digit in enumerate(labels):
         while True:  # a rare distortion can push the glyph off the canvas: draw again
-            digit_image = _to_8x8(_glyph(fonts[int(rng.integers(len(fonts)))], int(digit), rng), rng)
+            digit_image = to_8x8(_glyph(fonts[int(rng.integers(len(fonts)))], int(digit), rng), rng)
             if digit_image is not None:
                 break
         images[i] = digit_image
