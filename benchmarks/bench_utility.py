@@ -53,13 +53,14 @@ def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
+    scratch = recipe.startswith("private from scratch")
     row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs,
-           "public": None if recipe.startswith("private from scratch") else
-           f"v{_VERSION}" + (f" e{PUBLIC_EPOCHS[task]}" if task in PUBLIC_EPOCHS else "")}
+           "public": None if scratch else f"v{_VERSION}" + (f" e{PUBLIC_EPOCHS[task]}" if task in PUBLIC_EPOCHS else "")}
+    weights = architecture if scratch else pretrained(public, epochs=PUBLIC_EPOCHS.get(task))
     if recipe == "public only":
-        metrics = YOLO(pretrained(public, epochs=PUBLIC_EPOCHS.get(task))).val(**common, **train_args)
+        metrics = YOLO(weights).val(**common, **train_args)
     else:
-        model = YOLO(architecture if recipe == "private from scratch" else pretrained(public, epochs=PUBLIC_EPOCHS.get(task)))
+        model = YOLO(weights)
         dp = None
         if epsilon is not None:
             dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=ledger).attach(model)
@@ -113,7 +114,8 @@ def report() -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         # the chart shows the newest public model's rows (and from scratch); the table keeps the older ones
-        latest = max(key[1] for key in groups if key[0] == task and key[1] != "—")
+        latest = max((key[1] for key in groups if key[0] == task and key[1] != "—"), default="—",
+                     key=lambda v: (int(v[1:].split()[0]), v))  # "v4 e60" after "v4", "v10" after "v4"
         shown = {key: rs for key, rs in groups.items() if key[0] == task and key[1] in (latest, "—")}
         for (t, public, recipe, k, _, eps), rs in shown.items():
             mean = statistics.mean(r["metric"] for r in rs)

@@ -1,5 +1,5 @@
 """Tuning on a split of a task's *training* set, never its validation set: one private fine-tune of
-the public model per config. digits-det: 800 train / 200 held out; digits-cls: 1,150 / 287 (a fifth
+the public model per config. digits-det: 800 train / 200 held out; digits-cls: 1,151 / 287 (a fifth
 held out). Each run is recorded in a search ledger, so what the search spent is known. Each run is
 ``bench_utility.run`` on the split; its rows (the metric in ``metric``) go to ``--out`` as JSON lines.
 

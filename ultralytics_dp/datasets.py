@@ -36,7 +36,7 @@ from PIL import Image
 NAMES = [str(i) for i in range(10)]
 DATASETS = ("digits-det", "digits-seg", "digits-pose", "digits-obb", "digits-cls", "digits-public-det",
             "digits-public-cls")
-PUBLIC_POOL = (5000, 1000)  # font-rendered source digits for the public train and val pools
+PUBLIC_POOL = (5000, 1000)  # public source digits (half typeset, half pen-written) for the train and val pools
 _FORMAT_VERSION = 4  # bump when the generated files change, so stale caches are not reused
 VAL_FRACTION = 0.2
 

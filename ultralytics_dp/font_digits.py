@@ -15,6 +15,7 @@ comes from the font family, weight and slant, stroke width, a random affine map 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,17 @@ def render_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     Classes are balanced (cycled); fonts and distortions are drawn from ``seed``.
     """
     rng = np.random.default_rng(seed)
-    paths = font_paths()
-    fonts = [ImageFont.truetype(str(p), size=CANVAS // 2) for p in paths]
+    fonts = [ImageFont.truetype(str(p), size=CANVAS // 2) for p in font_paths()]
+    return reduced_pool(n, rng, lambda digit: _glyph(fonts[int(rng.integers(len(fonts)))], digit, rng))
+
+
+def reduced_pool(n: int, rng: np.random.Generator, draw: Callable[[int], Image.Image]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` digits drawn by ``draw`` (a digit -> its image on the canvas), classes cycled, each
+    reduced to 8x8 (``to_8x8``); a rare distortion pushes the digit off the canvas: drawn again."""
     images, labels = np.zeros((n, 8, 8)), np.arange(n) % 10
     for i, digit in enumerate(labels):
-        while True:  # a rare distortion can push the glyph off the canvas: draw again
-            digit_image = to_8x8(_glyph(fonts[int(rng.integers(len(fonts)))], int(digit), rng), rng)
-            if digit_image is not None:
-                break
-        images[i] = digit_image
+        while (image := to_8x8(draw(int(digit)), rng)) is None:
+            pass
+        images[i] = image
     return images, labels

@@ -1,6 +1,6 @@
 """Public digits written with a simulated pen: each digit's usual handwritten shape as a few strokes
 (arcs and lines), distorted at random and drawn with a shaky pen of random width, then reduced to
-the 8x8 optdigits format like the typeset ones (:func:`ultralytics_dp.font_digits.to_8x8`).
+the 8x8 optdigits format like the typeset ones (:func:`ultralytics_dp.font_digits.reduced_pool`).
 
 Why: typeset digits are a poor stand-in for handwriting (a 1 with a base, a closed 4, a serif 7),
 and the private fine-tune has to pay, in privacy, for closing that gap. Half of the public pool
@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .font_digits import CANVAS, to_8x8
+from .font_digits import CANVAS, reduced_pool
 
 Stroke = np.ndarray  # [n, 2] points (x, y) of one pen stroke in the digit's box: x in [0, 0.6], y in [0, 1], y down
 
@@ -104,9 +104,4 @@ def render_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` written digits as (images [n, 8, 8] in [0, 1], labels [n]), deterministic for ``seed``;
     classes balanced (cycled)."""
     rng = np.random.default_rng([seed, 1])  # a stream apart from the typeset digits' of the same seed
-    images, labels = np.zeros((n, 8, 8)), np.arange(n) % 10
-    for i, digit in enumerate(labels):
-        while (image := to_8x8(_written(int(digit), rng), rng)) is None:  # a stroke can leave the canvas
-            pass
-        images[i] = image
-    return images, labels
+    return reduced_pool(n, rng, lambda digit: _written(digit, rng))

@@ -33,7 +33,7 @@ def pretrained(dataset: str = "digits-public-det", *, root: Path | None = None, 
 
     ``epochs`` replaces the recipe's: the recipes fit ``make demo``'s time on 2 CPU cores, and a
     longer pretraining is a better start (detection: 60 epochs instead of 20 raised zero-shot mAP50
-    on handwritten digits from 0.43 to 0.78, ``benchmarks/UTILITY.md``). The training runs in a
+    on held-out handwritten training images from 0.43 to 0.74, ``benchmarks/UTILITY.md``). The training runs in a
     temporary folder and only its final ``last.pt`` is moved into the cache, so an interrupted run
     leaves nothing that would be reused.
     """
