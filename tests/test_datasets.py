@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ultralytics_dp import datasets
@@ -175,7 +177,18 @@ def test_public_weights_are_trained_once_then_reused(tmp_path: Path, monkeypatch
     monkeypatch.setattr(sklearn.datasets, "load_digits", lambda *a, **k: pytest.fail("read the private digits"))
     monkeypatch.setitem(public_weights.RECIPES, "digits-public-cls", ("yolo26n-cls.yaml",
                                                                       {"imgsz": 32, "epochs": 1, "batch": 16}))
-    weights = public_weights.pretrained("digits-public-cls", root=tmp_path / "weights")
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    seen = []  # the thread count while training: Ultralytics would leave one core of two idle
+    monkeypatch.setitem(default_callbacks, "on_train_epoch_start",
+                        [*default_callbacks["on_train_epoch_start"], lambda trainer: seen.append(torch.get_num_threads())])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        weights = public_weights.pretrained("digits-public-cls", root=tmp_path / "weights")
+        assert seen == [min(os.cpu_count(), 8)] and torch.get_num_threads() == 1  # all cores, then restored
+    finally:
+        torch.set_num_threads(threads)
     assert weights.is_file() and [p.name for p in (tmp_path / "weights").iterdir()] == [weights.name]
     model = ultralytics.YOLO(weights)
     assert model.task == "classify" and model.model.names == dict(enumerate(datasets.NAMES))
