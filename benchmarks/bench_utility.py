@@ -54,9 +54,10 @@ def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
     scratch = recipe.startswith("private from scratch")
+    public_epochs = PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
     row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs,
-           "public": None if scratch else f"v{_VERSION}" + (f" e{PUBLIC_EPOCHS[task]}" if task in PUBLIC_EPOCHS else "")}
-    weights = architecture if scratch else pretrained(public, epochs=PUBLIC_EPOCHS.get(task))
+           "public": None if scratch else f"v{_VERSION} e{public_epochs}"}
+    weights = architecture if scratch else pretrained(public, epochs=public_epochs)
     if recipe == "public only":
         metrics = YOLO(weights).val(**common, **train_args)
     else:

@@ -22,7 +22,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench_utility import run
+from bench_utility import PUBLIC_EPOCHS, run
 from ultralytics_dp.datasets import build
 
 HELD = {"det": 200}  # held-out images of the split; classification holds out a fifth
@@ -65,19 +65,22 @@ def parse(spec: str) -> dict:
     return out
 
 
-def one(task: str, data: str, spec: str, ledger: str, device: str) -> dict:
+def one(task: str, data: str, spec: str, ledger: str, device: str, public_epochs: int | None = None) -> dict:
+    if public_epochs:
+        PUBLIC_EPOCHS[task] = public_epochs
     if spec == "public":  # the public model alone, zero-shot on the held-out images
         row = run(task, "public only", None, 0, data=data, device=device)
     else:
         cfg = parse(spec)
         epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", 10)
         row = run(task, "public -> private", epsilon, epochs, augmult, data=data, ledger=ledger, device=device, **cfg)
-    return {**row, "spec": spec, "device": device}
+    return {**row, "spec": spec, "device": device, "public_epochs": public_epochs}
 
 
 def _job(job: tuple) -> dict:
     index, args = job
-    return one(args["task"], args["data"], args["spec"], f"{args['ledger']}.{index}", args["device"])
+    return one(args["task"], args["data"], args["spec"], f"{args['ledger']}.{index}", args["device"],
+               args["public_epochs"])
 
 
 def main() -> None:
@@ -87,10 +90,12 @@ def main() -> None:
     p.add_argument("--ledger", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--public-epochs", type=int, default=None, help="pretrain the public model this long instead")
     p.add_argument("configs", nargs="+")
     args = p.parse_args()
     data = split(args.task, Path(tempfile.gettempdir()) / f"{args.task}tune-split")
-    specs = [dict(task=args.task, data=data, spec=s, ledger=args.ledger, device=args.device) for s in args.configs]
+    specs = [dict(task=args.task, data=data, spec=s, ledger=args.ledger, device=args.device,
+                  public_epochs=args.public_epochs) for s in args.configs]
 
     def write(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -99,7 +104,7 @@ def main() -> None:
 
     if args.jobs == 1:
         for s in specs:
-            write(one(s["task"], s["data"], s["spec"], s["ledger"], s["device"]))
+            write(one(s["task"], s["data"], s["spec"], s["ledger"], s["device"], s["public_epochs"]))
         return
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         for row in pool.imap_unordered(_job, list(enumerate(specs))):
