@@ -46,15 +46,16 @@ def _metric(task: str, metrics: object) -> float:
 
 
 def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1, *,
-        data: str | None = None, ledger: str | bool = False, **train_args) -> dict:
+        data: str | None = None, ledger: str | bool = False, public_epochs: int | None = None, **train_args) -> dict:
     """One training (or evaluation) as a user would write it; returns a result row. ``data``
     replaces the task's dataset (a tuning split), ``ledger`` records the private runs,
-    ``train_args`` go to ``model.train`` over the DP defaults."""
+    ``public_epochs`` replaces the benchmark's public pretraining epochs, ``train_args`` go to
+    ``model.train`` over the DP defaults."""
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
     scratch = recipe.startswith("private from scratch")
-    public_epochs = PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
+    public_epochs = public_epochs or PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
     row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs,
            "public": None if scratch else f"v{_VERSION} e{public_epochs}"}
     weights = architecture if scratch else pretrained(public, epochs=public_epochs)

@@ -22,7 +22,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench_utility import PUBLIC_EPOCHS, run
+from bench_utility import run
 from ultralytics_dp.datasets import build
 
 HELD = {"det": 200}  # held-out images of the split; classification holds out a fifth
@@ -66,21 +66,19 @@ def parse(spec: str) -> dict:
 
 
 def one(task: str, data: str, spec: str, ledger: str, device: str, public_epochs: int | None = None) -> dict:
-    if public_epochs:
-        PUBLIC_EPOCHS[task] = public_epochs
     if spec == "public":  # the public model alone, zero-shot on the held-out images
-        row = run(task, "public only", None, 0, data=data, device=device)
+        row = run(task, "public only", None, 0, data=data, device=device, public_epochs=public_epochs)
     else:
         cfg = parse(spec)
         epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", 10)
-        row = run(task, "public -> private", epsilon, epochs, augmult, data=data, ledger=ledger, device=device, **cfg)
-    return {**row, "spec": spec, "device": device, "public_epochs": public_epochs}
+        row = run(task, "public -> private", epsilon, epochs, augmult, data=data, ledger=ledger, device=device,
+                  public_epochs=public_epochs, **cfg)
+    return {**row, "spec": spec, "device": device}
 
 
 def _job(job: tuple) -> dict:
     index, args = job
-    return one(args["task"], args["data"], args["spec"], f"{args['ledger']}.{index}", args["device"],
-               args["public_epochs"])
+    return one(**{**args, "ledger": f"{args['ledger']}.{index}"})
 
 
 def main() -> None:
@@ -104,7 +102,7 @@ def main() -> None:
 
     if args.jobs == 1:
         for s in specs:
-            write(one(s["task"], s["data"], s["spec"], s["ledger"], s["device"], s["public_epochs"]))
+            write(one(**s))
         return
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         for row in pool.imap_unordered(_job, list(enumerate(specs))):
