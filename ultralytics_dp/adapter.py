@@ -457,15 +457,12 @@ class DifferentialPrivacy:
     def on_model_save(self, trainer: Any) -> None:
         """Every checkpoint on disk states every step taken so far: best.pt too."""
         period = trainer.save_period > 0 and trainer.epoch % trainer.save_period == 0
-        for f in (trainer.last, trainer.best, trainer.wdir / f"epoch{trainer.epoch}.pt" if period else None):
-            if f is not None and Path(f).exists():
-                write_dp_entry(f, self.info())
+        files = (trainer.last, trainer.best, trainer.wdir / f"epoch{trainer.epoch}.pt" if period else None)
+        write_dp_entry([f for f in files if f is not None and Path(f).exists()], self.info())
 
     def on_train_end(self, trainer: Any) -> None:
         """The checkpoints the run releases state the whole run (after Ultralytics' final rewrite)."""
-        for f in (trainer.last, trainer.best):
-            if Path(f).exists():
-                write_dp_entry(f, self.info())
+        write_dp_entry([f for f in (trainer.last, trainer.best) if Path(f).exists()], self.info())
         if trainer.args.plots:
             plot_privacy(Path(trainer.save_dir) / "privacy.png", self._curve, self.steps, self.epsilon,
                          self.config.epsilon, self.delta)

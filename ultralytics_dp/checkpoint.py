@@ -8,21 +8,36 @@ which the budget fixes. A checkpoint states every step taken before it was writt
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 
-def write_dp_entry(path: str | Path, entry: dict[str, Any]) -> None:
-    """Set ``entry`` as the ``dp`` entry of the checkpoint at ``path`` (atomic replace)."""
-    path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    ckpt["dp"] = entry
-    tmp = path.with_suffix(f".{time.time_ns()}.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+def write_dp_entry(paths: Iterable[str | Path], entry: dict[str, Any]) -> None:
+    """Set ``entry`` as the ``dp`` entry of each checkpoint in ``paths`` (atomic replace each).
+
+    Loading and pickling a checkpoint costs about as much as a training step on CPU, so: files with
+    the same bytes (Ultralytics writes last.pt and best.pt from one serialisation) are loaded and
+    serialised once, and a file that already carries ``entry`` is left as it is."""
+    done: dict[bytes, bytes | None] = {}  # a file's bytes -> its bytes with the entry (None: has it)
+    for path in map(Path, paths):
+        raw = path.read_bytes()
+        if raw not in done:
+            ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+            if ckpt.get("dp") == entry:
+                done[raw] = None
+            else:
+                ckpt["dp"] = entry
+                buffer = io.BytesIO()
+                torch.save(ckpt, buffer)
+                done[raw] = buffer.getvalue()
+        if done[raw] is not None:
+            tmp = path.with_suffix(f".{time.time_ns()}.tmp")
+            tmp.write_bytes(done[raw])
+            tmp.replace(path)
 
 
 def read_dp_entry(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""The ``dp`` entry of checkpoints: every file gets it, other contents are kept, and the work of
+writing it is done once per distinct file."""
+
+from __future__ import annotations
+
+import torch
+
+from ultralytics_dp import checkpoint
+from ultralytics_dp.checkpoint import read_dp_entry, write_dp_entry
+
+ENTRY = {"epsilon": 1.5, "steps": 7, "accountant_state": {"history": [{"noise_multiplier": 1.0, "steps": 7}]}}
+
+
+def test_every_checkpoint_gets_the_entry_and_identical_files_are_serialised_once(tmp_path, monkeypatch):
+    weights = torch.arange(6.0)
+    torch.save({"ema": weights, "epoch": 0}, tmp_path / "last.pt")
+    (tmp_path / "best.pt").write_bytes((tmp_path / "last.pt").read_bytes())  # as Ultralytics writes both
+    torch.save({"ema": weights * 2, "epoch": 3}, tmp_path / "epoch3.pt")
+    torch.save({"ema": weights, "dp": ENTRY}, tmp_path / "stated.pt")
+    stated_inode = (tmp_path / "stated.pt").stat().st_ino
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+
+    write_dp_entry([tmp_path / n for n in ("last.pt", "best.pt", "epoch3.pt", "stated.pt")], ENTRY)
+
+    assert len(loads) == 3  # last.pt and best.pt had one content
+    assert (tmp_path / "stated.pt").stat().st_ino == stated_inode  # already stated the entry: not rewritten
+    monkeypatch.setattr(checkpoint.torch, "load", real_load)
+    for name, ema, epoch in (("last.pt", weights, 0), ("best.pt", weights, 0), ("epoch3.pt", weights * 2, 3)):
+        ckpt = torch.load(tmp_path / name, weights_only=False)
+        assert ckpt["dp"] == ENTRY and torch.equal(ckpt["ema"], ema) and ckpt["epoch"] == epoch
+        assert read_dp_entry(tmp_path / name) == ENTRY
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_with_an_older_entry_is_rewritten(tmp_path):
+    torch.save({"ema": torch.ones(2), "dp": {**ENTRY, "steps": 3}}, tmp_path / "last.pt")
+    write_dp_entry([tmp_path / "last.pt"], ENTRY)
+    assert read_dp_entry(tmp_path / "last.pt") == ENTRY
