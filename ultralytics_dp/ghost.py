@@ -44,15 +44,19 @@ def supports(model: nn.Module) -> bool:
 
     A parameter shared by two layers (tied weights) is refused: its per-image gradient is the sum
     over both layers, which the per-layer norms here would not see."""
+    return _supported(_layers(model))
+
+
+def _supported(layers: dict[str, nn.Module]) -> bool:
     owners: dict[int, int] = {}
-    for m in _layers(model).values():
+    for m in layers.values():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     return all(count == 1 for count in owners.values()) and all(
         isinstance(m, SUPPORTED)
         and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)))
         and not (isinstance(m, nn.ConvTranspose2d) and any(m.output_padding))
-        for m in _layers(model).values()
+        for m in layers.values()
     )
 
 
@@ -184,7 +188,7 @@ def clipped_grad_sum_ghost(
     check_positive("max_grad_norm", max_grad_norm)
     check_no_train_batchnorm(model)
     layers = _layers(model)
-    if not supports(model):
+    if not _supported(layers):
         raise ValueError("model has trainable layers other than Conv2d, ConvTranspose2d, Linear, BatchNorm and "
                          "GroupNorm; use the torch.func path")
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}

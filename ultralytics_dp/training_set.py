@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,12 @@ def dataset_records(dataset: Any) -> list[tuple[str, str]]:
 
 def check_distinct_images(train: Any, val: Any) -> None:
     """Refuse the same image (path or bytes) twice in the training set, or in both the training and
-    the validation set. Only files whose size occurs more than once are hashed, so this stays cheap."""
+    the validation set. Only files whose size occurs more than once are hashed, so this stays cheap;
+    one file named twice (a repeated path, a link) has the same bytes, so paths need no resolving."""
     by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
     for side, files in (("train", image_files(train)), ("val", image_files(val))):
         for f in files:
-            path = Path(f).resolve()
-            by_size[path.stat().st_size].append((side, path))
+            by_size[os.stat(f).st_size].append((side, Path(f)))
     for group in by_size.values():
         if len(group) < 2 or {side for side, _ in group} == {"val"}:
             continue
