@@ -340,7 +340,9 @@ def test_a_grid_whose_upper_tail_wrapped_around_fails_closed(monkeypatch):
     monkeypatch.setattr(accounting, "_centred", lambda f_n: f_n)
     try:
         with pytest.raises(RuntimeError, match="left its grid"):
-            accounting._answer([accounting.Segment(0.3, 1e-2, 100_000)], 1e-5, coarse=accounting.COARSE)
+            segment = accounting.Segment(0.3, 1e-2, 100_000)
+            # eps_error 2^5.75: 8x coarser than a reported figure's grid there (a steering grid), quick to build
+            accounting._Composition([segment], 2 ** 5.75, 1e-5 / 1000).compose([100_000])
     finally:
         accounting._GRIDS.clear()
 

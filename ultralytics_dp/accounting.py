@@ -29,7 +29,8 @@ and fix four numerical traps of its 0.2.0 release:
    wraps around the circular grid (epsilon too small). ``_centred`` reads it where it lies, and
    ``_Composition`` refuses a composition with mass where no PRV can put it (a domain too narrow).
 4. Cost grows as ``eps_error`` shrinks, so searches are steered on a grid ``COARSE`` times coarser
-   and only their answer is settled with ``compute_epsilon``.
+   (sized to the search's target) and only their answer is settled with ``compute_epsilon``; a large
+   grid's eps_error is sized from an estimate on such a grid rather than from the looser RDP bound.
 
 Speed (issue 16; each piece computes what prv_accountant computes, tested against it):
 * ``_rdp``: the RDP curve of one (sigma, q) once, integer orders 2-256 in closed form, cached
@@ -468,24 +469,30 @@ def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error
     return max(widest, eps_error) + 3
 
 
-def _answer(segments: Sequence[Segment], delta: float,
-            coarse: float = 1.0) -> tuple[_Composition, DiscretePrivacyRandomVariable, float]:
+def _answer(segments: Sequence[Segment], delta: float) -> tuple[_Composition, DiscretePrivacyRandomVariable, float]:
     """The grid a query is answered on, the composition there, and epsilon's estimate from it.
 
     eps_error is sized to epsilon: first from the RDP bound (an upper bound, so usually fine enough
-    already), and if RDP was much looser than PRV, again from PRV's estimate. The grid is sized for
+    already), and if RDP was much looser than PRV, again from PRV's estimate (for a large grid, from
+    an estimate on a grid ``COARSE`` times coarser, before building it). The grid is sized for
     each segment's step count rounded up (``_sized``) and eps_error is on a ladder, so nearby
-    queries reuse one grid. ``coarse`` > 1 makes eps_error (and the grid) that much coarser: an
-    estimate cheap enough to steer a search, never a figure to report.
+    queries reuse one grid.
     """
     delta_error = delta / 1000
     counts = [s.steps for s in segments]
     sized = tuple(Segment(s.noise_multiplier, s.sample_rate, _sized(s.steps)) for s in segments)
-    eps_error = _round_down(coarse * max(REL_ERROR * rdp_epsilon(sized, delta), MIN_EPS_ERROR))
+    eps_error = _round_down(max(REL_ERROR * rdp_epsilon(sized, delta), MIN_EPS_ERROR))
+    domain, achieved = _domain(sized, eps_error, delta_error)
+    if len(domain) > CHEAP_GRID_POINTS and achieved == eps_error:  # (a capped grid gets no finer)
+        # RDP can be several times looser than PRV, which cost a second large grid: check on one
+        # COARSE times coarser (an eighth of the cost) first, with the test applied below
+        rough = _composition(sized, _round_down(COARSE * eps_error), delta_error).estimate(delta, counts)
+        if eps_error > 1.25 * max(REL_ERROR * rough, MIN_EPS_ERROR):
+            eps_error = _round_down(max(REL_ERROR * rough, MIN_EPS_ERROR))
     comp = _composition(sized, eps_error, delta_error)
     f_n = comp.compose(counts)
     estimate = _solve_epsilon(f_n, delta)
-    wanted = coarse * max(REL_ERROR * estimate, MIN_EPS_ERROR)
+    wanted = max(REL_ERROR * estimate, MIN_EPS_ERROR)
     if eps_error > 1.25 * wanted:
         comp = _composition(sized, _round_down(wanted), delta_error)
         f_n = comp.compose(counts)
@@ -569,8 +576,14 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     def upper(sigma: float) -> float:
         return compute_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
 
+    # steering estimates: on a grid ``COARSE`` times coarser than the target's figure, as ``_steer``
+    # (sized to the target, not to each sigma's own epsilon: far from the target a rougher estimate
+    # steers as well, and sizing to a much smaller epsilon there made grids of millions of points)
+    steering_error = _round_down(COARSE * max(REL_ERROR * target_epsilon, MIN_EPS_ERROR))
+
     def rough(sigma: float) -> float:
-        return _answer([Segment(sigma, sample_rate, steps)], delta, coarse=COARSE)[2]
+        segment = Segment(sigma, sample_rate, steps)
+        return _composition((segment,), steering_error, delta / 1000).estimate(delta, [steps])
 
     # aim the estimate where the reported upper bound (estimate + its eps_error) meets the target
     aim = target_epsilon * (1 - 1.5 * REL_ERROR)
