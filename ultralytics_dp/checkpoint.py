@@ -9,6 +9,7 @@ which the budget fixes. A checkpoint states every step taken before it was writt
 from __future__ import annotations
 
 import io
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,7 +28,7 @@ def write_dp_entry(paths: Iterable[str | Path], entry: dict[str, Any]) -> None:
         raw = path.read_bytes()
         if raw not in done:
             ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-            if ckpt.get("dp") == entry:
+            if pickle.dumps(ckpt.get("dp")) == pickle.dumps(entry):  # identical, not merely ==: 1 == 1.0 == True
                 done[raw] = None
             else:
                 ckpt["dp"] = entry
