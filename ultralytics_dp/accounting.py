@@ -251,10 +251,11 @@ def _domain(segments: Sequence[Segment], eps_error: float, delta_error: float) -
     that RDP sizes the domain very loosely)."""
     spread = math.sqrt(sum(s.steps for s in segments) / 2 * math.log(12 / delta_error))
     # integer RDP orders first; the fractional ones (a slow series) only where they may shrink a large grid
-    integer_only = 2 * _safe_domain_size(segments, eps_error, delta_error, False) * spread / eps_error
-    fractional = integer_only > CHEAP_GRID_POINTS
-    eps_error = max(eps_error, 2 * _safe_domain_size(segments, eps_error, delta_error, fractional) * spread
-                    / MAX_GRID_POINTS)
+    length = _safe_domain_size(segments, eps_error, delta_error, False)
+    fractional = 2 * length * spread / eps_error > CHEAP_GRID_POINTS
+    if fractional:
+        length = _safe_domain_size(segments, eps_error, delta_error, True)
+    eps_error = max(eps_error, 2 * length * spread / MAX_GRID_POINTS)
     length = _safe_domain_size(segments, eps_error, delta_error, fractional)  # the domain grows with eps_error
     mesh = eps_error / spread
     size = len(Domain.create_aligned(-length, length, mesh))
@@ -484,20 +485,25 @@ def _answer(segments: Sequence[Segment], delta: float) -> tuple[_Composition, Di
     eps_error = _round_down(max(REL_ERROR * rdp_epsilon(sized, delta), MIN_EPS_ERROR))
     domain, achieved = _domain(sized, eps_error, delta_error)
     if len(domain) > CHEAP_GRID_POINTS and achieved == eps_error:  # (a capped grid gets no finer)
-        # RDP can be several times looser than PRV, which cost a second large grid: check on one
-        # COARSE times coarser (an eighth of the cost) first, with the test applied below
+        # RDP can be several times looser than PRV, which cost a second large grid: ask an estimate
+        # on a grid COARSE times coarser (an eighth of the cost) first
         rough = _composition(sized, _round_down(COARSE * eps_error), delta_error).estimate(delta, counts)
-        if eps_error > 1.25 * max(REL_ERROR * rough, MIN_EPS_ERROR):
-            eps_error = _round_down(max(REL_ERROR * rough, MIN_EPS_ERROR))
+        eps_error = _refined(eps_error, rough)
     comp = _composition(sized, eps_error, delta_error)
     f_n = comp.compose(counts)
     estimate = _solve_epsilon(f_n, delta)
-    wanted = max(REL_ERROR * estimate, MIN_EPS_ERROR)
-    if eps_error > 1.25 * wanted:
-        comp = _composition(sized, _round_down(wanted), delta_error)
+    if (finer := _refined(eps_error, estimate)) != eps_error:
+        comp = _composition(sized, finer, delta_error)
         f_n = comp.compose(counts)
         estimate = _solve_epsilon(f_n, delta)
     return comp, f_n, estimate
+
+
+def _refined(eps_error: float, estimate: float) -> float:
+    """``eps_error``, or a finer one (on the ladder) if it is over 1.25 times what an epsilon near
+    ``estimate`` needs: RDP, which sized it, was much looser than PRV."""
+    wanted = max(REL_ERROR * estimate, MIN_EPS_ERROR)
+    return _round_down(wanted) if eps_error > 1.25 * wanted else eps_error
 
 
 def _upper(segments: Sequence[Segment], delta: float) -> float:

@@ -20,8 +20,8 @@ import torch
 def write_dp_entry(paths: Iterable[str | Path], entry: dict[str, Any]) -> None:
     """Set ``entry`` as the ``dp`` entry of each checkpoint in ``paths`` (atomic replace each).
 
-    Loading and pickling a checkpoint costs about as much as a training step on CPU, so: files with
-    the same bytes (Ultralytics writes last.pt and best.pt from one serialisation) are loaded and
+    Loading and pickling a checkpoint costs ~0.1-0.2 s (a 5 MB detector on CPU), a visible part of a
+    short run, so: files with the same bytes (Ultralytics writes last.pt and best.pt from one serialisation) are loaded and
     serialised once, and a file that already carries ``entry`` is left as it is."""
     done: dict[bytes, bytes | None] = {}  # a file's bytes -> its bytes with the entry (None: has it)
     for path in map(Path, paths):
