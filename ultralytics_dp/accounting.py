@@ -1,4 +1,5 @@
-"""Privacy accounting for DP-SGD with the PRV accountant (Gopi, Lee, Wutschitz 2021).
+"""Privacy accounting for DP-SGD: the privacy loss distribution of the Poisson-subsampled Gaussian,
+discretised so that it can only overstate delta, and composed by FFT.
 
 Privacy assumptions relied on here:
 
@@ -6,83 +7,59 @@ Privacy assumptions relied on here:
   independently with probability q, the summed clipped gradients have L2 sensitivity C under
   adding/removing one record, and the noise is N(0, (sigma*C)^2). The accountant sees only
   (sigma, q, steps); the caller must make those true (see ``sampling`` and ``mechanism``).
+* One step is the pair P = (1-q) N(0, sigma^2) + q N(1, sigma^2) against Q = N(0, sigma^2), with
+  privacy loss Y = log(dP/dQ)(X), X ~ P: the pair of Gopi et al. 2021 (``prv-accountant``) and Opacus.
+  delta(eps) = E_P[(1 - e^(eps - Y))_+], so composing steps adds independent losses.
 * delta is the caller's: it should be well below 1/N.
-* The reported epsilon is the PRV accountant's rigorous **upper** bound, never the estimate.
-* That bound holds if the grid's domain [-L, L] holds all but delta_error of the composed PRV's
-  mass, read on the window where it lies (``_centred``). L comes from an RDP bound on the upper
-  tail (remark 5.6 of Gopi et al. 2021); the lower tail needs none (P[Y <= -t] <= e^(-t) for any
-  PRV). A sanity check refuses a composition whose tail visibly wrapped around the grid; it is
-  blind for small domains, so the bound rests on the sizing and the window, not on the check.
+* The reported epsilon is a rigorous **upper** bound at any grid size; the grid only sets how tight:
+  1. ``_step``: each step's loss is replaced by one on the grid h*Z whose delta(eps) is >= the true
+     one at every eps ("connect the dots", Doroshenko et al. 2022: each cell's mass goes to its two
+     ends keeping its P- and Q-mass; (1 - e^eps u)_+ is convex in u = e^(-Y), so the ends' chord lies
+     above). Loss above the grid's top is put at +infinity (it counts fully). Composing losses that
+     dominate this way dominates the composition: delta of a sum is E_A[delta_B(eps - Y_A)], monotone
+     in each factor.
+  2. ``_window``: the composed loss is read off a circular FFT on [t_lo, t_hi], chosen by a Chernoff
+     bound computed exactly from the discrete steps. Mass above t_hi wraps to the bottom and can lower
+     delta by at most that bound, which is charged to delta; mass below t_lo wraps to the top, where
+     it only raises delta.
+  3. Float64 rounding in the FFT is charged to delta per cell: 4 times the most negative composed
+     probability (no probability is negative, so that gauges the noise), and at least 4 machine
+     epsilons of the largest one. This one is measured, not proved (prv-accountant and dp_accounting
+     charge nothing).
 
-We use ``prv_accountant``'s privacy random variable (the mechanism's CDF), its domain and its
-Fourier/heterogeneous composers, with its grid sizes (mesh and domain, Gopi et al. 2021) unchanged,
-and fix four numerical traps of its 0.2.0 release:
-
-1. ``eps_error`` is absolute. We size it to the epsilon being computed (from the RDP bound,
-   refined by a second pass if RDP was much looser), so the upper bound stays within 1% of the
-   true epsilon at small and large epsilon alike.
-2. Its truncated PRV forgets to subtract the CDF at the lower truncation point and integrates
-   the mean on fixed points near 0, which fails at large epsilon ("Discrete mean differs from
-   continuous mean significantly") or biases it. ``_TruncatedPRV`` fixes both.
-3. Its Fourier composer reads the composed PRV on a window moved by T times one step's mean-keeping
-   shift; with a tiny q over millions of steps that can exceed the domain's slack, and the upper tail
-   wraps around the circular grid (epsilon too small). ``_centred`` reads it where it lies, and
-   ``_Composition`` refuses a composition with mass where no PRV can put it (a domain too narrow).
-4. Cost grows as ``eps_error`` shrinks, so searches are steered on a grid ``COARSE`` times coarser
-   (sized to the search's target) and only their answer is settled with ``compute_epsilon``; a large
-   grid's eps_error is sized from an estimate on such a grid rather than from the looser RDP bound.
-
-Speed (issue 16; each piece computes what prv_accountant computes, tested against it):
-* ``_rdp``: the RDP curve of one (sigma, q) once, integer orders 2-256 in closed form, cached
-  (prv_accountant's pure-Python series used to be most of a query). The orders reach 256 so that
-  RDP can bracket small epsilon. Where RDP is the answer itself (``max_steps`` beyond
-  ``GRID_STEPS``), it is a valid bound at every order it uses: fewer orders only make it looser.
-* ``_TruncatedPRV.mean``: a fixed Gauss-Legendre rule on the CDF's smooth pieces instead of
-  adaptive quadrature (the same value to ~1e-7, tested).
-* ``_discretise``: the CDF once per cell edge, and only on the mechanism's support.
-* ``_solve_epsilon``: epsilon from the composed grid on a window located by tail sums, in float64.
-* Grids are sized for the step count rounded up (``_sized``) with eps_error on a ladder, and kept
-  (``_composition``), so the queries of one search (T and T + 1) share one discretisation.
-* A large grid's domain is sized by RDP with fractional orders too (``_domain_epsilon``), as
-  prv_accountant does: for small sigma, integer orders alone made domains, and grids, ~100x larger.
-  A grid that integer orders already keep under ``CHEAP_GRID_POINTS`` skips their series (~20-90 ms
-  a sigma, most of a run's set-up: calibrating sigma for 8 steps took 0.38 s, now 0.08 s).
-What is left is the grid itself: its points grow as (epsilon + 3) * sqrt(T) / eps_error, so a
-small epsilon over very many steps (epsilon 0.1 over 1e5 steps at q = 1e-4) still takes seconds.
+Tightness (issue 16). Splitting a cell's mass between its ends raises the mean loss by at most h^2/8
+and its variance by at most h^2/4, so over T steps epsilon, about (eps - mean)/var standard
+deviations out, moves by about T h^2 (1 + (eps - mean) / var) / 8; ``_mesh`` picks h for
+``REL_ERROR`` * epsilon from that (checked against grids six times finer and dp_accounting's PLD:
+within 0.3% across issue 16's grid). Gopi et al.'s mean-preserving grid, used here before, needs its
+mesh to shrink as 1/sqrt(T) to *prove* its bound, which made grids of tens of millions of points at
+small epsilon over many steps; here the bound holds at any mesh and grids stay at thousands to
+hundreds of thousands of points, so every query takes well under a second.
 This module must not import Ultralytics.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from functools import lru_cache, wraps
+from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from prv_accountant import PoissonSubsampledGaussianMechanism
-from prv_accountant.composers import ConvolutionTree, Fourier
-from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
-from prv_accountant.domain import Domain
 from scipy import special
-from scipy.fft import next_fast_len
+from scipy.fft import irfft, next_fast_len, rfft
 
-ACCOUNTANT_NAME = "prv"
-REL_ERROR = 0.004  # eps_error as a fraction of epsilon: upper - true <= ~2 * eps_error < 1%
-MIN_EPS_ERROR = 1e-4
+ACCOUNTANT_NAME = "prv"  # stored in checkpoints and ledgers: the privacy random variable (loss) accountant
+REL_ERROR = 0.002  # what ``_mesh`` aims the upper bound's excess over the true epsilon at, relative
+MIN_EPS_ERROR = 1e-6  # ... and absolute, where epsilon is near 0
 MAX_NOISE_MULTIPLIER = 1e4
 MAX_STEPS = 10**9
-GRID_STEPS = 10**7  # above this many steps, max_steps answers with the RDP budget (a grid would not fit in memory)
-# a PRV grid holds at most this many points (~100 bytes a point at its peak, a few seconds): beyond,
-# its mesh is coarser and its eps_error larger (``_domain``)
-MAX_GRID_POINTS = 2 * 10**7
-CHEAP_GRID_POINTS = 2**17  # a grid this small costs less than sizing it with fractional RDP orders
+GRID_STEPS = 10**7  # above this many steps, max_steps answers with the RDP budget
+MAX_GRID_POINTS = 2 * 10**7  # a grid holds at most this many points: beyond, its mesh is coarser (looser)
 RDP_ORDERS = np.arange(2, 257)  # integer orders only: closed form, vectorised (see _rdp)
-FRACTIONAL_ORDERS = np.array([1.1, 1.25, 1.5, 1.75])  # only to size grids (see _domain_epsilon)
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(64)
-COARSE = 8.0  # how much coarser than a reported figure's the grid that steers a search is
+COARSE = 4.0  # searches steer on figures aimed at COARSE times the error (grids twice as coarse)
 SIGMA_DIGITS = 5  # a calibrated sigma is rounded up to this many significant digits
+_MOMENT_POINTS = np.linspace(-12.0, 12.0, 4001)  # standard normal quadrature nodes for ``_moments``
 
 
 @dataclass(frozen=True)
@@ -112,103 +89,176 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def _mechanism_cdf(t: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """CDF of the Poisson-subsampled Gaussian PRV (Gopi et al. 2021, Prop. B4), in float64.
+def _log_tails(t: np.ndarray | float, q: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(log P[Y >= t], log Q[Y >= t]) for one step's loss Y.
 
-    The same formula as ``prv_accountant``'s ``PoissonSubsampledGaussianMechanism.cdf``, which
-    evaluates it through long-double logs; written with ``expm1``/``log1p`` it is as accurate in
-    float64 and several times faster, which matters on grids of millions of points.
+    Y = log(1 - q + q e^((2x - 1) / (2 sigma^2))) grows with x, so Y >= t iff x >= x_t =
+    sigma^2 log((e^t - 1 + q) / q) + 1/2 (for t > log(1 - q), below which Y never is). In logs
+    (``log_ndtr``), so far tails keep their relative precision: ``_step`` multiplies Q's by e^t.
     """
     t = np.asarray(t, dtype=np.float64)
-    support = t > (math.log1p(-q) if q < 1 else -np.inf)
-    ts = np.where(support, t, 1.0)
+    inside = t > (math.log1p(-q) if q < 1 else -math.inf)
+    ts = np.where(inside, t, 1.0)
     with np.errstate(over="ignore", divide="ignore"):
-        # z = log((e^t + q - 1) / q), stable on both sides of 0
+        # log((e^t - 1 + q) / q), stable on both sides of 0
         z = np.where(ts > 0, ts + np.log1p((q - 1) * np.exp(-ts)) - math.log(q), np.log1p(np.expm1(ts) / q))
-    a = (2 * z * sigma**2 - 1) / (2 * math.sqrt(2) * sigma)
-    b = (2 * z * sigma**2 + 1) / (2 * math.sqrt(2) * sigma)
-    return np.where(support, 1.0 - q / 2 * special.erfc(a) - (1 - q) / 2 * special.erfc(b), 0.0)
+    x = sigma**2 * z + 0.5
+    log_q = special.log_ndtr(-x / sigma)
+    absent = math.log1p(-q) + log_q if q < 1 else np.full_like(log_q, -np.inf)
+    log_p = np.logaddexp(absent, math.log(q) + special.log_ndtr((1 - x) / sigma))
+    return np.where(inside, log_p, 0.0), np.where(inside, log_q, 0.0)
 
 
-class _TruncatedPRV:
-    """The mechanism's PRV conditioned on [t_min, t_max], with a correct CDF and a mean whose
-    integration points follow the domain (log-spaced out to both truncation points)."""
+@dataclass(frozen=True)
+class _Step:
+    """One step's loss on the grid h*i, i = first, first + 1, ...: ``pmf`` there, ``infinity`` at +inf."""
 
-    pm_inf = 0.0
-
-    def __init__(self, prv: PoissonSubsampledGaussianMechanism, t_min: float, t_max: float) -> None:
-        self.q, self.sigma = float(prv.p), float(prv.sigma)
-        self.t_min, self.t_max = t_min, t_max
-        self._cdf_min = float(_mechanism_cdf(t_min, self.q, self.sigma))
-        self._mass = float(_mechanism_cdf(t_max, self.q, self.sigma)) - self._cdf_min
-
-    def cdf(self, t: np.ndarray | float) -> np.ndarray:
-        t = np.asarray(t, dtype=np.float64)
-        inside = (_mechanism_cdf(np.clip(t, self.t_min, self.t_max), self.q, self.sigma) - self._cdf_min) / self._mass
-        return np.where(t < self.t_min, 0.0, np.where(t < self.t_max, inside, 1.0))
-
-    def probability(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self.cdf(b) - self.cdf(a)
-
-    def mean(self) -> float:
-        # E[X] = t_max - integral of the CDF over [t_min, t_max], split where the CDF bends (log-spaced
-        # towards 0 and the truncation points, and at the support's edge log(1-q), where it has a
-        # kink); on each piece the CDF is smooth, so a 64-point Gauss-Legendre rule is exact to
-        # rounding (tested against adaptive quadrature), in one vectorised CDF evaluation
-        lo = np.log10(max(abs(self.t_min), 1e-4))
-        hi = np.log10(max(self.t_max, 1e-4))
-        edge = [math.log1p(-self.q)] if self.q < 1 else []
-        points = np.concatenate(
-            [[self.t_min], -np.logspace(lo, -5, 12), [0.0], np.logspace(-5, hi, 12), [self.t_max], edge]
-        )
-        points = np.unique(np.clip(points, self.t_min, self.t_max))
-        a, b = points[:-1, None], points[1:, None]
-        x = (b - a) / 2 * _GL_NODES + (a + b) / 2
-        integral = float(((b - a) / 2 * _GL_WEIGHTS * self.cdf(x)).sum())
-        return float(self.t_max - integral)
+    first: int
+    pmf: np.ndarray
+    infinity: float
 
 
-def _discretise(prv: _TruncatedPRV, domain: Domain) -> DiscretePrivacyRandomVariable:
-    """Cell-centred discretisation with the mean preserved (prv_accountant's ``CellCentred``), faster.
+@lru_cache(maxsize=16)
+def _step(sigma: float, q: float, h: float, tail: float) -> _Step:
+    """One step's loss discretised so that its delta(eps) is >= the true one at every eps (see the
+    module's docstring, 1): each cell [t_i, t_i + h) sends to t_i + h the share that keeps its
+    P-mass m and Q-mass n, (m - n e^(t_i)) / (1 - e^(-h)), and the rest to t_i. The grid reaches up to
+    where P[Y >= t] <= ``tail`` (that mass goes to +infinity) and down below all of Y's support; for
+    q = 1, whose loss is Gaussian, down to where P[Y < t] <= ``tail``, that mass moved up to the
+    grid's first point (raising a loss only raises delta). Cached: the queries of a search share it."""
+    # P[X >= x] <= Pbar((x - 1) / sigma) for both of P's components, and Y grows with x
+    top = _loss(1 - sigma * float(special.ndtri(tail)), q, sigma)
+    bottom = math.log1p(-q) if q < 1 else _loss(1 + sigma * float(special.ndtri(tail)), q, sigma)
+    first = math.floor(bottom / h)
+    t = h * np.arange(first, math.ceil(top / h) + 1)
+    log_p, log_q = _log_tails(t, q, sigma)
+    above = np.exp(log_p)
+    mass = -np.diff(above)
+    scaled_q = np.exp(log_q[:-1] + t[:-1]) - np.exp(log_q[1:] + t[:-1])  # n e^(t_i) <= m: no overflow
+    up = np.clip((mass - scaled_q) / -math.expm1(-h), 0.0, mass)
+    pmf = np.zeros(len(t))
+    pmf[:-1] = mass - up
+    pmf[1:] += up
+    pmf[0] += 1.0 - above[0]  # below the grid (q = 1 only)
+    return _Step(first, pmf, float(above[-1]))
 
-    Each cell's mass is CDF(right edge) - CDF(left edge); neighbouring cells share an edge, so the
-    CDF is evaluated once per edge (N + 1 points, not 2N), and the masses telescope to exactly 1.
-    Below the mechanism's support (t <= log(1 - q)) the CDF is exactly 0, so it is not evaluated
-    there: for small q that is the whole left half of the grid.
+
+def _loss(x: np.ndarray | float, q: float, sigma: float) -> np.ndarray | float:
+    """One step's privacy loss log(dP/dQ) at x."""
+    return np.logaddexp(math.log1p(-q) if q < 1 else -math.inf, math.log(q) + (2 * x - 1) / (2 * sigma**2))
+
+
+@lru_cache(maxsize=1024)
+def _moments(sigma: float, q: float) -> tuple[float, float]:
+    """Mean and variance of one step's loss under P, by quadrature (they only size grids)."""
+    x = sigma * _MOMENT_POINTS
+    weight = np.exp(-_MOMENT_POINTS**2 / 2)
+    weight /= weight.sum()
+    moments = []
+    for shift, share in ((0.0, 1 - q), (1.0, q)):  # P's two components
+        y = _loss(x + shift, q, sigma)
+        moments.append((share * float(weight @ y), share * float(weight @ y**2)))
+    mean = moments[0][0] + moments[1][0]
+    return mean, max(moments[0][1] + moments[1][1] - mean**2, 0.0)
+
+
+def _mesh(segments: Sequence[Segment], epsilon: float, rel_error: float) -> float:
+    """The grid step h that should put the upper bound within about ``rel_error`` * ``epsilon`` of the
+    true epsilon (module docstring, Tightness), rounded down to a ladder so that nearby queries share
+    their steps' discretisations."""
+    steps = sum(s.steps for s in segments)
+    mean = sum(s.steps * _moments(s.noise_multiplier, s.sample_rate)[0] for s in segments)
+    var = sum(s.steps * _moments(s.noise_multiplier, s.sample_rate)[1] for s in segments)
+    error = max(rel_error * epsilon, MIN_EPS_ERROR)
+    spread = steps * (1 + (max(epsilon - mean, 0.0) / var if var > 0 else math.inf))
+    return _round_down(math.sqrt(8 * error / spread)) if math.isfinite(spread) else 0.0
+
+
+def _window(steps: Sequence[_Step], counts: Sequence[int], h: float, tail: float) -> tuple[float, float]:
+    """[t_lo, t_hi] outside which the composed (finite) loss S has at most ``tail`` at each end.
+
+    Chernoff: P[S >= t] <= exp(sum_s T_s K_s(l) - l t) for every l > 0, K_s the log-MGF of step s's
+    discrete loss (computed exactly, so any l gives a valid bound); l is picked by golden section on
+    log l ((K(l) + log(1/tail)) / l is quasi-convex in l). The lower end likewise with -l.
     """
-    size, h = len(domain), domain.dt()
-    edges = domain.t_min() - h / 2 + h * np.arange(size + 1)
-    support = math.log1p(-prv.q) if prv.q < 1 else -math.inf
-    start = max(int(np.searchsorted(edges, support, side="right")) - 1, 0)
-    cdf = np.zeros(size + 1)
-    cdf[start:] = prv.cdf(edges[start:])
-    pmf = np.diff(cdf)
-    # the continuous mean, kept by shifting the grid (what makes the rounding errors cancel over
-    # compositions, Gopi et al. 2021); the shift must stay within half a cell
-    centres = edges[:-1] + h / 2
-    shift = prv.mean() - float(np.dot(centres, pmf))
-    if not abs(shift) < h / 2:
-        raise RuntimeError(f"discrete mean differs from the continuous mean by {shift:g} (cell {h:g})")
-    return DiscretePrivacyRandomVariable(pmf, domain.shift_right(shift))
+    terms = [(np.log(s.pmf[s.pmf > 0]), h * (s.first + np.flatnonzero(s.pmf > 0)), n) for s, n in zip(steps, counts)]
+    var = sum(n * float(np.exp(lp) @ (t - np.exp(lp) @ t) ** 2) for lp, t, n in terms)
+    scale = 1 / (math.sqrt(var) + h)
+
+    def edge(sign: float) -> float:
+        def reach(u: float) -> float:  # the t whose bound is exactly ``tail``, for l = e^u
+            lam = math.exp(u)
+            log_mgf = 0.0
+            for lp, t, n in terms:
+                exponent = lp + sign * lam * t
+                peak = exponent.max()
+                log_mgf += n * (peak + math.log(np.exp(exponent - peak).sum()))
+            return (log_mgf - math.log(tail)) / lam
+
+        lo, hi = math.log(1e-4 * scale), math.log(1e4 * scale)
+        golden = (math.sqrt(5) - 1) / 2
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        fa, fb = reach(a), reach(b)
+        for _ in range(16):  # any l gives a valid bound: no need for the exact optimum
+            if fa < fb:
+                hi, b, fb = b, a, fa
+                a = hi - golden * (hi - lo)
+                fa = reach(a)
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + golden * (hi - lo)
+                fb = reach(b)
+        return min(fa, fb)
+
+    return -edge(-1.0), edge(1.0)
 
 
-def _solve_epsilon(f_n: DiscretePrivacyRandomVariable, delta: float) -> float:
-    """The epsilon at which a composed discrete PRV's delta(epsilon) equals ``delta``.
+def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
+    """Upper bound on epsilon of composing the segments (steps > 0), on the grid h*Z.
 
-    prv_accountant's ``DiscretePrivacyRandomVariable.compute_epsilon``, the same formula: on
-    [t_(i-1), t_i], delta(eps) = sum_{s >= t_i} p_s (1 - e^(eps - s)), solved for eps at the first i
-    where delta(t_i) <= delta (the mass at infinity is 0 here). Faster: for any PRV Y,
-    (1 - 1/e) P[Y >= eps + 1] <= delta(eps) <= P[Y >= eps], so the answer lies in a window that the
-    tail sums P[Y >= t] locate; within it the sums are taken relative to the window's start, so no
-    e^t overflows float64 (prv_accountant uses long double on the whole grid, slow at large epsilon).
-    Long double where the window is wider than float64's exponent allows; if the answer is not
-    strictly inside the window (FFT rounding in the tails), the whole grid is the window.
+    delta is spent as: delta/4000 at most on the steps' mass at +infinity, delta/4000 on the window's
+    upper tail, the FFT rounding allowance, and the rest on the discretised composition."""
+    total = sum(s.steps for s in segments)
+    tail = delta / 4000
+    while True:
+        steps = [_step(s.noise_multiplier, s.sample_rate, h, tail / _sized(total)) for s in segments]
+        lo, hi = _window(steps, [s.steps for s in segments], h, tail)
+        size = max(math.ceil((hi - lo) / h) + 1, 2)
+        if max(size, *(len(s.pmf) for s in steps)) <= MAX_GRID_POINTS:
+            break
+        h *= 2  # a coarser grid: still an upper bound, only looser
+    while (size := next_fast_len(size, real=True)) % 2:
+        size += 1
+    first = math.floor(lo / h)
+    spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
+    for step, segment in zip(steps, segments):
+        folded = np.bincount((step.first + np.arange(len(step.pmf))) % size, weights=step.pmf, minlength=size)
+        spectrum *= rfft(folded) ** segment.steps
+    composed = np.roll(irfft(spectrum, size), -(first % size))  # composed[j]: the loss (first + j) h
+    infinity = -math.expm1(sum(s.steps * math.log1p(-step.infinity) for s, step in zip(segments, steps)))
+    rounding = size * max(-4 * float(composed.min()), 4 * float(np.finfo(np.float64).eps) * float(composed.max()))
+    budget = delta - infinity - tail - rounding
+    if budget <= delta / 2:
+        raise ValueError(f"delta={delta:g} is too small for a grid of {size} points; raise delta")
+    return _solve_epsilon(composed, first * h, h, budget)
+
+
+def _solve_epsilon(pmf: np.ndarray, t_min: float, h: float, delta: float) -> float:
+    """The smallest epsilon at which a discrete loss on t_i = t_min + i h has delta(epsilon) <= ``delta``.
+
+    On [t_(i-1), t_i], delta(eps) = sum_{s >= t_i} p_s (1 - e^(eps - s)), solved for eps at the first
+    i where delta(t_i) <= delta (prv_accountant's formula); t_min itself if delta(t_min) already is.
+    For any loss Y, (1 - 1/e) P[Y >= eps + 1] <= delta(eps) <= P[Y >= eps], so the answer lies in a
+    window that the tail sums P[Y >= t] locate; within it the sums are taken relative to the window's
+    start, so no e^t overflows float64. Long double where the window is wider than float64's exponent
+    allows; if the answer is not strictly inside the window (rounding in the tails), the whole grid is.
     """
-    pmf, size = f_n.pmf, len(f_n.pmf)
-    t_min, h = float(f_n.domain.t_min()), float(f_n.domain.dt())
-    if np.finfo(np.longdouble).eps * size > delta:  # prv_accountant's check
+    size = len(pmf)
+    if np.finfo(np.longdouble).eps * size > delta:
         raise ValueError(f"delta={delta:g} is too small for a grid of {size} points; raise delta")
     tail = np.cumsum(pmf[::-1])[::-1]  # P[Y >= t_i]
+    if tail[0] - float(pmf @ np.exp(-h * np.arange(size))) <= delta:
+        return t_min
     above = np.flatnonzero(tail >= delta)
     below = np.flatnonzero(tail <= delta / (1 - math.exp(-1)))
     windows = [(0, size)]
@@ -241,151 +291,16 @@ def _solve_window(pmf: np.ndarray, tail: np.ndarray, t_min: float, h: float, fir
     return float(np.log((d1[i] - delta) / d2[i]) + (t_min + h * first))
 
 
-def _domain(segments: Sequence[Segment], eps_error: float, delta_error: float) -> tuple[Domain, float]:
-    """prv_accountant's grid for the segments, and the eps_error it achieves: half-width from
-    ``_safe_domain_size``, mesh eps_error / sqrt(T/2 log(12/delta_error)) (Gopi et al. 2021), widened
-    symmetrically to an FFT-friendly even size (a larger domain is only safer; an awkward size, with
-    large prime factors, makes every FFT several times slower). A grid that would exceed
-    about ``MAX_GRID_POINTS`` gets a coarser mesh instead, and the eps_error that mesh guarantees: the
-    upper bound stays rigorous, only looser (tiny epsilon over very many steps, or sigma so small
-    that RDP sizes the domain very loosely)."""
-    spread = math.sqrt(sum(s.steps for s in segments) / 2 * math.log(12 / delta_error))
-    # integer RDP orders first; the fractional ones (a slow series) only where they may shrink a large grid
-    length = _safe_domain_size(segments, eps_error, delta_error, False)
-    fractional = 2 * length * spread / eps_error > CHEAP_GRID_POINTS
-    if fractional:
-        length = _safe_domain_size(segments, eps_error, delta_error, True)
-    eps_error = max(eps_error, 2 * length * spread / MAX_GRID_POINTS)
-    length = _safe_domain_size(segments, eps_error, delta_error, fractional)  # the domain grows with eps_error
-    mesh = eps_error / spread
-    size = len(Domain.create_aligned(-length, length, mesh))
-    while (fast := next_fast_len(size, real=True)) % 2:
-        size = fast + 1
-    half = (fast // 2 - 1) * mesh
-    return Domain.create_aligned(-half, half, mesh), eps_error
-
-
-class _Composition:
-    """Discretised PRVs for a list of segments, able to compose any step counts up to theirs.
-
-    The grid is sized for the segments' step counts: composing fewer steps on it is as safe (its mesh
-    is finer and its domain wider than those fewer steps need), which is what lets several queries
-    share one discretisation."""
-
-    def __init__(self, segments: Sequence[Segment], eps_error: float, delta_error: float) -> None:
-        domain, self.eps_error = _domain(segments, eps_error, delta_error)
-        self.size, self.delta_error = len(domain), delta_error
-        prvs = [PoissonSubsampledGaussianMechanism(s.sample_rate, s.noise_multiplier) for s in segments]
-        self.composers = [Fourier([_discretise(_TruncatedPRV(p, domain.t_min(), domain.t_max()), domain)])
-                          for p in prvs]
-
-    def compose(self, counts: Sequence[int]) -> DiscretePrivacyRandomVariable:
-        """The discrete PRV of composing ``counts[i]`` steps of segment i: each segment by FFT
-        (re-centred, ``_centred``), then the segments by linear convolution, as prv_accountant's
-        ``Heterogeneous`` composer does."""
-        parts = [_centred(c.compute_composition([n])) for c, n in zip(self.composers, counts)]
-        f_n = ConvolutionTree(parts).compute_composition([1] * len(parts))
-        self._check_nothing_wrapped(f_n)
-        return f_n
-
-    def _check_nothing_wrapped(self, f_n: DiscretePrivacyRandomVariable) -> None:
-        """Refuse a composition whose upper tail visibly wrapped around the circular grid.
-
-        A sanity check of the two things the bound rests on (the domain's RDP sizing and
-        ``_centred``'s window), not part of the proof: mass beyond L would wrap to the grid's bottom
-        and lower epsilon. Any PRV Y has P[Y <= -t] = E_Q[e^Y 1{Y <= -t}] <= e^(-t), and the grid's
-        values are within eps_error of the true loss but for a fraction of delta_error (the mesh is
-        chosen for that, Gopi et al. 2021). So below -(log(1/delta_error) + 3) - eps_error a correct
-        grid holds under delta_error / 2, plus the FFT's float64 rounding, which is spread over the
-        whole grid, of both signs and sometimes in smooth bumps (measured: up to ~5 machine epsilons
-        per cell on large grids, hundreds on small ones): allowed for, per cell, at 4 times the most
-        negative entry anywhere (no probability is negative) or 16 machine epsilons, whichever is
-        larger. More is wrapped mass.
-        Blind where L is below that floor (most queries: epsilon up to ~20 at delta 1e-5), to mass
-        that overshoots L by more than L minus the floor, and, at small delta over large grids, to
-        wraps smaller than the rounding allowance.
-        """
-        floor = -(math.log(1 / self.delta_error) + 3) - self.eps_error
-        cells = max(math.ceil((floor - float(f_n.domain.t_min())) / float(f_n.domain.dt())), 0)
-        stray = float(f_n.pmf[:cells].sum())
-        rounding = max(16 * float(np.finfo(np.float64).eps), -4 * float(f_n.pmf.min()))
-        allowed = self.delta_error / 2 + cells * rounding
-        if stray > allowed:
-            raise RuntimeError(f"the composed privacy loss left its grid ({stray:.3g} of mass below {floor:.4g}, "
-                               f"where a correct grid holds less than {allowed:.3g}); please report it")
-
-    def estimate(self, delta: float, counts: Sequence[int]) -> float:
-        """Epsilon's estimate: within eps_error of the true value (Gopi et al. 2021)."""
-        return _solve_epsilon(self.compose(counts), delta)
-
-    def upper(self, delta: float, f_n: DiscretePrivacyRandomVariable) -> float:
-        """Epsilon's rigorous upper bound: the estimate at delta - delta_error, plus eps_error
-        (Gopi et al. 2021; prv_accountant's ``compute_epsilon``)."""
-        return _solve_epsilon(f_n, delta - self.delta_error) + self.eps_error
-
-
-def _centred(f_n: DiscretePrivacyRandomVariable) -> DiscretePrivacyRandomVariable:
-    """The self-composed PRV ``f_n`` read on the window where its mass is.
-
-    FFT composition is circular: it knows each sum of n grid values only modulo the grid's period.
-    prv_accountant's ``Fourier`` composer reads the sums on the original domain [-L, L] and then
-    moves that window by n * s, where s is the shift that keeps one step's mean (at most half a
-    cell). The composed PRV itself lies in [-L, L] (L is sized for that), so once n * s is a
-    sizeable part of L (a tiny q puts one step's mass in one cell, so s is near h / 2, over
-    millions of steps) mass beyond the window's top wraps around to its bottom, and epsilon is
-    underestimated: on a domain sized by fractional RDP orders, max_steps(epsilon=100, sigma=0.3,
-    q=1e-4) answered 134,365 steps where 1.7e6 are allowed. Rolling the array by the whole cells
-    of n * s puts the window back on [-L, L] (to within half a cell), which is the same reading
-    wherever n * s is small.
-    """
-    domain = f_n.domain
-    h = domain.dt()
-    cells = round(domain.shifts() / h)
-    if not cells:
-        return f_n
-    return DiscretePrivacyRandomVariable(np.roll(f_n.pmf, cells), domain.shift_right(-cells * h), f_n.log_pmc_inf)
-
-
-_GRIDS: OrderedDict[tuple, _Composition] = OrderedDict()  # the last 2 grids, during one public query
-_DEPTH = [0]  # how deep in public queries we are: the grids are dropped when the outermost returns
-
-
-def _composition(segments: tuple[Segment, ...], eps_error: float, delta_error: float) -> _Composition:
-    """The composition for this grid, cached during one public query: its evaluations (T and T + 1,
-    a sigma's two passes) share a discretisation; afterwards the memory is freed (``_query``)."""
-    key = (segments, eps_error, delta_error)
-    if key not in _GRIDS:
-        _GRIDS[key] = _Composition(segments, eps_error, delta_error)
-        while len(_GRIDS) > 2:
-            _GRIDS.popitem(last=False)
-    _GRIDS.move_to_end(key)
-    return _GRIDS[key]
-
-
-def _query(fn: Callable) -> Callable:
-    """A public query: the grids it cached are dropped when it (the outermost one) returns."""
-    @wraps(fn)
-    def query(*args, **kwargs):
-        _DEPTH[0] += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _DEPTH[0] -= 1
-            if not _DEPTH[0]:
-                _GRIDS.clear()
-    return query
-
-
 def _sized(steps: int) -> int:
-    """``steps`` rounded up to 17-32 values per doubling: the step count a grid is sized for, so that
-    nearby counts share one grid (a grid sized for more steps is finer, ~3% more points)."""
+    """``steps`` rounded up to 17-32 values per doubling: the step count a step's tail cut-off is
+    sized for (``_epsilon``), so that nearby counts share one discretisation of the step."""
     steps = int(steps)  # a numpy integer has no bit_length
     unit = 1 << max(steps.bit_length() - 5, 0)
     return -(-steps // unit) * unit
 
 
 def _round_down(x: float) -> float:
-    """x rounded down to a power of 2^(1/4): eps_error on a coarse ladder, so grids can be shared."""
+    """x rounded down to a power of 2^(1/4): a mesh on a coarse ladder, so discretisations can be shared."""
     return 2.0 ** (math.floor(4 * math.log2(x)) / 4)
 
 
@@ -398,10 +313,9 @@ def _rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """Per-step RDP of the Poisson-subsampled Gaussian at ``RDP_ORDERS`` (Mironov, Talwar, Zhang 2019).
 
     Integer orders in closed form, all at once: A_a = sum_k C(a,k) (1-q)^(a-k) q^k exp((k^2-k)/(2 sigma^2)),
-    summed in log space. Fractional orders are left out: their series (prv_accountant's) was most
-    of the cost of calibrating sigma, and RDP here only sizes grids and brackets searches, where a
-    looser bound costs a little time, never correctness. Cached: every query of one (sigma, q)
-    shares it.
+    summed in log space. Fractional orders are left out (a slow series): RDP here only sizes a
+    query's first grid and brackets searches, where a looser bound costs a little time, never
+    correctness. Cached: every query of one (sigma, q) shares it.
     """
     q, sigma = sample_rate, noise_multiplier
     if q == 1:
@@ -424,95 +338,37 @@ def _log_binomial() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _LOG_BINOMIAL = _log_binomial()
 
 
-@lru_cache(maxsize=1024)
-def _rdp_fractional(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """Per-step RDP at ``FRACTIONAL_ORDERS``, by prv_accountant's series for fractional orders
-    (Mironov, Talwar, Zhang 2019): ~10-30 ms per (sigma, q), so used only to size grids."""
-    mechanism = PoissonSubsampledGaussianMechanism(sample_rate, noise_multiplier)
-    return np.array([mechanism.rdp(float(a)) for a in FRACTIONAL_ORDERS])
-
-
-def _rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: np.ndarray = RDP_ORDERS) -> float:
+def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
     """Epsilon from total RDP at each order (the conversion prv_accountant and TF Privacy use)."""
+    orders = RDP_ORDERS
     eps = rdp - np.log(delta * orders) / (orders - 1) + np.log1p(-1 / orders)
     return float(np.nanmin(eps))
 
 
 def rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
-    """RDP upper bound on epsilon (looser than PRV): sizes the PRV grid, brackets searches."""
+    """RDP upper bound on epsilon (looser than the PLD's): sizes a query's first grid, brackets searches."""
     segs = _active(segments)
     if not segs:
         return 0.0
     return _rdp_to_epsilon(sum(s.steps * _rdp(s.sample_rate, s.noise_multiplier) for s in segs), delta)
 
 
-def _domain_epsilon(segments: Sequence[Segment], delta: float, fractional: bool) -> float:
-    """RDP's epsilon bound over the integer orders and, if ``fractional``, the fractional ones too
-    (the smaller; each is a valid bound). prv_accountant sizes its grids with orders from 1.1 up:
-    for small sigma, orders 1-2 give a bound many times tighter than order 2 does (sigma=0.3,
-    q=0.01: RDP 0.02 at order 1.1 against 2.0 at order 2), hence a domain, and a grid, many times
-    smaller. Their series costs ~20-90 ms per (sigma, q), more than a small grid does."""
-    integer = rdp_epsilon(segments, delta)
-    if not fractional:
-        return integer
-    rdp = sum(s.steps * _rdp_fractional(s.sample_rate, s.noise_multiplier) for s in segments)
-    return min(integer, _rdp_to_epsilon(rdp, delta, FRACTIONAL_ORDERS))
+
+def _upper(segments: Sequence[Segment], delta: float) -> tuple[float, float]:
+    """(rigorous upper bound on epsilon of composing the checked, non-empty segments, >= 0; the mesh).
+
+    The mesh is sized to epsilon (``_mesh``): first to RDP's bound (an upper bound, so the first grid
+    is the coarser), then, while that was much looser than the answer, again to the answer."""
+    h = _mesh(segments, rdp_epsilon(segments, delta), REL_ERROR)
+    for _ in range(4):
+        epsilon = max(_epsilon(segments, h, delta), 0.0)
+        finer = _mesh(segments, epsilon, REL_ERROR)
+        if h <= 1.25 * finer:
+            break
+        h = finer
+    return epsilon, h
 
 
-def _safe_domain_size(segments: Sequence[Segment], eps_error: float, delta_error: float, fractional: bool) -> float:
-    """Half-width L of a grid that holds all but delta_error of the composed PRV's mass: remark 5.6
-    of Gopi et al. 2021, as prv_accountant's ``compute_safe_domain_size``, on the cached RDP."""
-    total = sum(s.steps for s in segments)
-    widest = _domain_epsilon(segments, delta_error / 4, fractional)
-    for s in segments:
-        one = [Segment(s.noise_multiplier, s.sample_rate, 1)]
-        widest = max(widest, _domain_epsilon(one, delta_error / 8 / total, fractional))
-    return max(widest, eps_error) + 3
-
-
-def _answer(segments: Sequence[Segment], delta: float) -> tuple[_Composition, DiscretePrivacyRandomVariable, float]:
-    """The grid a query is answered on, the composition there, and epsilon's estimate from it.
-
-    eps_error is sized to epsilon: first from the RDP bound (an upper bound, so usually fine enough
-    already), and if RDP was much looser than PRV, again from PRV's estimate (for a large grid, from
-    an estimate on a grid ``COARSE`` times coarser, before building it). The grid is sized for
-    each segment's step count rounded up (``_sized``) and eps_error is on a ladder, so nearby
-    queries reuse one grid.
-    """
-    delta_error = delta / 1000
-    counts = [s.steps for s in segments]
-    sized = tuple(Segment(s.noise_multiplier, s.sample_rate, _sized(s.steps)) for s in segments)
-    eps_error = _round_down(max(REL_ERROR * rdp_epsilon(sized, delta), MIN_EPS_ERROR))
-    domain, achieved = _domain(sized, eps_error, delta_error)
-    if len(domain) > CHEAP_GRID_POINTS and achieved == eps_error:  # (a capped grid gets no finer)
-        # RDP can be several times looser than PRV, which cost a second large grid: ask an estimate
-        # on a grid COARSE times coarser (an eighth of the cost) first
-        rough = _composition(sized, _round_down(COARSE * eps_error), delta_error).estimate(delta, counts)
-        eps_error = _refined(eps_error, rough)
-    comp = _composition(sized, eps_error, delta_error)
-    f_n = comp.compose(counts)
-    estimate = _solve_epsilon(f_n, delta)
-    if (finer := _refined(eps_error, estimate)) != eps_error:
-        comp = _composition(sized, finer, delta_error)
-        f_n = comp.compose(counts)
-        estimate = _solve_epsilon(f_n, delta)
-    return comp, f_n, estimate
-
-
-def _refined(eps_error: float, estimate: float) -> float:
-    """``eps_error``, or a finer one (on the ladder) if it is over 1.25 times what an epsilon near
-    ``estimate`` needs: RDP, which sized it, was much looser than PRV."""
-    wanted = max(REL_ERROR * estimate, MIN_EPS_ERROR)
-    return _round_down(wanted) if eps_error > 1.25 * wanted else eps_error
-
-
-def _upper(segments: Sequence[Segment], delta: float) -> float:
-    """Rigorous upper bound on epsilon of composing the (checked, non-empty) segments, >= 0."""
-    comp, f_n, _ = _answer(segments, delta)
-    return max(comp.upper(delta, f_n), 0.0)
-
-
-@_query
 def compose(segments: Sequence[Segment], delta: float) -> float:
     """Upper bound on epsilon of composing ``segments`` (heterogeneous sigma and q) at ``delta``.
 
@@ -523,11 +379,10 @@ def compose(segments: Sequence[Segment], delta: float) -> float:
     for s in segments:
         _check_segment(s.noise_multiplier, s.sample_rate, s.steps)
         steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
-    merged = [Segment(sigma, q, t) for (sigma, q), t in steps.items() if t > 0]
-    return _upper(merged, delta) if merged else 0.0
+    merged = [Segment(float(sigma), float(q), int(t)) for (sigma, q), t in steps.items() if t > 0]
+    return _upper(merged, delta)[0] if merged else 0.0
 
 
-@_query
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Upper bound on epsilon after ``steps`` Poisson-subsampled Gaussian steps (sigma, q) at delta."""
     _check_segment(noise_multiplier, sample_rate, steps)
@@ -539,36 +394,34 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
 def _compute_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     """A pure function of its arguments, cached: a run's planning asks for the calibrated sigma's
     epsilon twice (calibration, then the step budget)."""
-    return _upper([Segment(sigma, q, steps)], delta) if steps else 0.0
+    return _upper([Segment(sigma, q, steps)], delta)[0] if steps else 0.0
 
 
-@_query
 def epsilon_curve(*, noise_multiplier: float, sample_rate: float, steps: Sequence[int], delta: float) -> list[float]:
-    """Upper bounds on epsilon after each count in ``steps``, from one discretisation sized for the
-    largest count (for progress displays and plots: one grid and one FFT per count instead of a
-    grid per count; each value is a rigorous upper bound, looser than ``compute_epsilon``'s at
-    small counts because the grid's error is sized to the largest epsilon)."""
+    """Upper bounds on epsilon after each count in ``steps``, on the mesh sized for the largest count
+    (for progress displays and plots: one discretisation of the step for all counts; each value is a
+    rigorous upper bound, looser than ``compute_epsilon``'s at small counts)."""
     _check_delta(delta)
     top = max(steps, default=0)
     _check_segment(noise_multiplier, sample_rate, top)
     if top == 0:
         return [0.0 for _ in steps]
-    eps_error = max(REL_ERROR * rdp_epsilon([Segment(noise_multiplier, sample_rate, top)], delta), MIN_EPS_ERROR)
-    comp = _Composition([Segment(noise_multiplier, sample_rate, top)], eps_error, delta / 1000)
-    return [max(comp.upper(delta, comp.compose([t])), 0.0) if t else 0.0 for t in steps]
+    sigma, q = float(noise_multiplier), float(sample_rate)
+    h = _upper([Segment(sigma, q, top)], delta)[1]
+    return [max(_epsilon([Segment(sigma, q, int(t))], h, delta), 0.0) if t else 0.0 for t in steps]
 
 
 def _check_target(target_epsilon: float) -> None:
     _check_finite_positive("target_epsilon", target_epsilon)
 
 
-@_query
 def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """A sigma (5 significant digits) whose epsilon upper bound after ``steps`` steps is <= target,
     within about 0.3% of the smallest such sigma.
 
-    Searching is done on a grid ``COARSE`` times coarser (cheap estimates; epsilon is smooth and
-    falls with sigma, close to a power law, so a secant on log-log axes lands in a few evaluations).
+    Searching is done on grids aimed at ``COARSE`` times the error (cheaper upper bounds; epsilon is
+    smooth and falls with sigma, close to a power law, so a secant on log-log axes lands in a few
+    evaluations).
     The answer is then settled on ``compute_epsilon`` itself: raised if it overspends, lowered while
     that stays within the target, so what is returned is never less noise than a rigorous upper
     bound says the target allows.
@@ -582,17 +435,13 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     def upper(sigma: float) -> float:
         return compute_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
 
-    # steering estimates: on a grid ``COARSE`` times coarser than the target's figure, as ``_steer``
-    # (sized to the target, not to each sigma's own epsilon: far from the target a rougher estimate
-    # steers as well, and sizing to a much smaller epsilon there made grids of millions of points)
-    steering_error = _round_down(COARSE * max(REL_ERROR * target_epsilon, MIN_EPS_ERROR))
-
+    # steering figures: upper bounds on a grid aimed at COARSE times the reported figure's error,
+    # sized to the target (far from it a rougher figure steers as well); they are looser than the
+    # reported figure, so aiming them at the target lands the reported one just within it
     def rough(sigma: float) -> float:
-        segment = Segment(sigma, sample_rate, steps)
-        return _composition((segment,), steering_error, delta / 1000).estimate(delta, [steps])
+        segment = [Segment(sigma, sample_rate, steps)]
+        return _epsilon(segment, _mesh(segment, target_epsilon, COARSE * REL_ERROR), delta)
 
-    # aim the estimate where the reported upper bound (estimate + its eps_error) meets the target
-    aim = target_epsilon * (1 - 1.5 * REL_ERROR)
     # RDP bounds epsilon from above: its sigma is a start on the safe side. Where RDP cannot certify
     # the target (small epsilon), take its sigma for the smallest 2^k * target it can, times 2^k
     # (epsilon falls about as 1/sigma there)
@@ -611,11 +460,11 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
     slope = -1.0  # d log(eps) / d log(sigma): -1 in the Gaussian regime, steeper at large epsilon
     for _ in range(12):
         x, y = points[-1]
-        if abs(y - math.log(aim)) < 1e-4:
+        if abs(y - math.log(target_epsilon)) < 1e-4:
             break
         if len(points) > 1 and points[-2][0] != x:
             slope = min((y - points[-2][1]) / (x - points[-2][0]), -0.05)
-        step = (math.log(aim) - y) / slope
+        step = (math.log(target_epsilon) - y) / slope
         x_new = x + max(min(step, 0.25), -0.25)  # at most a factor 1.28 per move: grids grow fast as sigma falls
         points.append((x_new, math.log(max(rough(math.exp(x_new)), 1e-300))))
     sigma = _round_up(math.exp(points[-1][0]))
@@ -623,10 +472,10 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
         if sigma >= MAX_NOISE_MULTIPLIER:
             raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier<="
                              f"{MAX_NOISE_MULTIPLIER:g}")
-        sigma = _round_up(sigma * math.exp((math.log(eps) - math.log(aim)) / -slope) * (1 + 1e-4))
-    # the coarse grid can land a few tenths of a percent high (or, at small epsilon, eps_error's floor
-    # is a large part of epsilon): step down towards the target on the reported figure itself while
-    # the gain is predicted to exceed 0.1%, keeping only candidates it checks within the target
+        sigma = _round_up(sigma * math.exp((math.log(eps) - math.log(target_epsilon)) / -slope) * (1 + 1e-4))
+    # the steering figure is looser than the reported one, so that lands a few tenths of a percent
+    # under the target: step down towards it on the reported figure itself while the gain is
+    # predicted to exceed 0.1%, keeping only candidates it checks within the target
     for _ in range(4):
         shrink = math.log(target_epsilon / eps) / -slope if eps > 0 else 0.0
         if shrink < 1e-3:
@@ -661,18 +510,16 @@ def _rdp_noise_multiplier(q: float, steps: int, delta: float, target: float) -> 
     return hi
 
 
-@_query
 def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
               limit: int | None = None) -> int:
     """Largest T (at most ``limit``) with compute_epsilon(T) <= target (0 if one step already exceeds it).
 
     The trainer calls this once with its planned steps as ``limit`` and stops before step T+1:
     no accounting in the hot loop, and a run planned within its budget costs one evaluation.
-    The search steers on one coarse grid sized for the largest T tried (``COARSE``), then settles
+    The search steers on a coarser grid sized for the largest T tried (``COARSE``), then settles
     on ``compute_epsilon``, the figure every report uses, so that epsilon(T) <= target <
-    epsilon(T + 1) holds for it (T and T + 1 share its grid). Budgets beyond ``GRID_STEPS`` steps
-    are RDP's closed form: a lower bound on PRV's (never a step too many), since a grid for that
-    many compositions would not fit in memory.
+    epsilon(T + 1) holds for it (T and T + 1 share a discretisation of the step). Budgets beyond
+    ``GRID_STEPS`` steps are RDP's closed form: a lower bound on the PLD's (never a step too many).
     """
     _check_target(target_epsilon)
     _check_delta(delta)
@@ -694,7 +541,7 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
         cap = GRID_STEPS
     steered = _steer(noise_multiplier, sample_rate, delta, target_epsilon, lo, cap, limit is not None)
     if steered is None:
-        return lo  # PRV allows more than GRID_STEPS; RDP's figure is a safe answer
+        return lo  # the PLD allows more than GRID_STEPS; RDP's figure is a safe answer
     guess, rate = steered
 
     @lru_cache(maxsize=None)
@@ -735,16 +582,19 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
 
 def _steer(sigma: float, q: float, delta: float, target: float, lo: int, cap: int,
            limited: bool) -> tuple[int, float] | None:
-    """(a guess of max_steps' answer, epsilon's growth per step there), from a grid ``COARSE`` times
-    coarser, sized for the largest T tried (from RDP's budget ``lo`` up, at most ``cap``); None if
-    even ``cap`` steps stay within the target and ``cap`` is not the caller's limit."""
-    aim = target * (1 - 1.5 * REL_ERROR)  # where the reported upper bound meets the target
-    eps_error = COARSE * max(REL_ERROR * target, MIN_EPS_ERROR)
+    """(a guess of max_steps' answer, epsilon's growth per step there), from upper bounds on a grid
+    aimed at ``COARSE`` times the reported figure's error, sized for the largest T tried (from RDP's
+    budget ``lo`` up, at most ``cap``); None if even ``cap`` steps stay within the target and ``cap``
+    is not the caller's limit."""
     hi = min(2 * lo + 2, cap)
     while True:
-        comp = _Composition([Segment(sigma, q, hi)], eps_error, delta / 1000)
-        if comp.estimate(delta, [hi]) > aim:
-            guess = _bracket_search(lambda t: comp.estimate(delta, [t]) - aim if t else -aim, lo, hi)
+        h = _mesh([Segment(sigma, q, hi)], target, COARSE * REL_ERROR)
+
+        def rough(t: int) -> float:
+            return _epsilon([Segment(sigma, q, t)], h, delta) if t else 0.0
+
+        if rough(hi) > target:
+            guess = _bracket_search(lambda t: rough(t) - target, lo, hi)
             break
         if hi == cap:
             if not limited:
@@ -754,7 +604,7 @@ def _steer(sigma: float, q: float, delta: float, target: float, lo: int, cap: in
         lo, hi = hi, min(4 * hi, cap)
     d = max(guess // 100, 1)
     below, above = max(guess - d, 1), min(guess + d, hi)
-    rate = (comp.estimate(delta, [above]) - comp.estimate(delta, [below])) / (above - below) if above > below else 0.0
+    rate = (rough(above) - rough(below)) / (above - below) if above > below else 0.0
     return guess, rate
 
 
@@ -783,7 +633,7 @@ def _bracket_search(f: Callable[[int], float], lo: int, hi: int) -> int:
 
 def _rdp_max_steps(sigma: float, q: float, delta: float, target: float) -> int:
     """Largest T whose RDP epsilon bound (the conversion of ``_rdp_to_epsilon``) is <= target; RDP
-    is looser than PRV, so PRV allows at least this many steps."""
+    is looser than the PLD, so the PLD allows at least this many steps."""
     orders, per_step = RDP_ORDERS, _rdp(q, sigma)
     room = target + np.log(delta * orders) / (orders - 1) - np.log1p(-1 / orders)
     with np.errstate(divide="ignore", invalid="ignore"):
