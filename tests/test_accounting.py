@@ -324,6 +324,49 @@ def test_numpy_step_counts_are_accounted():
     assert acc.get_epsilon(1e-5) == compute_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)
 
 
+def test_the_charge_for_fft_rounding_covers_the_float64_error_over_a_million_steps():
+    """Raising the transform to the T-th power multiplies its rounding by T: against the same
+    composition in long double, float64's error summed over the grid (a bound on its effect on
+    delta) stays within ROUNDING / 8 = 2 machine epsilons per step (measured: up to 1.2)."""
+    import math
+
+    import numpy as np
+
+    from ultralytics_dp.accounting import ROUNDING, _compose, _step
+
+    steps, h = 1_000_000, 2e-4
+    step = _step(1.0, 1e-3, h, 1e-16)
+    size, first = 60_000, -3_000  # the composed loss lies in [-0.6, 11.4]: no wrap to speak of
+    single = _compose([step], [steps], first, size, np.float64)
+    extended = _compose([step], [steps], first, size, np.longdouble)
+    error = float(np.abs(single - extended).sum())
+    assert 0 < error <= ROUNDING / 8 * steps * float(np.finfo(np.float64).eps), error
+    assert float(extended.sum()) == pytest.approx(1.0, abs=1e-9) and math.isfinite(error)
+
+
+def test_a_small_delta_is_tight_and_answered():
+    """The old rounding allowance (4 machine epsilons of the largest probability per grid point)
+    took half of delta = 1e-10 here, 11% on epsilon; at 1e5 steps it refused the query."""
+    from scipy import optimize
+
+    exact = optimize.brentq(lambda e: _exact_delta(e, 0.5, 1e-4) - 1e-10, 0.01, 20, xtol=1e-12)
+    ours = compute_epsilon(noise_multiplier=0.5, sample_rate=1e-4, steps=1, delta=1e-10)
+    assert exact <= ours <= 1.005 * exact, (ours, exact)
+    ours = compute_epsilon(noise_multiplier=1.0, sample_rate=1e-3, steps=100_000, delta=1e-10)
+    ref = pld_epsilon([(1.0, 1e-3, 100_000)], 1e-10)
+    assert ref * (1 - 0.005) <= ours <= 1.01 * ref
+
+
+def test_a_budget_beyond_the_grid_steps_is_at_least_the_grid_steps():
+    """When even GRID_STEPS steps stay within the target, max_steps used to answer RDP's budget,
+    which can be below GRID_STEPS (9,462,293 here, where 10^7 steps spend 7.65 of 7.931)."""
+    from ultralytics_dp.accounting import GRID_STEPS
+
+    kw = dict(delta=2.72e-6, noise_multiplier=5.7698, sample_rate=2.764e-3)
+    t = max_steps(target_epsilon=7.931, **kw)
+    assert t >= GRID_STEPS and compute_epsilon(steps=GRID_STEPS, **kw) <= 7.931
+
+
 def test_a_query_whose_grid_would_not_fit_in_memory_is_answered_on_a_coarser_one(monkeypatch):
     """Past ``MAX_GRID_POINTS`` the mesh is coarsened: still an upper bound, only looser (here capped
     at 2,000 points, where the mesh wants ~20,000), and still far tighter than RDP's."""
