@@ -23,10 +23,12 @@ Privacy assumptions relied on here:
      delta by at most that bound, which is charged to delta; mass below t_lo wraps to the top, where
      it only raises delta.
   3. FFT rounding is charged to delta: raising the transform to the T-th power multiplies its
-     relative error by T, so ``ROUNDING`` * (T + log2 N) machine epsilons, in long double where
-     float64's charge would exceed delta/100. This one is measured, not proved: against long double,
-     float64's error in the composed probabilities summed to at most 1.2 T epsilons (T = 1e4-1e7),
-     a bound on its effect on delta. (prv-accountant, dp_accounting and Opacus charge nothing.)
+     relative error by T, so ``ROUNDING`` * (T + sqrt(N)) machine epsilons for N grid points, in
+     long double where float64's charge would exceed delta/100 (a query whose long-double charge
+     exceeds delta/10 is refused). This one is measured, not proved: against long double,
+     float64's error in the composed probabilities, summed (a bound on its effect on delta), was
+     at most 3.5 (T + sqrt(N)) epsilons over T = 1 to 1e7. (prv-accountant, dp_accounting and
+     Opacus charge nothing.)
 
 Tightness (issue 16). Splitting a cell's mass between its ends raises the mean loss by at most h^2/8
 and its variance by at most h^2/4, so over T steps epsilon, about (eps - mean)/var standard
@@ -60,7 +62,7 @@ MAX_GRID_POINTS = 2 * 10**7  # a grid holds at most this many points: beyond, it
 RDP_ORDERS = np.arange(2, 257)  # integer orders only: closed form, vectorised (see _rdp)
 COARSE = 4.0  # searches steer on figures aimed at COARSE times the error (grids twice as coarse)
 SIGMA_DIGITS = 5  # a calibrated sigma is rounded up to this many significant digits
-ROUNDING = 16  # FFT rounding charged to delta, in machine epsilons per step (measured: <= 1.2)
+ROUNDING = 16  # FFT rounding charged to delta, in machine epsilons per step (measured: <= 3.5)
 _MOMENT_POINTS = np.linspace(-12.0, 12.0, 4001)  # standard normal quadrature nodes for ``_moments``
 
 
@@ -219,8 +221,8 @@ def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
     """Upper bound on epsilon of composing the segments (steps > 0), on the grid h*Z.
 
     delta is spent as: at most delta/4000 on the steps' mass at +infinity, delta/4000 on the
-    window's upper tail, at most delta/100 on FFT rounding (``ROUNDING``), the rest on the
-    discretised composition."""
+    window's upper tail, at most delta/100 (float64) or delta/10 (long double) on FFT rounding
+    (``ROUNDING``), the rest on the discretised composition."""
     total = sum(s.steps for s in segments)
     tail = delta / 4000
     while True:
@@ -232,11 +234,14 @@ def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
         h *= 2  # a coarser grid: still an upper bound, only looser
     while (size := next_fast_len(size, real=True)) % 2:
         size += 1
-    # float64 unless its rounding would take more than delta/100; long double (~4x slower) then
-    rounding = ROUNDING * (total + math.log2(size))
-    dtype = next((d for d in (np.float64, np.longdouble) if rounding * float(np.finfo(d).eps) <= delta / 100), None)
+    # float64 unless its rounding would take more than delta/100; long double (~4x slower) then,
+    # up to delta/10 (epsilon is then read at 0.9 delta, a little looser)
+    rounding = ROUNDING * (total + math.sqrt(size))
+    dtype = next((d for d, share in ((np.float64, 100), (np.longdouble, 10))
+                  if rounding * float(np.finfo(d).eps) <= delta / share), None)
     if dtype is None:
-        raise ValueError(f"delta={delta:g} is too small to account {total} steps in floating point; raise delta")
+        raise ValueError(f"delta={delta:g} is too small to account {total} steps in floating point; raise delta "
+                         f"(at least {rounding * float(np.finfo(np.longdouble).eps) * 10:.2g})")
     first = math.floor(lo / h)
     composed = _compose(steps, [s.steps for s in segments], first, size, dtype)
     infinity = -math.expm1(sum(s.steps * math.log1p(-step.infinity) for s, step in zip(segments, steps)))
@@ -533,8 +538,9 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
     The search steers on a coarser grid sized for the largest T tried (``COARSE``), then settles
     on ``compute_epsilon``, the figure every report uses, so that epsilon(T) <= target <
     epsilon(T + 1) holds for it (T and T + 1 share a discretisation of the step). If even
-    ``GRID_STEPS`` steps stay within the target, the answer is the larger of ``GRID_STEPS`` and RDP's
-    closed-form budget: a lower bound on the budget (never a step too many), not its last step.
+    ``GRID_STEPS`` steps (or, at a tiny delta, as many as floating point can account, ``_accountable``)
+    stay within the target, the answer is the larger of that and RDP's closed-form budget: a lower
+    bound on the budget (never a step too many), not its last step.
     """
     _check_target(target_epsilon)
     _check_delta(delta)
@@ -547,18 +553,13 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
 
     # RDP bounds epsilon from above, so its step budget (closed form per order) is a lower
     # bracket; search upwards from it on one coarse grid
-    lo = _rdp_max_steps(noise_multiplier, sample_rate, delta, target_epsilon)
+    budget = _rdp_max_steps(noise_multiplier, sample_rate, delta, target_epsilon)
     if limit is not None:  # epsilon(limit) > target: the answer is below limit
-        lo, cap = min(lo, limit - 1), limit
-    elif lo >= GRID_STEPS:
-        return lo
-    else:
-        cap = GRID_STEPS
-    steered = _steer(noise_multiplier, sample_rate, delta, target_epsilon, lo, cap, limit is not None)
-    if steered is None:  # more than GRID_STEPS steps are allowed
-        eps = compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=cap, delta=delta)
-        return max(lo, cap) if eps <= target_epsilon else lo
-    guess, rate = steered
+        lo, cap = min(budget, limit - 1), limit
+    else:  # up to GRID_STEPS, and no more steps than floating point can account at this delta
+        lo, cap = budget, min(GRID_STEPS, _accountable(delta))
+        if budget >= cap:
+            return budget
 
     @lru_cache(maxsize=None)
     def excess(t: int) -> float:
@@ -566,6 +567,11 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
             return -target_epsilon
         eps = compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=t, delta=delta)
         return eps - target_epsilon
+
+    steered = _steer(noise_multiplier, sample_rate, delta, target_epsilon, lo, cap, limit is not None)
+    if steered is None:  # more than cap steps are allowed
+        return max(budget, cap) if excess(cap) <= 0 else budget
+    guess, rate = steered
 
     # secant steps on the reported figure from the guess (the first with the coarse grid's rate),
     # while they move; then the tightest bracket they found, or one grown by doubling from the last
@@ -588,7 +594,9 @@ def max_steps(*, target_epsilon: float, delta: float, noise_multiplier: float, s
     if excess(guess) <= 0:
         lo, hi = guess, guess + 1
         while excess(hi) <= 0:
-            lo, hi, width = hi, hi + 2 * width, 2 * width
+            if hi >= top:  # within the target up to the cap, as when steering finds so
+                return top if limit is not None else max(budget, top)
+            lo, hi, width = hi, min(hi + 2 * width, top), 2 * width
     else:
         lo, hi = max(guess - 1, 0), guess
         while excess(lo) > 0:
@@ -622,6 +630,12 @@ def _steer(sigma: float, q: float, delta: float, target: float, lo: int, cap: in
     below, above = max(guess - d, 1), min(guess + d, hi)
     rate = (rough(above) - rough(below)) / (above - below) if above > below else 0.0
     return guess, rate
+
+
+def _accountable(delta: float) -> int:
+    """The most steps whose FFT rounding charge, in long double on the largest grid, fits ``_epsilon``'s
+    share of delta (a tenth)."""
+    return max(int(delta / 10 / (ROUNDING * float(np.finfo(np.longdouble).eps)) - math.sqrt(MAX_GRID_POINTS)), 0)
 
 
 def _bracket_search(f: Callable[[int], float], lo: int, hi: int) -> int:
