@@ -21,6 +21,7 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -228,36 +229,56 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
                   ) -> tuple[dict[str, Tensor], Tensor]:
     """Pass 1: per-record squared norms (each layer's per-sample gradient or ghost factors);
     pass 2 (book-keeping): the clipped sum from the same terms, with no second backward."""
-    kept: list[tuple[str, Tensor, Tensor | None]] = []
-    squares: list[Tensor] = []
-    for name, calls in records.items():
-        module = layers[name]
-        per_call = [_layer_terms(module, a, b) for a, b in calls]
+
+    def layer_terms(item: tuple[str, list[tuple[Tensor, Tensor]]]) -> list[tuple[str, Tensor, Tensor | None, Tensor]]:
+        name, calls = item
+        per_call = [_layer_terms(layers[name], a, b) for a, b in calls]
+        out = []
         for k in range(len(per_call[0]) if per_call else 0):
-            pname = f"{name}.{per_call[0][k][0]}"
             if len(per_call) == 1:
                 _, left, right = per_call[0][k]
             else:  # a layer called more than once: sum its calls' per-sample gradients first, flat
                 # (a call in ghost form gives [B, G, O, D], one in gradient form [B, *shape])
                 left, right = sum(_as_gradient(*pc[k][1:]).flatten(1) for pc in per_call), None
             left, right = _group_views(left, right, views)
-            squares.append(_sq_norm(left, right))
-            kept.append((pname, left, right))
+            out.append((f"{name}.{per_call[0][k][0]}", left, right, _sq_norm(left, right)))
+        return out
+
+    kept = [term for terms in _parallel_map(layer_terms, list(records.items()), device) for term in terms]
     # each term's square in its own dtype, summed in float64; one stack, not one kernel per term
+    squares = [square for *_, square in kept]
     squared = torch.stack(squares).double().sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
     norms = squared.sqrt()
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
     factor = clip_factors(norms, max_grad_norm)
 
-    # pass 2 (book-keeping)
-    total: dict[str, Tensor] = {}
-    for pname, left, right in kept:
+    def clipped_sum(term: tuple[str, Tensor, Tensor | None, Tensor]) -> tuple[str, Tensor]:  # pass 2
+        pname, left, right, _ = term
         if not all_finite:  # NaN * 0 is NaN: zero the non-finite images' factors out first
             left = torch.where(_bcast(finite, left), left, 0.0)
             right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
-        total[pname] = _weighted_sum(left, right, factor.to(left.dtype)).reshape(params[pname].shape)
+        return pname, _weighted_sum(left, right, factor.to(left.dtype)).reshape(params[pname].shape)
+
+    total = dict(_parallel_map(clipped_sum, kept, device))
     return {name: total[name] if name in total else torch.zeros_like(p) for name, p in params.items()}, norms.float()
+
+
+def _parallel_map(fn: Callable, items: list, device: torch.device) -> list:
+    """``[fn(x) for x in items]``; on CPU spread over the intra-op threads, one item per thread at a
+    time. Per-layer work is many small kernels (a per-group convolution backward, small matmuls)
+    that one op does not spread over the cores, while the layers are independent: on 2 cores this
+    took a private YOLO26n step at 320 px from 1.13x to 1.02x of a plain one. Each worker runs
+    single-threaded, so the results do not depend on the scheduling."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or len(items) < 2:
+        return [fn(x) for x in items]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _as_gradient(left: Tensor, right: Tensor | None) -> Tensor:
