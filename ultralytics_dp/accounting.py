@@ -11,7 +11,7 @@ Privacy assumptions relied on here:
   privacy loss Y = log(dP/dQ)(X), X ~ P: the pair of Gopi et al. 2021 (``prv-accountant``) and Opacus.
   delta(eps) = E_P[(1 - e^(eps - Y))_+], so composing steps adds independent losses.
 * delta is the caller's: it should be well below 1/N.
-* The reported epsilon is a rigorous **upper** bound at any grid size; the grid only sets how tight:
+* The reported epsilon is an **upper** bound at any grid size (proved but for 3); the grid only sets how tight:
   1. ``_step``: each step's loss is replaced by one on the grid h*Z whose delta(eps) is >= the true
      one at every eps ("connect the dots", Doroshenko et al. 2022: each cell's mass goes to its two
      ends keeping its P- and Q-mass; (1 - e^eps u)_+ is convex in u = e^(-Y), so the ends' chord lies
@@ -31,8 +31,9 @@ Privacy assumptions relied on here:
      Opacus charge nothing.)
 
 Tightness (issue 16). Splitting a cell's mass between its ends raises the mean loss by at most h^2/8
-and its variance by at most h^2/4, so over T steps epsilon, about (eps - mean)/var standard
-deviations out, moves by about T h^2 (1 + (eps - mean) / var) / 8; ``_mesh`` picks h for
+and its variance by at most h^2/4, so over T steps (composed mean and variance T mean_1 and
+T var_1) epsilon, (eps - mean) / sqrt(var) standard deviations out, moves by about
+T h^2 (1 + (eps - mean) / var) / 8; ``_mesh`` picks h for
 ``REL_ERROR`` * epsilon from that (checked against grids six times finer and dp_accounting's PLD:
 within 0.3% across issue 16's grid). Gopi et al.'s mean-preserving grid, used here before, needs its
 mesh to shrink as 1/sqrt(T) to *prove* its bound, which made grids of tens of millions of points at
