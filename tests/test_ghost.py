@@ -14,9 +14,13 @@ from ultralytics_dp.norms import to_group_norm
 from helpers import SmallCNN, ce_loss, det_batch, image, max_rel_err, seg_batch, trainer_model
 
 
-def test_ghost_path_on_plain_layers_and_refusals():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ghost_path_on_plain_layers_and_refusals(threads):
     """The ghost path against the torch.func path on a conv/linear/BN/GroupNorm net with a frozen
-    conv weight (bias still trained), and its refusal of tied weights and unsupported layers."""
+    conv weight (bias still trained), and its refusal of tied weights and unsupported layers; with
+    2 intra-op threads the per-layer work runs one layer per thread, and the thread count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
@@ -34,7 +38,11 @@ def test_ghost_path_on_plain_layers_and_refusals():
 
     assert supports(model)
     ref, ref_norms = clipped_grad_sum(model, ce_loss, batch, max_grad_norm=0.1)
-    ours, norms = clipped_grad_sum_ghost(model, losses, max_grad_norm=0.1)
+    try:
+        ours, norms = clipped_grad_sum_ghost(model, losses, max_grad_norm=0.1)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
     assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-5)
     assert "0.weight" not in ours and set(ours) == set(ref)
     assert max_rel_err(ours, ref) <= 1e-5

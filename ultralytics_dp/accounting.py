@@ -64,6 +64,8 @@ RDP_ORDERS = np.arange(2, 257)  # integer orders only: closed form, vectorised (
 COARSE = 4.0  # searches steer on figures aimed at COARSE times the error (grids twice as coarse)
 SIGMA_DIGITS = 5  # a calibrated sigma is rounded up to this many significant digits
 ROUNDING = 16  # FFT rounding charged to delta, in machine epsilons per step (measured: <= 3.5)
+# the FFT's arithmetic, and the share of delta its rounding may take: float64 first, long double after
+ARITHMETIC = ((np.float64, 100), (np.longdouble, 10))
 _MOMENT_POINTS = np.linspace(-12.0, 12.0, 4001)  # standard normal quadrature nodes for ``_moments``
 
 
@@ -172,8 +174,8 @@ def _mesh(segments: Sequence[Segment], epsilon: float, rel_error: float) -> floa
     true epsilon (module docstring, Tightness), rounded down to a ladder so that nearby queries share
     their steps' discretisations."""
     steps = sum(s.steps for s in segments)
-    mean = sum(s.steps * _moments(s.noise_multiplier, s.sample_rate)[0] for s in segments)
-    var = sum(s.steps * _moments(s.noise_multiplier, s.sample_rate)[1] for s in segments)
+    moments = [(s.steps, *_moments(s.noise_multiplier, s.sample_rate)) for s in segments]
+    mean, var = sum(n * m for n, m, _ in moments), sum(n * v for n, _, v in moments)
     error = max(rel_error * epsilon, MIN_EPS_ERROR)
     spread = steps * (1 + (max(epsilon - mean, 0.0) / var if var > 0 else math.inf))
     return _round_down(math.sqrt(8 * error / spread)) if math.isfinite(spread) else 0.0
@@ -224,11 +226,12 @@ def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
     delta is spent as: at most delta/4000 on the steps' mass at +infinity, delta/4000 on the
     window's upper tail, at most delta/100 (float64) or delta/10 (long double) on FFT rounding
     (``ROUNDING``), the rest on the discretised composition."""
-    total = sum(s.steps for s in segments)
+    counts = [s.steps for s in segments]
+    total = sum(counts)
     tail = delta / 4000
     while True:
         steps = [_step(s.noise_multiplier, s.sample_rate, h, tail / _sized(total)) for s in segments]
-        lo, hi = _window(steps, [s.steps for s in segments], h, tail)
+        lo, hi = _window(steps, counts, h, tail)
         size = max(math.ceil((hi - lo) / h) + 1, 2)
         if max(size, *(len(s.pmf) for s in steps)) <= MAX_GRID_POINTS:
             break
@@ -237,17 +240,21 @@ def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
         size += 1
     # float64 unless its rounding would take more than delta/100; long double (~4x slower) then,
     # up to delta/10 (epsilon is then read at 0.9 delta, a little looser)
-    rounding = ROUNDING * (total + math.sqrt(size))
-    dtype = next((d for d, share in ((np.float64, 100), (np.longdouble, 10))
-                  if rounding * float(np.finfo(d).eps) <= delta / share), None)
+    rounding = _rounding(total, size)
+    dtype = next((d for d, share in ARITHMETIC if rounding * float(np.finfo(d).eps) <= delta / share), None)
     if dtype is None:
         raise ValueError(f"delta={delta:g} is too small to account {total} steps in floating point; raise delta "
                          f"(at least {rounding * float(np.finfo(np.longdouble).eps) * 10:.2g})")
     first = math.floor(lo / h)
-    composed = _compose(steps, [s.steps for s in segments], first, size, dtype)
+    composed = _compose(steps, counts, first, size, dtype)
     infinity = -math.expm1(sum(s.steps * math.log1p(-step.infinity) for s, step in zip(segments, steps)))
     budget = delta - infinity - tail - rounding * float(np.finfo(dtype).eps)
     return _solve_epsilon(composed, first * h, h, budget)
+
+
+def _rounding(steps: int, size: int) -> float:
+    """The FFT rounding charged to delta, in machine epsilons, for ``steps`` steps on ``size`` points."""
+    return ROUNDING * (steps + math.sqrt(size))
 
 
 def _compose(steps: Sequence[_Step], counts: Sequence[int], first: int, size: int, dtype: type) -> np.ndarray:
@@ -634,9 +641,11 @@ def _steer(sigma: float, q: float, delta: float, target: float, lo: int, cap: in
 
 
 def _accountable(delta: float) -> int:
-    """The most steps whose FFT rounding charge, in long double on the largest grid, fits ``_epsilon``'s
-    share of delta (a tenth)."""
-    return max(int(delta / 10 / (ROUNDING * float(np.finfo(np.longdouble).eps)) - math.sqrt(MAX_GRID_POINTS)), 0)
+    """The most steps whose FFT rounding charge (``_rounding``), in the last of ``ARITHMETIC`` on the
+    largest grid, fits that arithmetic's share of delta: ``_epsilon`` refuses more."""
+    dtype, share = ARITHMETIC[-1]
+    room = delta / share / float(np.finfo(dtype).eps)  # the charge may reach this many epsilons
+    return max(int(room / ROUNDING - math.sqrt(MAX_GRID_POINTS)), 0)
 
 
 def _bracket_search(f: Callable[[int], float], lo: int, hi: int) -> int:
