@@ -13,7 +13,7 @@ import platform
 import time
 
 from results_md import replace_section
-from ultralytics_dp.accounting import (Segment, _compute_epsilon, _moments, _rdp, _step, _upper, compute_epsilon,
+from ultralytics_dp.accounting.pld import (Segment, _compute_epsilon, _moments, _rdp, _step, _upper, compute_epsilon,
                                       get_noise_multiplier, max_steps)
 
 SIGMA, Q, DELTA = 1.0, 0.001, 1e-6

@@ -41,8 +41,8 @@ def yolo26n():
     from ultralytics import YOLO
     from ultralytics.cfg import get_cfg
 
-    from ultralytics_dp.guard import freeze_batchnorm
-    from ultralytics_dp.losses import per_image_loss_fn, per_sample_losses, sample_batch
+    from ultralytics_dp.integration.guard import freeze_batchnorm
+    from ultralytics_dp.losses.per_image import per_image_loss_fn, per_sample_losses, sample_batch
 
     model = YOLO("yolo26n.yaml").model
     model.args = get_cfg()
@@ -67,7 +67,7 @@ def yolo26n():
 def run_case(case: str, method: str, device: str) -> dict:
     from bench_train import peak_rss, timed  # the same timing loop and memory reading as bench_train
 
-    from ultralytics_dp.mechanism import clipped_grad_sum
+    from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     built = small_cnn() if case == "small_cnn" else yolo26n()

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.accounting.ledger import Ledger
 
 
 def timed(label: str, fn):  # noqa: ANN001, ANN201

@@ -37,9 +37,9 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import PoseModel
 
 from results_md import draw_ratios, replace_section
-from ultralytics_dp import datasets
-from ultralytics_dp.private_step import private_gradient, resolve_grad_method
-from ultralytics_dp.guard import freeze_batchnorm
+from ultralytics_dp.datasets import embedded as datasets
+from ultralytics_dp.integration.private_step import private_gradient, resolve_grad_method
+from ultralytics_dp.integration.guard import freeze_batchnorm
 
 HERE = Path(__file__).resolve().parent
 SIGMA, C = 1.0, 1.0

@@ -29,7 +29,7 @@ import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy
-from ultralytics_dp.public_weights import _VERSION, RECIPES, pretrained
+from ultralytics_dp.datasets.public_weights import _VERSION, RECIPES, pretrained
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "utility.json"

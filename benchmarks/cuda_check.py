@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import det_batch, seg_batch, trainer_model  # noqa: E402
 
-from ultralytics_dp.ghost import clipped_grad_sum_ghost  # noqa: E402
-from ultralytics_dp.losses import losses_from_preds, per_image_loss_fn, sample_batch  # noqa: E402
-from ultralytics_dp.mechanism import clipped_grad_sum  # noqa: E402
-from ultralytics_dp.norms import to_group_norm  # noqa: E402
-from ultralytics_dp.private_step import private_gradient  # noqa: E402
+from ultralytics_dp.mechanism.ghost import clipped_grad_sum_ghost  # noqa: E402
+from ultralytics_dp.losses.per_image import losses_from_preds, per_image_loss_fn, sample_batch  # noqa: E402
+from ultralytics_dp.mechanism.gaussian import clipped_grad_sum  # noqa: E402
+from ultralytics_dp.integration.norms import to_group_norm  # noqa: E402
+from ultralytics_dp.integration.private_step import private_gradient  # noqa: E402
 
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 TOL = 1e-4

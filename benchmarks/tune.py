@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench_utility import run
-from ultralytics_dp.datasets import build
+from ultralytics_dp.datasets.embedded import build
 
 HELD = {"det": 200}  # held-out images of the split; classification holds out a fifth
 

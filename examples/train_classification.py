@@ -11,7 +11,7 @@ import ultralytics_dp  # noqa: F401  (embedded dataset names and the DP keys, be
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy
-from ultralytics_dp.public_weights import pretrained
+from ultralytics_dp.datasets.public_weights import pretrained
 
 
 def main() -> None:

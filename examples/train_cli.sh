@@ -8,12 +8,12 @@ YOLO=${YOLO:-.venv/bin/yolo}
 YOLO_DP=${YOLO_DP:-.venv/bin/yolo-dp}
 
 # public weights: trained non-privately on the font-rendered public digits (cached after the first run)
-WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.public_weights import pretrained; print(pretrained('digits-public-det'))")
+WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.datasets.public_weights import pretrained; print(pretrained('digits-public-det'))")
 
 # plan first: which noise multiplier spends epsilon=8 over 5 epochs of 1,000 images at the default batch (750)?
 "$YOLO_DP" privacy n=1000 batch=750 epochs=5 delta=1e-5 epsilon=8
 
-# every training argument not given here takes its DP default (README: "Useful private models")
+# every training argument not given here takes its DP default (docs/useful-models.md)
 "$YOLO" train model="$WEIGHTS" data=digits-det epochs=5 imgsz=128 workers=0 epsilon=8 \
     project=runs/examples name=private-cli exist_ok=True
 

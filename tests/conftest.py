@@ -33,7 +33,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_det(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small digits-det (imgsz 64, 32 train / 16 val images) for fast training tests."""
-    from ultralytics_dp import datasets
+    from ultralytics_dp.datasets import embedded as datasets
 
     return datasets.build("digits-det", imgsz=64, n_train=32, n_val=16, root=tmp_path_factory.mktemp("det"))
 

@@ -19,7 +19,7 @@ from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 
 from ultralytics_dp import DifferentialPrivacy, per_sample_losses
-from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.accounting.ledger import Ledger
 
 
 def _bn_state(model) -> dict:

@@ -15,10 +15,12 @@ import torch
 import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
-from ultralytics_dp import DifferentialPrivacy, datasets
-from ultralytics_dp.accounting import compute_epsilon
-from ultralytics_dp.ledger import Ledger
-from ultralytics_dp.norms import has_group_norm
+from ultralytics_dp import DifferentialPrivacy
+
+from ultralytics_dp.datasets import embedded as datasets
+from ultralytics_dp.accounting.pld import compute_epsilon
+from ultralytics_dp.accounting.ledger import Ledger
+from ultralytics_dp.integration.norms import has_group_norm
 
 from helpers import ledger_steps, train_tiny
 
@@ -91,7 +93,7 @@ def test_tuning_is_refused_after_attach():
 
 @pytest.mark.slow
 def test_small_budget_stops_before_exceeding(tiny_det, tmp_path):
-    from ultralytics_dp.accounting import compute_epsilon
+    from ultralytics_dp.accounting.pld import compute_epsilon
 
     dp = DifferentialPrivacy(epsilon=3.0, delta=1e-3, noise_multiplier=1.0, physical_batch=8, grad_method="vmap")
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=5)  # 20 steps planned, ~5 affordable
@@ -104,7 +106,7 @@ def test_small_budget_stops_before_exceeding(tiny_det, tmp_path):
 
 @pytest.mark.slow
 def test_classification_end_to_end(tmp_path):
-    from ultralytics_dp import datasets
+    from ultralytics_dp.datasets import embedded as datasets
 
     root = datasets.build("digits-cls", root=tmp_path / "data")
     dp = DifferentialPrivacy(epsilon=3.0, delta=1e-4, physical_batch=16)
@@ -146,7 +148,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     import os, sys
     import ultralytics_dp
     from ultralytics import YOLO
-    from ultralytics_dp import DifferentialPrivacy, datasets
+    from ultralytics_dp import DifferentialPrivacy
+    from ultralytics_dp.datasets import embedded as datasets
 
     data, ledger, log, project, resume = sys.argv[1:6]
 

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from ultralytics_dp import checkpoint
-from ultralytics_dp.checkpoint import read_dp_entry, write_dp_entry
+from ultralytics_dp.integration import checkpoint
+from ultralytics_dp.integration.checkpoint import read_dp_entry, write_dp_entry
 
 ENTRY = {"epsilon": 1.5, "steps": 7, "accountant_state": {"history": [{"noise_multiplier": 1.0, "steps": 7}]}}
 
@@ -46,3 +46,49 @@ def test_a_checkpoint_with_another_entry_gets_this_one(tmp_path, older):
     torch.save({"ema": torch.ones(2), "dp": older}, tmp_path / "last.pt")
     write_dp_entry([tmp_path / "last.pt"], ENTRY)
     assert pickle.dumps(read_dp_entry(tmp_path / "last.pt")) == pickle.dumps(ENTRY)
+
+
+class _Payload:
+    """Pickles as a call of ``exec`` that writes ``marker``: what a hostile checkpoint can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+REPORTED = {**ENTRY, "settings": {"delta": 1e-5, "max_grad_norm": 1.0}, "privacy_unit": "image",
+            "noise_multiplier": 1.1, "sample_rate": 0.01, "accountant": "prv"}
+
+
+def hostile_checkpoint(path, marker, dp=REPORTED):
+    """A checkpoint whose pickle runs code when unpickled, with a ``dp`` entry and training arguments."""
+    torch.save({"model": _Payload(marker), "train_args": {"epochs": 3, "data": "x.yaml"}, "dp": dp}, path)
+    return path
+
+
+def test_reading_a_checkpoints_entries_runs_no_code_from_it(tmp_path):
+    from ultralytics_dp.cli import main
+
+    marker = tmp_path / "ran"
+    path = hostile_checkpoint(tmp_path / "last.pt", marker)
+    torch.load(path, map_location="cpu", weights_only=False)  # the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+
+    assert read_dp_entry(path) == REPORTED
+    assert checkpoint.read_entries(path) == {"dp": REPORTED, "train_args": {"epochs": 3, "data": "x.yaml"}}
+    assert main(["report", str(path)]) == 0
+    assert not marker.exists()
+
+
+def test_a_dp_entry_that_is_not_plain_data_is_refused_unrun(tmp_path):
+    marker = tmp_path / "ran"
+    path = hostile_checkpoint(tmp_path / "last.pt", tmp_path / "unused", dp={**ENTRY, "epsilon": _Payload(marker)})
+    with pytest.raises(ValueError, match="not plain data"):
+        read_dp_entry(path)
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        read_dp_entry(tmp_path / "junk.pt")

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from ultralytics_dp.accounting import compute_epsilon
+from ultralytics_dp.accounting.pld import compute_epsilon
 from ultralytics_dp.cli import main, split_train_args
-from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.accounting.ledger import Ledger
 
 
 def yolo_dp(*args: str) -> subprocess.CompletedProcess:

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ultralytics_dp.accounting import compute_epsilon
-from ultralytics_dp.checkpoint import read_dp_entry
-from ultralytics_dp.private_step import private_gradient
-from ultralytics_dp.sampling import select
-from ultralytics_dp.sampling import PoissonLoader
+from ultralytics_dp.accounting.pld import compute_epsilon
+from ultralytics_dp.integration.checkpoint import read_dp_entry
+from ultralytics_dp.integration.private_step import private_gradient
+from ultralytics_dp.losses.batch import select
+from ultralytics_dp.mechanism.sampling import PoissonLoader
 
 from helpers import det_batch, ledger_steps, trainer_model
 
@@ -70,7 +70,7 @@ def test_the_step_of_two_processes_equals_the_single_process_step(tmp_path, meth
 
 
 def _compare(rank: int, world: int, store: str, out: str) -> None:
-    from ultralytics_dp.distributed import digest, gather
+    from ultralytics_dp.mechanism.distributed import digest, gather
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -154,7 +154,7 @@ def test_a_private_run_through_ultralytics_ddp_launcher(tiny_det, tmp_path, mode
 
 def test_before_the_process_group_exists_the_launchers_rank_says_which_process_is_main(monkeypatch):
     """A refusal in a worker's constructor (before the process group) must not clean up rank 0's run dir."""
-    from ultralytics_dp.distributed import is_main
+    from ultralytics_dp.mechanism.distributed import is_main
 
     monkeypatch.setenv("RANK", "1")
     assert not is_main()

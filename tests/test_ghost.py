@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ultralytics_dp.ghost import clipped_grad_sum_ghost, supports
-from ultralytics_dp.losses import batch_losses, per_image_loss_fn, sample_batch
-from ultralytics_dp.mechanism import clipped_grad_sum
-from ultralytics_dp.norms import to_group_norm
+from ultralytics_dp.mechanism.ghost import clipped_grad_sum_ghost, supports
+from ultralytics_dp.losses.per_image import batch_losses, per_image_loss_fn, sample_batch
+from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
+from ultralytics_dp.integration.norms import to_group_norm
 
 from helpers import SmallCNN, ce_loss, det_batch, image, max_rel_err, seg_batch, trainer_model
 

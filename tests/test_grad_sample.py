@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultralytics_dp.grad_sample import per_sample_grads
+from ultralytics_dp.mechanism.grad_sample import per_sample_grads
 
 from helpers import ce_loss, make, max_rel_err, naive_grads
 

@@ -1,4 +1,4 @@
-"""What the Ultralytics trainer may do in a private run (``ultralytics_dp.guard``): each test drives a
+"""What the Ultralytics trainer may do in a private run (``ultralytics_dp.integration.guard``): each test drives a
 private run through the public API and provokes one side path of the trainer (what it writes, what
 it prints, its out-of-memory and NaN recoveries, resume), then checks the run against an
 independent record (the spy's optimizer steps, the ledger, the files on disk)."""
@@ -18,10 +18,11 @@ import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 from ultralytics.cfg import DEFAULT_CFG_DICT
 
-from ultralytics_dp import DifferentialPrivacy, datasets
-from ultralytics_dp.guard import TRAINING_ARGS
-from ultralytics_dp.ledger import Ledger, version_fingerprint
-from ultralytics_dp.norms import to_group_norm
+from ultralytics_dp import DifferentialPrivacy
+
+from ultralytics_dp.integration.guard import TRAINING_ARGS
+from ultralytics_dp.accounting.ledger import Ledger, version_fingerprint
+from ultralytics_dp.integration.norms import to_group_norm
 
 from helpers import assert_refused, copy_dataset, ledger_steps, train_tiny
 
@@ -246,7 +247,7 @@ def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
     process, a rank the plugin did not prepare, and arguments that would mix images in its data."""
     from types import SimpleNamespace
 
-    from ultralytics_dp.guard import check_rank
+    from ultralytics_dp.integration.guard import check_rank
 
     def trainer(**args):
         base = dict(device="0,1", task="detect", mosaic=0.0, mixup=0.0, cutmix=0.0, copy_paste=0.0)
@@ -264,8 +265,9 @@ def test_every_rank_of_a_multi_process_run_checks_its_own_arguments():
 
 
 def test_readme_lists_every_training_argument_as_the_guard_handles_it():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(\w+)` \| (refused|neutralised|guarded|safe) \|", readme, flags=re.M))
+    """The table of training arguments in docs/guarantee.md (linked from the README) is the guard's."""
+    page = (Path(__file__).parents[1] / "docs" / "guarantee.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (refused|neutralised|guarded|safe) \|", page, flags=re.M))
     assert rows == {key: handling for key, (handling, _) in TRAINING_ARGS.items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ultralytics_dp.hooks import when_imported
+from ultralytics_dp.integration.hooks import when_imported
 
 
 def test_callback_runs_once_after_a_later_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

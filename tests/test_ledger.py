@@ -15,10 +15,12 @@ from dp_accounting.pld import pld_privacy_accountant
 
 from ultralytics import YOLO
 
-from ultralytics_dp import DifferentialPrivacy, datasets
+from ultralytics_dp import DifferentialPrivacy
+
+from ultralytics_dp.datasets import embedded as datasets
 from ultralytics_dp.config import DPConfig
-from ultralytics_dp.ledger import Ledger, version_fingerprint
-from ultralytics_dp.planning import plan_run
+from ultralytics_dp.accounting.ledger import Ledger, version_fingerprint
+from ultralytics_dp.accounting.planning import plan_run
 
 from helpers import copy_dataset, ledger_steps
 
@@ -180,7 +182,7 @@ def test_fractions_of_one_dataset_compose_on_their_shared_images(tiny_det, tmp_p
 APPEND = textwrap.dedent(
     """
     import sys
-    from ultralytics_dp.ledger import Ledger
+    from ultralytics_dp.accounting.ledger import Ledger
     book = Ledger(sys.argv[1])
     mine = [f"{sys.argv[2]}-{i}" for i in range(50)]
     run = book.start_run(["shared-0", "shared-1", *mine], fingerprint=sys.argv[2], settings={}, delta=1e-5)

@@ -14,8 +14,8 @@ from ultralytics.nn.modules import Conv
 from ultralytics.nn.tasks import ClassificationModel
 
 from ultralytics_dp import DifferentialPrivacy
-from ultralytics_dp.losses import batch_losses
-from ultralytics_dp.norms import build_with, has_group_norm, to_group_norm, untrained_batch_norm, wants_group_norm
+from ultralytics_dp.losses.per_image import batch_losses
+from ultralytics_dp.integration.norms import build_with, has_group_norm, to_group_norm, untrained_batch_norm, wants_group_norm
 
 from helpers import det_batch, trainer_model, train_tiny
 

@@ -24,7 +24,7 @@ def test_non_private_training_runs_offline(no_network: None, tiny_det: Path, tmp
     import ultralytics_dp  # noqa: F401  (import hooks)
     from ultralytics import YOLO
 
-    from ultralytics_dp.offline import patch_ultralytics
+    from ultralytics_dp.integration.offline import patch_ultralytics
 
     patch_ultralytics()
     model = YOLO("yolo26n.yaml")

@@ -8,8 +8,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
 from ultralytics_dp.config import DPConfig
-from ultralytics_dp.accounting import Segment
-from ultralytics_dp.planning import BudgetGroup, RecordBudgets, plan_run
+from ultralytics_dp.accounting.pld import Segment
+from ultralytics_dp.accounting.planning import BudgetGroup, RecordBudgets, plan_run
 
 from helpers import assert_refused
 

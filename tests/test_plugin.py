@@ -1,4 +1,4 @@
-"""The stock ``yolo`` command with DP keys (``ultralytics_dp.plugin``): it trains privately, refuses
+"""The stock ``yolo`` command with DP keys (``ultralytics_dp.integration.plugin``): it trains privately, refuses
 before anything is written, fails closed when switched off, leaves non-private runs exactly as
 Ultralytics makes them, records truthful arguments, resumes privately, shows epsilon instead of
 training statistics, and works after ``pip install .`` and ``pip install -e .``."""
@@ -19,14 +19,14 @@ import pytest
 import torch
 
 import ultralytics_dp  # noqa: F401  (registers the plugin before Ultralytics is imported)
-from ultralytics.cfg import DEFAULT_CFG_DICT, entrypoint
+from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT, entrypoint
 from ultralytics.utils import YAML
 from ultralytics.utils.callbacks import base
 
-from ultralytics_dp import plugin
-from ultralytics_dp.accounting import compute_epsilon
+from ultralytics_dp.accounting.ledger import Ledger
+from ultralytics_dp.accounting.pld import compute_epsilon
 from ultralytics_dp.config import SETTINGS
-from ultralytics_dp.ledger import Ledger
+from ultralytics_dp.integration import keys, plugin
 
 from helpers import ledger_steps
 
@@ -45,7 +45,7 @@ def run_python(code: str, env: dict[str, str] | None = None, python: str = sys.e
 
 def test_pyproject_pins_the_ultralytics_version_the_plugin_supports():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"ultralytics=={plugin.ULTRALYTICS_VERSION}" in deps
+    assert f"ultralytics=={keys.ULTRALYTICS_VERSION}" in deps
 
 
 def test_every_dp_key_is_an_ultralytics_key_and_unset_ones_stay_out_of_a_trainers_args():
@@ -120,6 +120,43 @@ def test_a_cfg_given_to_the_trainer_cannot_bring_the_ledger_path_into_its_argume
     assert str(ledger) not in (tmp_path / "r" / "args.yaml").read_text()
 
 
+def test_the_wrapped_trainer_takes_its_arguments_by_keyword(tiny_det, tmp_path):
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class KeywordTrainer(DetectionTrainer):  # as a custom trainer, or Ultralytics' multi-GPU launcher, calls it
+        def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+            BaseTrainer.__init__(self, cfg=cfg, overrides=overrides, _callbacks=_callbacks)
+
+    overrides = {"model": "yolo26n.yaml", "data": str(tiny_det), "project": str(tmp_path), "name": "r"}
+    assert KeywordTrainer(overrides=overrides).args.epochs == DEFAULT_CFG.epochs
+    private = KeywordTrainer(overrides={**overrides, "name": "p", "epsilon": 8, "delta": 1e-3})
+    assert private.args.epsilon == 8 and private.args.mosaic == 0
+
+
+def test_resuming_a_hostile_checkpoint_under_safe_load_runs_none_of_its_code(tmp_path):
+    from test_checkpoint import hostile_checkpoint
+
+    marker = tmp_path / "ran"
+    path = hostile_checkpoint(tmp_path / "last.pt", marker)
+    out = run_python(f"import ultralytics_dp\nfrom ultralytics import YOLO\nYOLO('yolo26n.yaml').train(resume={str(path)!r})",
+                     env={"ULTRALYTICS_SAFE_LOAD": "1"})
+    assert out.returncode != 0  # Ultralytics' safe loader refuses the file
+    assert not marker.exists()
+    out = run_python(f"import ultralytics_dp\nfrom ultralytics import YOLO\nYOLO('yolo26n.yaml').train(resume={str(path)!r})",
+                     env={"ULTRALYTICS_SAFE_LOAD": "1", plugin.ENV: "0"})
+    assert out.returncode != 0 and not marker.exists()  # the same as without the plugin
+
+
+def test_plugin_off_leaves_nothing_of_the_package_active():
+    code = ("import sys, ultralytics_dp, ultralytics.engine.trainer as t, ultralytics.cfg as c\n"
+            "print([type(f).__module__ for f in sys.meta_path if type(f).__module__.startswith('ultralytics_dp')],"
+            " getattr(t.check_det_dataset, 'resolves_embedded', False), 'epsilon' in c.DEFAULT_CFG_DICT)")
+    assert run_python(code, env={plugin.ENV: "0"}).stdout.split() == ["[]", "False", "False"]
+    on = run_python(code).stdout.split()
+    assert on[1:3] == ["True", "True"]  # the same check sees the plugin when it is on
+
+
 def test_plugin_off_rejects_the_dp_keys_and_trains_nothing(tmp_path):
     out = run_python(
         "import ultralytics_dp\nfrom ultralytics.cfg import entrypoint\n"
@@ -136,7 +173,7 @@ def test_another_ultralytics_version_turns_the_keys_off_and_says_why(tmp_path):
         "from ultralytics.cfg import entrypoint\n"
         f"entrypoint('yolo train model=yolo26n.yaml data=digits-det epochs=1 epsilon=8 project={tmp_path} name=r')")
     assert out.returncode != 0
-    assert f"supports Ultralytics {plugin.ULTRALYTICS_VERSION}, found 0.0.1" in out.stdout + out.stderr
+    assert f"supports Ultralytics {keys.ULTRALYTICS_VERSION}, found 0.0.1" in out.stdout + out.stderr
     assert "'epsilon' is not a valid YOLO argument" in out.stderr
     assert list(tmp_path.iterdir()) == []
 

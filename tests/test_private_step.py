@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultralytics_dp.losses import per_image_loss_fn, sample_batch
-from ultralytics_dp.mechanism import clipped_grad_sum
-from ultralytics_dp.private_step import private_gradient
-from ultralytics_dp.sampling import select
+from ultralytics_dp.losses.per_image import per_image_loss_fn, sample_batch
+from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
+from ultralytics_dp.integration.private_step import private_gradient
+from ultralytics_dp.losses.batch import select
 
 from helpers import det_batch, image, trainer_model
 
@@ -46,8 +46,8 @@ def test_augmentation_multiplicity_clips_the_mean_of_each_records_views(cfg, met
     """views=2: images (2r, 2r+1) are record r's views; its gradient is the mean of theirs, clipped
     once. Checked against a naive loop over records (autograd of the mean of the two per-image
     losses), with chunks that hold one or two whole records."""
-    from ultralytics_dp.grad_sample import trainable_params
-    from ultralytics_dp.losses import per_sample_losses
+    from ultralytics_dp.mechanism.grad_sample import trainable_params
+    from ultralytics_dp.losses.per_image import per_sample_losses
 
     model = trainer_model(cfg)
     if cfg.endswith("-cls.yaml"):

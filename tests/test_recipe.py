@@ -1,4 +1,4 @@
-"""DP-aware defaults (``ultralytics_dp.recipe``): unset arguments take them, explicit values win, the
+"""DP-aware defaults (``ultralytics_dp.integration.recipe``): unset arguments take them, explicit values win, the
 learning rate follows the noise, and the optimizer step does not clip the noisy gradient again."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from ultralytics import YOLO
 from ultralytics.utils import YAML
 
 from ultralytics_dp import DifferentialPrivacy
-from ultralytics_dp.guard import TrainerGuard
-from ultralytics_dp.recipe import DEFAULTS, with_defaults
+from ultralytics_dp.integration.guard import TrainerGuard
+from ultralytics_dp.integration.recipe import DEFAULTS, with_defaults
 
 
 def test_unset_arguments_take_the_dp_default_and_explicit_ones_win() -> None:
@@ -75,7 +75,7 @@ def test_a_private_run_records_the_defaults_it_used(tiny_det, tmp_path) -> None:
 @pytest.mark.slow
 def test_hand_registered_callbacks_get_the_defaults_too(tiny_det, tmp_path) -> None:
     """Callbacks added one by one (no ``attach``): the trainer's copy of epochs follows the default."""
-    from ultralytics_dp.recipe import DEFAULTS
+    from ultralytics_dp.integration.recipe import DEFAULTS
 
     model = YOLO("yolo26n.yaml")
     for event, fn in DifferentialPrivacy(epsilon=8, delta=1e-3).callbacks.items():
@@ -89,7 +89,7 @@ def test_hand_registered_callbacks_get_the_defaults_too(tiny_det, tmp_path) -> N
 @pytest.mark.slow
 def test_the_default_learning_rate_follows_the_noise(tiny_det, tmp_path) -> None:
     """lr0 unset: the optimizer steps at lr0 = min(cap, c * batch / sigma), recorded in args.yaml."""
-    from ultralytics_dp.recipe import LR_NOISE
+    from ultralytics_dp.integration.recipe import LR_NOISE
 
     lrs = {}
     for epsilon in (1, 8):
@@ -126,8 +126,9 @@ def test_fine_tuning_public_weights_with_another_class_count(tiny_det, tmp_path)
 
 
 def test_readme_table_lists_every_dp_default() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("| argument | DP default | Ultralytics default | why |")[1].split("\n\n")[0]
+    """The DP defaults table in docs/useful-models.md (linked from the README) is recipe.DEFAULTS."""
+    page = (Path(__file__).parents[1] / "docs" / "useful-models.md").read_text()
+    table = page.split("| argument | DP default | Ultralytics default | why |")[1].split("\n\n")[0]
     rows = {key: (dp, ul) for key, dp, ul in re.findall(r"^\| `(\w+)` \| (.+?) \| (.+?) \|", table, re.M)}
     assert rows == {key: (f"`{dp}`", f"`{ul}`") for key, (dp, ul, _) in DEFAULTS.items()}
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ultralytics_dp.sampling import PoissonBatchSampler, split_physical
+from ultralytics_dp.mechanism.sampling import PoissonBatchSampler, split_physical
 
 
 def test_poisson_sampler_statistics():
@@ -65,7 +65,7 @@ def test_split_physical():
 def test_augmentation_multiplicity_loads_each_sampled_record_k_times_in_a_row():
     """views=3: every sampled record appears 3 times consecutively, each a fresh load (the dataset's
     random augmentation runs per load), and the records are a Poisson sample as without views."""
-    from ultralytics_dp.sampling import PoissonLoader
+    from ultralytics_dp.mechanism.sampling import PoissonLoader
 
     class Noisy(torch.utils.data.Dataset):
         loads = 0

@@ -88,7 +88,7 @@ def test_single_cls_trains_on_labels_of_every_class(tiny_det, tmp_path):
 def test_bad_pose_labels_are_refused(tmp_path, line, match):
     """Pose label lines are 'class x y w h' and kpt_shape keypoint values (the plain check took a
     valid 5x3 line for a corrupt polygon)."""
-    from ultralytics_dp import datasets
+    from ultralytics_dp.datasets import embedded as datasets
 
     pose = datasets.build("digits-pose", imgsz=64, n_train=16, n_val=8, root=tmp_path / "data")
     (pose.parent / "labels" / "train" / "00003.txt").write_text(line)

@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .config import SETTINGS, DPConfig, check_setting, defaults, one_line, usage
+from . import checks
+from .config import SETTINGS, DPConfig, check_setting, defaults, usage
+from .console import one_line
+from .version import __version__
 
 HELP = f"""yolo-dp {__version__}: differentially private training for Ultralytics YOLO
 
@@ -79,8 +81,7 @@ def _number(pairs: dict[str, str], key: str, kind: Callable[[str], Any] = float,
 def privacy(args: list[str]) -> int:
     """``yolo-dp privacy``: like TF Privacy's compute_dp_sgd_privacy, for a planned run, with the
     same checks as ``train`` (the settings' own, delta < 1/N, batch <= N) before anything prints."""
-    from .accounting import compute_epsilon, get_noise_multiplier, plan
-    from .planning import check_delta
+    from .accounting.pld import compute_epsilon, get_noise_multiplier, plan
 
     pairs = parse_pairs(args, {"n", "batch", "epochs", "delta", "noise", "epsilon"}, "privacy")
     if ("noise" in pairs) == ("epsilon" in pairs):
@@ -93,7 +94,7 @@ def privacy(args: list[str]) -> int:
         if value is not None:
             check_setting(key, value)
     q, steps = plan(num_samples=n, batch_size=batch, epochs=epochs)
-    check_delta(delta, n)
+    checks.delta("delta", delta, n)
     if sigma is None:
         sigma = get_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
     eps = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
@@ -111,7 +112,7 @@ def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, check_dict_alignment, merge_equals_args
     from ultralytics.cfg import parse_key_value_pair
 
-    from .guard import quiet_console  # Ultralytics logs its whole help before raising on a bad key
+    from .console import quiet_console  # Ultralytics logs its whole help before raising on a bad key
 
     dp, overrides = {}, {}
     for token in merge_equals_args(args):
@@ -150,7 +151,7 @@ def train(args: list[str]) -> int:
     config, overrides = split_train_args(args)
     from ultralytics import YOLO
 
-    from .adapter import DifferentialPrivacy
+    from .integration.adapter import DifferentialPrivacy
 
     model = YOLO(overrides.pop("model", "yolo26n.yaml"))
     DifferentialPrivacy(config).attach(model)
@@ -162,7 +163,7 @@ def ledger(args: list[str]) -> int:
     """``yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]``: per-record epsilon, versions, runs."""
     import json
 
-    from .ledger import Ledger
+    from .accounting.ledger import Ledger
 
     as_json = "--json" in args
     pairs = parse_pairs([a for a in args if a != "--json"], {"ledger", "records"}, "ledger")
@@ -201,7 +202,7 @@ def ledger(args: list[str]) -> int:
 
 def report(args: list[str]) -> int:
     """``yolo-dp report weights.pt``: the guarantee stored in a checkpoint."""
-    from .checkpoint import read_dp_entry, summary_line
+    from .integration.checkpoint import read_dp_entry, summary_line
 
     if len(args) != 1:
         raise UsageError("usage: yolo-dp report path/to/weights.pt")
@@ -218,7 +219,7 @@ def passthrough(mode: str) -> Callable[[list[str]], int]:
     def run(args: list[str]) -> int:
         from ultralytics.cfg import entrypoint
 
-        from . import offline
+        from .integration import offline
 
         offline.patch_ultralytics()
         entrypoint(" ".join(["yolo", mode, *args]))
@@ -229,7 +230,7 @@ def passthrough(mode: str) -> Callable[[list[str]], int]:
 
 def robustness(args: list[str]) -> int:
     """``yolo-dp robustness``: validate each model at each input-noise level, write CSV + PNG."""
-    from .perturb import evaluate, write_report
+    from .tools.robustness import evaluate, write_report
 
     pairs = {}
     for token in args:

@@ -14,10 +14,11 @@ This module imports neither torch nor Ultralytics (``yolo-dp --help`` reads it).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
+
+from . import checks
 
 GRAD_METHODS = ("auto", "ghost", "vmap")
 NORMS = ("auto", "group", "batch")  # see ``norms``
@@ -25,24 +26,8 @@ NORMS = ("auto", "group", "batch")  # see ``norms``
 RECORDED_BEFORE = {"norm": "batch"}
 
 
-def _finite_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
     return lambda name, value: None if value is None else check(name, value)
-
-
-def _delta(name: str, value: Any) -> None:
-    _finite_positive(name, value)
-    if not value < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _ledger(name: str, value: Any) -> None:
@@ -93,20 +78,20 @@ def _setting(default: Any, check: Callable[[str, Any], None], parse: Callable[[s
 class DPConfig:
     """The DP settings of one private run (validated once; a bad value is a one-line ValueError)."""
 
-    epsilon: float = _setting(MISSING, _finite_positive, float, metavar="EPS", help=(
+    epsilon: float = _setting(MISSING, checks.finite_positive, float, metavar="EPS", help=(
         "the privacy budget (required); training stops before the step that would exceed it"))
-    delta: float = _setting(1e-5, _delta, float, metavar="D", help=(
+    delta: float = _setting(1e-5, checks.delta, float, metavar="D", help=(
         "default 1e-5; must be < 1/N (N = training images), else an error"))
-    max_grad_norm: float = _setting(1.0, _finite_positive, float, metavar="C", help=(
+    max_grad_norm: float = _setting(1.0, checks.finite_positive, float, metavar="C", help=(
         "C, the per-image gradient norm bound (default 1.0)"))
-    noise_multiplier: float | None = _setting(None, _optional(_finite_positive), float, metavar="SIGMA", help=(
+    noise_multiplier: float | None = _setting(None, _optional(checks.finite_positive), float, metavar="SIGMA", help=(
         "sigma; if omitted, calibrated so the planned epochs spend exactly `epsilon`"))
-    physical_batch: int = _setting(64, _positive_int, int, metavar="B", resume=False, help=(
+    physical_batch: int = _setting(64, checks.positive_int, int, metavar="B", resume=False, help=(
         "how many images' gradients are computed at once (default 64; memory only, does not change q)"))
-    augmult: int = _setting(1, _positive_int, int, metavar="K", resume=False, help=(
+    augmult: int = _setting(1, checks.positive_int, int, metavar="K", resume=False, help=(
         "augmentation multiplicity: each sampled image is augmented K times and its gradient is the mean "
         "of its K views, clipped once (same sensitivity; K times the compute)"))
-    dataset_budget: float | None = _setting(None, _optional(_finite_positive), float, metavar="EPS", help=(
+    dataset_budget: float | None = _setting(None, _optional(checks.finite_positive), float, metavar="EPS", help=(
         "lifetime epsilon of every training image, over all runs and dataset versions (needs the ledger)"))
     ledger: str | Path | bool | None = _setting(None, _ledger, parse_ledger, metavar="PATH", released=False, help=(
         "ledger path (default in the user config dir, or `$ULTRALYTICS_DP_LEDGER`); false for none"))
@@ -166,12 +151,6 @@ def check_setting(key: str, value: Any) -> None:
 def defaults() -> dict[str, Any]:
     """Each setting's default (None for the required ``epsilon``)."""
     return {k: None if f.default is MISSING else f.default for k, f in SETTINGS.items()}
-
-
-def one_line(err: BaseException) -> str:
-    """An error message on one line, without terminal colours (Ultralytics' messages have both)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def usage() -> str:

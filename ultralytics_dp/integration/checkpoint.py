@@ -1,0 +1,157 @@
+"""The ``dp`` entry of a checkpoint: the guarantee a released model carries.
+
+Privacy assumptions relied on here: everything in the entry is public (the DP settings without
+local paths, N, q, sigma, the steps and the accountant's segments, the epsilon they give, a random
+run id); nothing in it is computed from the training data except through the number of steps,
+which the budget fixes. A checkpoint states every step taken before it was written.
+
+Security assumption relied on here: a checkpoint read to learn its guarantee or its training
+arguments (``yolo-dp report``, resuming, planning) may come from anyone, and unpickling it with
+``torch.load(weights_only=False)`` would run whatever code its pickle names. ``read_entries``
+never does: it reads the pickle with an unpickler that resolves no class or function (each one
+becomes an inert placeholder, tensor storages are not read), so only plain data (dicts, lists,
+strings, numbers) comes out, and the ``dp`` entry must consist of nothing else. Loading the model
+itself is Ultralytics' job, under its own safe-load setting.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import time
+import zipfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterable
+
+import torch
+
+from ..accounting.planning import check_resume
+from ..config import DPConfig
+
+# the only globals a checkpoint's pickle may resolve to a real object: constructors of plain data
+_PLAIN_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("pathlib", "PosixPath"): lambda *parts: str(PurePosixPath(*parts)),
+    ("pathlib", "PurePosixPath"): lambda *parts: str(PurePosixPath(*parts)),
+    ("pathlib", "WindowsPath"): lambda *parts: str(PureWindowsPath(*parts)),
+    ("pathlib", "PureWindowsPath"): lambda *parts: str(PureWindowsPath(*parts)),
+}
+
+
+class Opaque:
+    """What ``read_entries`` puts where a checkpoint's pickle names any other class or function:
+    it accepts whatever pickle hands it and runs nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return _PLAIN_GLOBALS.get((module, name), Opaque)
+
+    def persistent_load(self, pid: Any) -> None:  # torch's tensor storages: never read
+        return None
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, bytes, bool, int, float))
+
+
+def read_entries(path: str | Path) -> dict[str, Any]:
+    """``{"dp": ..., "train_args": ...}`` of a checkpoint, read without running any code from it
+    (see the module's docstring); an entry the file lacks is None. A one-line ValueError if the
+    file is not a (zip-format) torch checkpoint or its ``dp`` entry holds anything but plain data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (member,) = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            ckpt = _InertUnpickler(io.BytesIO(archive.read(member))).load()
+    except Exception as err:  # zip, pickle and unpacking errors of every kind: not a checkpoint we can read
+        raise ValueError(f"{path} is not a checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an Ultralytics checkpoint (its top level is not a dict)")
+    entries = {key: ckpt.get(key) for key in ("dp", "train_args")}
+    if not _plain(entries["dp"]):
+        raise ValueError(f"{path} has a 'dp' entry that is not plain data; refusing to read it")
+    args = entries["train_args"]
+    if isinstance(args, dict):  # an argument pickled as an object is dropped, not run
+        entries["train_args"] = {k: v for k, v in args.items() if _plain(v)}
+    return entries
+
+
+def write_dp_entry(paths: Iterable[str | Path], entry: dict[str, Any]) -> None:
+    """Set ``entry`` as the ``dp`` entry of each checkpoint in ``paths`` (atomic replace each).
+    The files are the ones this run's trainer has just written, so they are loaded in full.
+
+    Loading and pickling a checkpoint costs ~0.1-0.2 s (a 5 MB detector on CPU), a visible part of a
+    short run, so: files with the same bytes (Ultralytics writes last.pt and best.pt from one serialisation) are loaded and
+    serialised once, and a file that already carries ``entry`` is left as it is."""
+    done: dict[bytes, bytes | None] = {}  # a file's bytes -> its bytes with the entry (None: has it)
+    for path in map(Path, paths):
+        raw = path.read_bytes()
+        if raw not in done:
+            ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+            if pickle.dumps(ckpt.get("dp")) == pickle.dumps(entry):  # identical, not merely ==: 1 == 1.0 == True
+                done[raw] = None
+            else:
+                ckpt["dp"] = entry
+                buffer = io.BytesIO()
+                torch.save(ckpt, buffer)
+                done[raw] = buffer.getvalue()
+        if done[raw] is not None:
+            tmp = path.with_suffix(f".{time.time_ns()}.tmp")
+            tmp.write_bytes(done[raw])
+            tmp.replace(path)
+
+
+def read_dp_entry(path: str | Path) -> dict[str, Any]:
+    """The ``dp`` entry of a checkpoint (read without running code from it); a one-line error if
+    it was not trained privately."""
+    entry = read_entries(path)["dp"]
+    if not entry:
+        raise ValueError(f"{path} has no 'dp' entry: it was not trained with ultralytics-dp")
+    return entry
+
+
+def resumed_entry(path: str | Path, config: DPConfig, *, with_ledger: bool) -> dict[str, Any]:
+    """The ``dp`` entry of a checkpoint a private run resumes: it must have one, the DP settings must be
+    its own (N and q are checked once the training set is known) and so must the ledger setting."""
+    entry = read_entries(path)["dp"]
+    if not entry:
+        raise ValueError(f"{path} has no 'dp' entry: it was not trained privately, so it cannot resume a private "
+                         "run; start a new run instead")
+    check_resume(config, entry)
+    if (entry.get("run_id") is None) == with_ledger:
+        raise ValueError("resume must keep the ledger setting of the run: it was trained with "
+                         + ("ledger=False; resume with ledger=False" if entry.get("run_id") is None
+                            else "the ledger on; resume with the ledger it was recorded in"))
+    return entry
+
+
+def summary_line(entry: dict[str, Any]) -> str:
+    """'(eps, delta)-DP per image: ...' for logs and ``yolo-dp report``."""
+    settings = entry["settings"]
+    return (f"({entry['epsilon']:.4f}, {settings['delta']:g})-DP per {entry['privacy_unit']}: {entry['steps']} steps, "
+            f"noise_multiplier={entry['noise_multiplier']:.4f}, q={entry['sample_rate']:.5g}, "
+            f"C={settings['max_grad_norm']:g}, accountant={entry['accountant']}"
+            + (", stopped by budget" if entry.get("stopped_by_budget") else ""))

@@ -1,0 +1,45 @@
+"""A private run in the ledger: the records it trains on, and its record before its first step.
+
+Privacy assumptions relied on here: a record is named as the ledger names it (``accounting.ledger``)
+and a data version by its records and labels; the run is recorded before its first step, and each
+epoch's steps are reserved before the first of them is taken (write-ahead, ``adapter``). Only the
+random run id links a checkpoint to the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..accounting.ledger import Ledger, version_fingerprint
+from ..accounting.planning import Plan
+from ..config import DPConfig
+from .training_set import dataset_records
+
+
+def records_of(ledger: Ledger, dataset: Any, delta: float, resume: dict[str, Any] | None) -> tuple[list[str], str]:
+    """The training set's records and version fingerprint (records and labels), as ``ledger`` names
+    them. The ledger's delta must be this run's, and a resumed run must train on the data version it
+    was recorded with."""
+    images, labels = zip(*dataset_records(dataset))
+    records = ledger.record_hashes(images)
+    fingerprint = version_fingerprint(records, labels)
+    ledger.check_delta(delta)
+    if resume is not None:
+        run_id = resume["run_id"]
+        recorded = ledger.run(run_id)
+        if recorded is None:
+            raise ValueError(f"the run being resumed (run_id {run_id}) is not in the ledger {ledger.path}; "
+                             "resume with ledger= set to the ledger it was recorded in")
+        if recorded["fingerprint"] != fingerprint:
+            raise ValueError("resume must train on the training data of the run it continues, and this data "
+                             "differs (by the ledger's identity of the data); start a new run instead")
+    return records, fingerprint
+
+
+def record_run(ledger: Ledger, records: list[str], fingerprint: str, *, config: DPConfig, plan: Plan,
+               name: str, description: str) -> str:
+    """Record a new run and its records (before its first step); returns its random run id."""
+    summary = {"settings": config.released(), "noise_multiplier": plan.noise_multiplier,
+               "sample_rate": plan.sample_rate, "num_samples": plan.num_samples}
+    return ledger.start_run(records, fingerprint=fingerprint, settings=summary, delta=config.delta,
+                            budget=config.dataset_budget, name=name, description=description)

@@ -1,0 +1,1 @@
+"""Tools beside training: input-noise robustness of trained models (``robustness``, not DP)."""
