@@ -6,12 +6,41 @@ import pytest
 import torch
 from torch import nn
 
-from ultralytics_dp.mechanism.ghost import clipped_grad_sum_ghost, supports
+from ultralytics_dp.integration.norms import to_group_norm
 from ultralytics_dp.losses.per_image import batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
-from ultralytics_dp.integration.norms import to_group_norm
+from ultralytics_dp.mechanism.ghost import clipped_grad_sum_ghost, supports
 
 from helpers import SmallCNN, ce_loss, det_batch, image, max_rel_err, seg_batch, trainer_model
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_image_whose_positions_nearly_cancel_is_still_clipped_to_c(seed):
+    """A float32 1x1 convolution (ghost form) where two positions' gradients nearly cancel: the ghost
+    identity's T^2 products are ~1e12 while the image's squared norm is ~1e5, which float32 Gram
+    products cannot resolve (the estimate came out 0 and the image was added unclipped, 1000 C).
+    The clipped contribution must be within float32 rounding of the float64 reference, so <= C."""
+    gen = torch.Generator().manual_seed(seed)
+    d, c = 64, 1.0
+
+    def unit(scale):
+        v = torch.randn(d, generator=gen)
+        return v / v.norm() * scale
+
+    a, b, delta = unit(1662.0), unit(1662.0), unit(0.2 + seed / 10)
+    x, out_grad = torch.zeros(1, d, 4, 4), torch.zeros(1, d, 4, 4)
+    x[0, :, 0, 0] = x[0, :, 0, 1] = a
+    out_grad[0, :, 0, 0], out_grad[0, :, 0, 1] = b, -b + delta
+    model = nn.Sequential(nn.Conv2d(d, d, 1, bias=False))
+    # loss = <conv(x), out_grad>: its gradient with respect to the conv's output is out_grad exactly
+    sums, norms = clipped_grad_sum_ghost(model, lambda m: (m(x) * out_grad).flatten(1).sum(1), max_grad_norm=c)
+
+    exact = torch.einsum("ot,dt->od", out_grad[0].flatten(1).double(), x[0].flatten(1).double())
+    reference = exact * min(1.0, c / exact.norm().item())
+    clipped = sums["0.weight"].double().reshape(d, d)
+    assert exact.norm().item() <= norms[0].item() <= exact.norm().item() * (1 + 1e-4)  # an upper bound, tight
+    assert clipped.norm().item() <= c * (1 + 1e-3)
+    assert (clipped - reference).norm().item() <= 1e-3 * c
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -139,13 +139,25 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
 
 
 def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
-    """[B] squared norms of a term: directly from the gradient, or by the ghost identity
-    ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming it."""
+    """[B] squared norms of a term, in float64: directly from the gradient, or by the ghost identity
+    ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming it.
+
+    The ghost identity sums T^2 products that can nearly cancel (an image whose positions'
+    gradients nearly cancel): in float32 the sum can come out near 0 or negative where the true
+    norm is large, and the image would then be added unclipped. So the Gram matrices are formed in
+    float64 from the (exact) float32 factors, a negative result is 0, and the result is raised by a
+    bound on float64's rounding error, so it is never below the norm of the factors' exact
+    gradient: (D + O + T^2) machine epsilons times sum over the Gram products' absolute values,
+    which is at most (sum_t ||l_t|| ||r_t||)^2 (Cauchy-Schwarz)."""
     if right is None:
-        return torch.linalg.vector_norm(left.flatten(1), dim=1).pow(2)  # no squared temporary
+        return torch.linalg.vector_norm(left.flatten(1), dim=1, dtype=torch.float64).pow(2)
+    left, right = left.double(), right.double()
     gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
     gram_b = left.transpose(2, 3) @ left
-    return (gram_a * gram_b).flatten(1).sum(1)
+    square = (gram_a * gram_b).flatten(1).sum(1).clamp_min(0.0)
+    o, t, d = left.shape[2], left.shape[3], right.shape[2]
+    magnitude = (left.norm(dim=2) * right.norm(dim=2)).sum(2).pow(2).sum(1)  # sum over groups of (sum_t ..)^2
+    return square + (d + o + t * t) * torch.finfo(torch.float64).eps * magnitude
 
 
 def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
@@ -246,9 +258,9 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
         return out
 
     kept = [term for terms in _parallel_map(layer_terms, list(records.items()), device) for term in terms]
-    # each term's square in its own dtype, summed in float64; one stack, not one kernel per term
+    # each term's square in float64 (``_sq_norm``), summed; one stack, not one kernel per term
     squares = [square for *_, square in kept]
-    squared = torch.stack(squares).double().sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
+    squared = torch.stack(squares).sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
     norms = squared.sqrt()
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
