@@ -280,3 +280,10 @@ def ledger_steps(path: Path) -> int:
     return sum(r["steps"] for ds in summary["datasets"] for r in ds["runs"]) + sum(
         r["steps"] for r in summary["legacy_runs"])
 
+
+
+def released_epsilon(*, noise_multiplier, sample_rate, steps, delta):
+    """What a run of ``steps`` steps releases: the larger of the two accountants' upper bounds."""
+    from ultralytics_dp.accounting.accountant import epsilon
+
+    return epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta).epsilon

@@ -18,7 +18,7 @@ from ultralytics import YOLO
 from ultralytics_dp import DifferentialPrivacy
 
 from ultralytics_dp.datasets import embedded as datasets
-from ultralytics_dp.accounting.pld import compute_epsilon
+from helpers import released_epsilon
 from ultralytics_dp.accounting.ledger import Ledger
 from ultralytics_dp.integration.norms import has_group_norm
 
@@ -36,7 +36,7 @@ def test_end_to_end_private_detection(tiny_det, tmp_path, no_network):
     assert spy.bn_before and all(torch.equal(spy.bn_before[k], spy.bn_after[k]) for k in spy.bn_before)
     for name in ("last.pt", "best.pt"):
         entry = torch.load(save_dir / "weights" / name, map_location="cpu", weights_only=False)["dp"]
-        assert entry["privacy_unit"] == "image" and entry["accountant"] == "prv"
+        assert entry["privacy_unit"] == "image" and entry["accountant"] == "max(pld, prv_accountant)"
     last = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
     assert last["steps"] == dp.steps and last["epsilon"] == pytest.approx(dp.epsilon)
     assert last["noise_multiplier"] == dp.noise_multiplier and last["settings"]["delta"] == dp.delta
@@ -70,7 +70,7 @@ def test_end_to_end_private_obb_segmentation_and_pose(tmp_path, no_network, name
     assert dp.steps == 8 and dp.noise_draws == 8 and model.trainer.args.mosaic == model.trainer.args.copy_paste == 0
     entry = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
     assert entry["sample_rate"] == pytest.approx(10 / 40) and entry["steps"] == 8
-    spent = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    spent = released_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
     assert entry["epsilon"] == pytest.approx(spent) and spent <= 4.0
     assert ledger_steps(ledger) >= 8 and has_group_norm(model.model)
 
@@ -93,13 +93,13 @@ def test_tuning_is_refused_after_attach():
 
 @pytest.mark.slow
 def test_small_budget_stops_before_exceeding(tiny_det, tmp_path):
-    from ultralytics_dp.accounting.pld import compute_epsilon
+    from helpers import released_epsilon
 
     dp = DifferentialPrivacy(epsilon=3.0, delta=1e-3, noise_multiplier=1.0, physical_batch=8, grad_method="vmap")
     _, spy, save_dir = train_tiny(tiny_det, tmp_path, dp, epochs=5)  # 20 steps planned, ~5 affordable
     assert dp.stopped_by_budget
     assert 0 < dp.steps < 20 and spy.optimizer_steps == dp.noise_draws == dp.steps
-    assert dp.epsilon <= 3.0 < compute_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=dp.steps + 1, delta=1e-3)
+    assert dp.epsilon <= 3.0 < released_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=dp.steps + 1, delta=1e-3)
     entry = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
     assert entry["stopped_by_budget"] and entry["steps"] == dp.steps
 
@@ -206,7 +206,7 @@ def test_kill_9_mid_epoch_then_resume(tiny_det, tmp_path):
     assert final_eps <= 20.0 and final_steps == 16
     # the ledger never undercounts what was actually spent, crash included
     ledger_eps = Ledger(ledger_path).epsilons()["worst_epsilon"]
-    assert ledger_eps >= compute_epsilon(noise_multiplier=2.0, sample_rate=0.25, steps=taken, delta=1e-3) - 1e-6
+    assert ledger_eps >= released_epsilon(noise_multiplier=2.0, sample_rate=0.25, steps=taken, delta=1e-3) - 1e-6
     assert ledger_steps(ledger_path) >= taken
 
 

@@ -10,9 +10,12 @@ import sys
 import pytest
 import torch
 
-from ultralytics_dp.accounting.pld import compute_epsilon
-from ultralytics_dp.cli import main, split_train_args
+from PIL import Image
+
+from helpers import released_epsilon
 from ultralytics_dp.accounting.ledger import Ledger
+from ultralytics_dp.cli import main, split_train_args
+from ultralytics_dp.integration.training_set import identify_all
 
 
 def yolo_dp(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +32,7 @@ def test_privacy_noise_reports_epsilon_steps_and_q(capsys):
     assert main(["privacy", "n=1000", "batch=50", "epochs=2", "delta=1e-5", "noise=1.1"]) == 0
     out = capsys.readouterr().out
     assert "q=0.05" in out and "40 steps" in out
-    expected = compute_epsilon(noise_multiplier=1.1, sample_rate=0.05, steps=40, delta=1e-5)
+    expected = released_epsilon(noise_multiplier=1.1, sample_rate=0.05, steps=40, delta=1e-5)
     assert f"epsilon={expected:.4f}" in out
 
 
@@ -37,8 +40,8 @@ def test_privacy_epsilon_reports_noise(capsys):
     assert main(["privacy", "n=1000", "batch=50", "epochs=2", "epsilon=2"]) == 0
     out = capsys.readouterr().out
     sigma = float(out.split("noise_multiplier=")[1].split()[0])
-    assert compute_epsilon(noise_multiplier=sigma, sample_rate=0.05, steps=40, delta=1e-5) <= 2.0
-    assert compute_epsilon(noise_multiplier=sigma - 0.01, sample_rate=0.05, steps=40, delta=1e-5) > 2.0
+    assert released_epsilon(noise_multiplier=sigma, sample_rate=0.05, steps=40, delta=1e-5) <= 2.0
+    assert released_epsilon(noise_multiplier=sigma - 0.01, sample_rate=0.05, steps=40, delta=1e-5) > 2.0
 
 
 @pytest.mark.parametrize(
@@ -135,13 +138,13 @@ def test_ledger_cli_reports_each_images_epsilon(tmp_path, capsys):
     book = Ledger(tmp_path / "l.sqlite")
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(4):
-        (images / f"{i}.png").write_bytes(bytes([i]) * 10)
-    hashes = book.record_hashes(sorted(images.iterdir()))
-    run = book.start_run(hashes[:3], fingerprint="v1", settings={"settings": {"epsilon": 1.0}, "noise_multiplier": 1.0,
+    for i in range(4):  # blank images (no content: never near-duplicates), each its own grey
+        Image.new("RGB", (8, 8), (40 * i, 40 * i, 40 * i)).save(images / f"{i}.png")
+    records = identify_all(sorted(images.iterdir()))
+    run = book.start_run(records[:3], fingerprint="v1", settings={"settings": {"epsilon": 1.0}, "noise_multiplier": 1.0,
                          "sample_rate": 0.1, "num_samples": 3}, delta=1e-5, description="toy")
     book.reserve(run, steps=10, noise_multiplier=1.0, sample_rate=0.1)
-    expected = compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5)
+    expected = released_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5)
     assert main(["ledger", "--json", f"ledger={tmp_path / 'l.sqlite'}"]) == 0
     report = json.loads(capsys.readouterr().out)
     (ds,) = report["datasets"]

@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ultralytics_dp.accounting.pld import compute_epsilon
 from ultralytics_dp.integration.checkpoint import read_dp_entry
 from ultralytics_dp.integration.private_step import private_gradient
 from ultralytics_dp.losses.batch import select
 from ultralytics_dp.mechanism.sampling import PoissonLoader
 
-from helpers import det_batch, ledger_steps, trainer_model
+from helpers import det_batch, ledger_steps, released_epsilon, trainer_model
 
 HARNESS = Path(__file__).parent / "cpu_ddp"
 NOISE_SEED, SIGMA, C, EXPECTED_BATCH = 7, 0.8, 0.05, 4.0
@@ -142,7 +141,7 @@ def test_a_private_run_through_ultralytics_ddp_launcher(tiny_det, tmp_path, mode
     assert abs(total - steps * n * q) < 4 * math.sqrt(steps * n * q * (1 - q))  # a Binomial(steps * N, q) draw
 
     assert (entry["num_samples"], entry["sample_rate"]) == (n, q)
-    single = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=q, steps=steps, delta=1e-3)
+    single = released_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=q, steps=steps, delta=1e-3)
     assert entry["epsilon"] == pytest.approx(single, rel=1e-9) and entry["epsilon"] <= 4.0
     assert ledger_steps(ledger) >= steps
     if mode == "attach":  # the launching process's object reports the run its workers trained
@@ -181,5 +180,5 @@ def test_a_multi_device_run_that_crashed_resumes_with_its_accountant(tiny_det, t
     assert [len(r["files"]) for r in ranks] == [4, 4] and ranks[0]["weights"] == ranks[1]["weights"]
     assert after["steps"] == 8 and after["noise_multiplier"] == before["noise_multiplier"]
     assert after["run_id"] == before["run_id"] and ledger_steps(ledger) >= 8
-    single = compute_epsilon(noise_multiplier=after["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    single = released_epsilon(noise_multiplier=after["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
     assert after["epsilon"] == pytest.approx(single, rel=1e-9) and after["epsilon"] <= 4.0

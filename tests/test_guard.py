@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
@@ -22,6 +23,7 @@ from ultralytics_dp import DifferentialPrivacy
 
 from ultralytics_dp.integration.guard import TRAINING_ARGS
 from ultralytics_dp.accounting.ledger import Ledger, version_fingerprint
+from ultralytics_dp.integration.training_set import identify_all
 from ultralytics_dp.integration.norms import to_group_norm
 
 from helpers import assert_refused, copy_dataset, ledger_steps, train_tiny
@@ -37,8 +39,8 @@ CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours
     "train_metrics", "train_results", "date", "version", "git", "license", "docs", "dp",
 }
 DP_ENTRY_KEYS = {
-    "settings", "epsilon", "noise_multiplier", "sample_rate", "num_samples", "steps", "stopped_by_budget",
-    "accountant", "accountant_state", "run_id", "privacy_unit", "version",
+    "settings", "epsilon", "epsilon_by_accountant", "noise_multiplier", "sample_rate", "num_samples", "steps",
+    "stopped_by_budget", "accountant", "accountant_state", "prv_accountant_version", "run_id", "privacy_unit", "version",
 }
 # attributes a trained model carries beyond a freshly built one (set by Ultralytics' trainer and
 # validator from public values: class count, an emptied criterion, the head's last validation shapes)
@@ -46,12 +48,14 @@ MODEL_ATTRIBUTES = {"": {"nc", "criterion"}, "model.23": {"strides", "anchors", 
 
 
 def private_secrets(data: Path, ledger: Path) -> list[str]:
-    """Hashes that identify the training set: the ledger's fingerprint and every training file's SHA-256."""
+    """Hashes that identify the training set: the ledger's fingerprint, and every training image's
+    identities (pixels, file bytes) and label file's SHA-256."""
     images = sorted((data.parent / "images" / "train").iterdir())
-    records = [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]
+    records = identify_all(images)
     labels = [(data.parent / "labels" / "train" / f"{p.stem}.txt") for p in images]
     version = version_fingerprint(records, [lb.read_text() if lb.exists() else "" for lb in labels])
-    return [version, *records, *(hashlib.sha256(lb.read_bytes()).hexdigest() for lb in labels if lb.exists())]
+    return [version, *(r.pixels for r in records), *(r.file for r in records),
+            *(hashlib.sha256(lb.read_bytes()).hexdigest() for lb in labels if lb.exists())]
 
 
 @pytest.mark.slow
@@ -226,7 +230,10 @@ def test_resume_must_use_the_runs_data_and_ledger(tiny_det, tmp_path):
     yaml = other / "data.yaml"
     yaml.write_text(yaml.read_text().replace(str(tiny_det.parent), str(other)))
     image = sorted((other / "images" / "train").iterdir())[0]
-    image.write_bytes(image.read_bytes()[:-4] + b"\0\0\0\0")
+    with Image.open(image) as opened:  # other pixels (other bytes alone are the same image)
+        pixels = opened.convert("RGB")
+    pixels.putpixel((0, 0), tuple(255 - v for v in pixels.getpixel((0, 0))))
+    pixels.save(image)
     attempts = [
         (dict(ledger=ledger), dict(data=str(yaml)), "training data of the run"),
         (dict(ledger=False), {}, "resume with the ledger"),

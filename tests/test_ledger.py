@@ -1,28 +1,45 @@
 """The per-record write-ahead ledger: each image's epsilon against an independent PLD composition,
-lifetime budgets across dataset versions (added images, relabelled copies, fractions), one delta,
-concurrency, refusal of other files, the upgrade of schema 1/2 ledgers, and read-only opening."""
+lifetime budgets across dataset versions (added images, relabelled copies, fractions), runs at any delta,
+records by their pixels and near-duplicates, concurrency, refusal of other files, the upgrade of schema 1
+to 3 ledgers, and read-only opening."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
-
+from PIL import Image
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy
-
-from ultralytics_dp.datasets import embedded as datasets
-from ultralytics_dp.config import DPConfig
 from ultralytics_dp.accounting.ledger import Ledger, version_fingerprint
 from ultralytics_dp.accounting.planning import plan_run
+from ultralytics_dp.accounting.records import THUMB, Record
+from ultralytics_dp.config import DPConfig
+from ultralytics_dp.datasets import embedded as datasets
+from ultralytics_dp.integration.training_set import identify_all
 
 from helpers import copy_dataset, ledger_steps
+
+
+def stand_in(name):
+    """A record for ``name``: its pixels and file keys derived from it, a random thumbnail (with
+    content, and far from any other stand-in's)."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    thumb = np.random.default_rng(seed).integers(0, 256, THUMB * THUMB, dtype=np.uint8).tobytes()
+    return Record(pixels=f"pixels-{name}", file=f"file-{name}", thumb=thumb)
+
+
+def stand_ins(names):
+    return [stand_in(n) for n in names]
 
 
 def pld(segments, delta):
@@ -33,8 +50,8 @@ def pld(segments, delta):
     return acc.get_epsilon(delta)
 
 
-def recorded_run(book, records, sigma, q, steps, budget=None, delta=1e-5):
-    uid = book.start_run(records, fingerprint="|".join(sorted(records)), settings={"settings": {"epsilon": 1.0}},
+def recorded_run(book, names, sigma, q, steps, budget=None, delta=1e-5):
+    uid = book.start_run(stand_ins(names), fingerprint="|".join(sorted(names)), settings={"settings": {"epsilon": 1.0}},
                          delta=delta, budget=budget)
     book.reserve(uid, steps=steps, noise_multiplier=sigma, sample_rate=q)
     return uid
@@ -54,7 +71,7 @@ def test_each_records_epsilon_composes_exactly_the_runs_that_included_it(tmp_pat
         ref = min(expected, key=lambda e: abs(e - eps))
         assert expected[ref] == n and ref * 0.995 <= eps <= ref * 1.01 + 0.01
     assert report["worst_epsilon"] == max(got) and report["new_records"] == 0
-    only = book.epsilons(c + ["never-seen"])
+    only = book.epsilons(stand_ins(c + ["never-seen"]))
     assert only["new_records"] == 1 and [r["records"] for r in only["histogram"]] == [1, 2]
     assert only["worst_epsilon"] == {n: e for e, n in got.items()}[2]  # c: the second run only
 
@@ -69,41 +86,40 @@ def test_budgets_follow_records_into_new_dataset_versions(tmp_path):
     v2 = v1 + [f"new{i}" for i in range(5)]
     with pytest.raises(ValueError, match=r"300 training image\(s\) past their lifetime budget"):  # even 1 step
         plan_run(DPConfig(epsilon=50, noise_multiplier=0.3), num_samples=305, batch=30, epochs=6,
-                 records=book.budgets(v2, None, 1e-5))
+                 records=book.budgets(stand_ins(v2), None, 1e-5))
     capped = plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=305, batch=30, epochs=6,
-                      records=book.budgets(v2, None, 1e-5))
+                      records=book.budgets(stand_ins(v2), None, 1e-5))
     assert 0 < capped.max_steps < capped.planned_steps
     assert pld([(1.8, 0.1, 60), (1.0, 30 / 305, capped.max_steps)], 1e-5) <= 2.5 * 1.005
     assert pld([(1.8, 0.1, 60), (1.0, 30 / 305, capped.max_steps + 2)], 1e-5) > 2.5
     disjoint = [f"other{i}" for i in range(300)]
-    assert book.budgets(disjoint, None, 1e-5) is None  # no budget was ever set on these records
+    assert book.budgets(stand_ins(disjoint), None, 1e-5) is None  # no budget was ever set on these records
     assert spent < 2.5
 
 
 def test_a_relabelled_copy_is_the_same_records(tiny_det, tmp_path):
-    book = Ledger(tmp_path / "l.sqlite")
     copy = copy_dataset(tiny_det, tmp_path)
     (copy.parent / "labels" / "train" / "00003.txt").write_text("7 0.5 0.5 0.2 0.2\n")
     original = sorted((tiny_det.parent / "images" / "train").iterdir())
     relabelled = sorted((copy.parent / "images" / "train").iterdir())
-    assert book.record_hashes(original) == book.record_hashes(relabelled)
+    assert identify_all(original) == identify_all(relabelled)
     labels = [p.read_text() for p in sorted((tiny_det.parent / "labels" / "train").glob("*.txt"))]
-    assert version_fingerprint(book.record_hashes(original), labels) != version_fingerprint(
-        book.record_hashes(original), labels[:3] + ["7 0.5 0.5 0.2 0.2\n"] + labels[4:])
+    assert version_fingerprint(identify_all(original), labels) != version_fingerprint(
+        identify_all(original), labels[:3] + ["7 0.5 0.5 0.2 0.2\n"] + labels[4:])
 
 
 def test_a_changed_image_of_the_same_size_and_time_is_a_new_record(tmp_path):
-    """Identity is the bytes, hashed every time: no cache keyed by size and modification time."""
+    """Identity is the pixels, decoded every time: no cache keyed by size and modification time."""
     import os
 
-    book = Ledger(tmp_path / "l.sqlite")
     image = tmp_path / "a.png"
-    image.write_bytes(b"x" * 100)
-    before = book.record_hashes([image])
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(image)
+    before = identify_all([image])
     stat = image.stat()
-    image.write_bytes(b"y" * 100)
+    Image.fromarray(np.full((8, 8, 3), 11, np.uint8)).save(image)
+    assert image.stat().st_size == stat.st_size
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert book.record_hashes([image]) != before
+    assert identify_all([image]) != before
 
 
 def test_a_run_started_later_on_the_same_records_limits_the_first_runs_next_epochs(tmp_path):
@@ -111,9 +127,9 @@ def test_a_run_started_later_on_the_same_records_limits_the_first_runs_next_epoc
     overlapping records that each fit alone never take a record past its budget together."""
     book = Ledger(tmp_path / "l.sqlite")
     shared = [f"s{i}" for i in range(10)]
-    first = book.start_run(shared, fingerprint="a", settings={}, delta=1e-5, budget=3.0)
+    first = book.start_run(stand_ins(shared), fingerprint="a", settings={}, delta=1e-5, budget=3.0)
     assert book.reserve(first, steps=20, noise_multiplier=1.5, sample_rate=0.1) == 20
-    second = book.start_run(shared, fingerprint="b", settings={}, delta=1e-5)
+    second = book.start_run(stand_ins(shared), fingerprint="b", settings={}, delta=1e-5)
     assert book.reserve(second, steps=40, noise_multiplier=1.5, sample_rate=0.1) == 40
     granted = book.reserve(first, steps=40, noise_multiplier=1.5, sample_rate=0.1)
     assert granted < 40
@@ -121,14 +137,70 @@ def test_a_run_started_later_on_the_same_records_limits_the_first_runs_next_epoc
     assert pld([(1.5, 0.1, 60 + granted + 2)], 1e-5) > 3.0
 
 
-def test_one_delta_per_ledger(tmp_path):
+def test_runs_at_different_deltas_share_a_ledger_and_a_report_names_its_delta(tmp_path):
+    """A privacy loss distribution composes without a delta: runs at 1e-5 and 1e-6 on shared records
+    compose, and a record's epsilon is read at the delta asked (by default the smallest of the runs')."""
     book = Ledger(tmp_path / "l.sqlite")
-    recorded_run(book, ["x"], 1.0, 0.5, 3, delta=1e-5)
-    book.check_delta(1e-5)
-    with pytest.raises(ValueError, match="delta=1e-05"):
-        book.check_delta(1e-6)
-    with pytest.raises(ValueError, match="delta=1e-05"):
-        recorded_run(book, ["y"], 1.0, 0.5, 3, delta=1e-6)
+    recorded_run(book, ["x", "y"], 1.0, 0.5, 3, delta=1e-5)
+    recorded_run(book, ["y"], 1.2, 0.4, 4, delta=1e-6)
+    both = [(1.0, 0.5, 3), (1.2, 0.4, 4)]
+    default = book.epsilons(stand_ins(["y"]))
+    assert default["delta"] == 1e-6 and book.delta() == 1e-6
+    assert pld(both, 1e-6) * 0.999 <= default["worst_epsilon"] <= pld(both, 1e-6) * 1.01
+    at = book.epsilons(stand_ins(["y"]), delta=1e-4)
+    assert at["delta"] == 1e-4 and pld(both, 1e-4) * 0.999 <= at["worst_epsilon"] <= pld(both, 1e-4) * 1.01
+    assert book.summary(delta=1e-4)["worst_epsilon"] == at["worst_epsilon"]
+    assert [r["delta"] for ds in book.summary()["datasets"] for r in ds["runs"]] == [1e-5, 1e-6]
+
+
+def test_a_schema_3_ledger_is_upgraded_and_its_records_keep_their_budget(tiny_det, tmp_path):
+    """Schema 3 kept one delta per ledger (in meta) and knew records by their file's bytes only: each
+    old run takes that delta, and an image it knew by its bytes is still that record (not a new one)."""
+    images = sorted((tiny_det.parent / "images" / "train").iterdir())[:4]
+    path = tmp_path / "v3.sqlite"
+    book = Ledger(path)
+    uid = book.start_run(identify_all(images), fingerprint="v", settings={}, delta=1e-5)
+    book.reserve(uid, steps=3, noise_multiplier=1.0, sample_rate=0.5)
+    with sqlite3.connect(path) as db:  # back to schema 3, as that version wrote it
+        db.execute("ALTER TABLE runs DROP COLUMN delta")
+        for index in ("records_pixels", "records_mean"):
+            db.execute(f"DROP INDEX {index}")
+        for column in ("pixels", "thumb", "mean"):
+            db.execute(f"ALTER TABLE records DROP COLUMN {column}")
+        db.execute("UPDATE meta SET value='ultralytics-dp-ledger/3' WHERE key='schema'")
+        db.execute("INSERT INTO meta VALUES ('delta', '1e-05')")
+    upgraded = Ledger(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "ultralytics-dp-ledger/4"
+        assert db.execute("SELECT delta FROM runs").fetchall() == [(1e-5,)]
+    report = upgraded.epsilons(identify_all(images))
+    assert report["new_records"] == 0 and report["delta"] == 1e-5
+    assert report["worst_epsilon"] == pytest.approx(pld([(1.0, 0.5, 3)], 1e-5), rel=0.01)
+    upgraded.start_run(identify_all(images[:2]), fingerprint="w", settings={}, delta=1e-5)  # known: take pixels
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*), COUNT(pixels) FROM records").fetchone() == (4, 2)
+
+
+def test_a_re_encoded_image_spends_the_budget_of_the_record_it_copies(tiny_det, tmp_path):
+    """A lossless re-encode is the same record (its pixels); a lossy re-save of an image with content
+    is a near-duplicate and counts as the record it copies; another image is a new record."""
+    train = sorted((tiny_det.parent / "images" / "train").iterdir())
+    records = identify_all(train)
+    book = Ledger(tmp_path / "l.sqlite")
+    uid = book.start_run(records, fingerprint="v", settings={}, delta=1e-5)
+    book.reserve(uid, steps=3, noise_multiplier=1.0, sample_rate=0.5)
+    spent = book.epsilons(records)["worst_epsilon"]
+    content = next(p for p, r in zip(train, records) if r.has_content)
+    with Image.open(content) as image:
+        image.convert("RGB").save(tmp_path / "lossless.png", compress_level=1)
+        image.convert("RGB").save(tmp_path / "lossy.jpg", quality=90)
+    copies = identify_all([tmp_path / "lossless.png", tmp_path / "lossy.jpg"])
+    assert copies[1].pixels not in {r.pixels for r in records}
+    report = book.epsilons(copies)
+    assert report["new_records"] == 0 and report["worst_epsilon"] == spent
+    other = sorted((tiny_det.parent / "images" / "val").iterdir())
+    fresh = next(r for r in identify_all(other) if r.has_content)
+    assert book.epsilons([fresh])["new_records"] == 1
 
 
 def private_run(data, tmp_path, name, **kwargs):
@@ -184,8 +256,9 @@ APPEND = textwrap.dedent(
     import sys
     from ultralytics_dp.accounting.ledger import Ledger
     book = Ledger(sys.argv[1])
+    from test_ledger import stand_ins
     mine = [f"{sys.argv[2]}-{i}" for i in range(50)]
-    run = book.start_run(["shared-0", "shared-1", *mine], fingerprint=sys.argv[2], settings={}, delta=1e-5)
+    run = book.start_run(stand_ins(["shared-0", "shared-1", *mine]), fingerprint=sys.argv[2], settings={}, delta=1e-5)
     for _ in range(40):
         book.reserve(run, steps=1, noise_multiplier=1.0, sample_rate=0.1)
     """
@@ -195,7 +268,8 @@ APPEND = textwrap.dedent(
 def test_two_processes_on_overlapping_data_lose_no_ledger_update(tmp_path):
     path = tmp_path / "ledger.sqlite"
     Ledger(path)
-    procs = [subprocess.Popen([sys.executable, "-c", APPEND, str(path), str(i)]) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", APPEND, str(path), str(i)], cwd=Path(__file__).parent)
+             for i in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*), SUM(steps) FROM spends").fetchone() == (80, 80)
@@ -247,11 +321,11 @@ def test_a_schema_1_ledger_is_upgraded_and_its_runs_count_for_every_image(tmp_pa
     book = Ledger(path)
     old = pld([(1.0, 0.1, 50)], 1e-5)
     assert book.epsilons()["worst_epsilon"] == pytest.approx(old, rel=0.01)  # no known image, still spent
-    report = book.epsilons(["never-seen"])
+    report = book.epsilons(stand_ins(["never-seen"]))
     assert report["new_records"] == 1 and report["worst_epsilon"] == pytest.approx(old, rel=0.01)
     assert [r["steps"] for r in book.summary()["legacy_runs"]] == [50]
     recorded_run(book, ["x"], 1.0, 0.1, 5)
-    assert book.epsilons(["x"])["worst_epsilon"] == pytest.approx(pld([(1.0, 0.1, 55)], 1e-5), rel=0.01)
+    assert book.epsilons(stand_ins(["x"]))["worst_epsilon"] == pytest.approx(pld([(1.0, 0.1, 55)], 1e-5), rel=0.01)
     with pytest.raises(ValueError, match="lifetime budget"):  # the old dataset's budget guards every image
         plan_run(DPConfig(epsilon=50, noise_multiplier=0.3), num_samples=1000, batch=100, epochs=2,
-                 records=book.budgets(["y"], None, 1e-5))
+                 records=book.budgets(stand_ins(["y"]), None, 1e-5))

@@ -24,7 +24,7 @@ from ultralytics.utils import YAML
 from ultralytics.utils.callbacks import base
 
 from ultralytics_dp.accounting.ledger import Ledger
-from ultralytics_dp.accounting.pld import compute_epsilon
+from helpers import released_epsilon
 from ultralytics_dp.config import SETTINGS
 from ultralytics_dp.integration import keys, plugin
 
@@ -211,7 +211,7 @@ def test_stock_command_trains_privately_and_records_what_it_used(tiny_det, tmp_p
     run = tmp_path / "run"
     entry = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
     assert entry["steps"] == 8 and entry["settings"]["max_grad_norm"] == 0.5
-    expected = compute_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
+    expected = released_epsilon(noise_multiplier=entry["noise_multiplier"], sample_rate=0.25, steps=8, delta=1e-3)
     assert entry["epsilon"] == pytest.approx(expected) and entry["epsilon"] <= 8
     assert ledger_steps(ledger) == 8
 
@@ -296,7 +296,7 @@ def test_resume_from_the_stock_command_continues_the_accountant(tiny_det, tmp_pa
     yolo(f"yolo train resume model={last} ledger={ledger}")  # no DP key but the ledger's path (local)
     after = torch.load(last, map_location="cpu", weights_only=False)["dp"]
     assert after["run_id"] == before["run_id"] and after["steps"] == 8
-    assert after["epsilon"] == pytest.approx(compute_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=8,
+    assert after["epsilon"] == pytest.approx(released_epsilon(noise_multiplier=1.0, sample_rate=0.25, steps=8,
                                                              delta=1e-3))
     assert ledger_steps(ledger) == 8
 

@@ -1,11 +1,14 @@
-"""The training set is checked before any step: bad labels, dropped images, too few images
-(each refused in one line, nothing spent, recorded or written)."""
+"""The training set is checked before any step: bad labels, dropped images, too few images, an
+image twice or in the validation set, by its pixels or as a near-duplicate (each refused in one
+line, nothing spent, recorded or written)."""
 
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from helpers import assert_refused, copy_dataset
+from ultralytics_dp.integration.training_set import check_distinct_images, identify_all
 
 
 @pytest.mark.slow
@@ -125,3 +128,46 @@ def test_a_box_a_hair_outside_the_image_trains_as_in_ultralytics(tiny_det, tmp_p
     assert dp.steps > 0
     (yaml.parent / "labels" / "train" / "00003.txt").write_text("3 0.5 0.5 1.02 0.1\n")
     assert_refused(tmp_path / "refused", yaml, "normalised")
+
+
+def _resaved(source, target, **save):
+    """``source``'s pixels written to ``target`` by PIL with other settings (other bytes)."""
+    with Image.open(source) as image:
+        image.convert("RGB").save(target, **save)
+
+
+def test_an_image_is_its_pixels_and_near_duplicates_of_training_images_are_refused(tiny_det, tmp_path):
+    train = sorted((tiny_det.parent / "images" / "train").iterdir())
+    val = sorted((tiny_det.parent / "images" / "val").iterdir())
+    train_ids, val_ids = identify_all(train), identify_all(val)
+    check_distinct_images(train, train_ids, val, val_ids)  # the embedded set itself: no false positive
+    content = next(p for p, r in zip(train, train_ids) if r.has_content)
+    png = tmp_path / "copy.png"  # the same pixels, other bytes: another PNG writer's settings and metadata
+    _resaved(content, png, format="PNG", compress_level=1, pnginfo=_metadata())
+    assert png.read_bytes() != content.read_bytes()
+    assert identify_all([png])[0].pixels == identify_all([content])[0].pixels
+    with pytest.raises(ValueError, match="validation set shares images"):
+        check_distinct_images(train, train_ids, [*val, png], [*val_ids, *identify_all([png])])
+    jpeg = tmp_path / "copy.jpg"  # lossy: other pixels, a near-duplicate
+    _resaved(content, jpeg, format="JPEG", quality=90)
+    assert identify_all([jpeg])[0].pixels != identify_all([content])[0].pixels
+    with pytest.raises(ValueError, match=f"near-duplicate of the training image {content}"):
+        check_distinct_images(train, train_ids, [*val, jpeg], [*val_ids, *identify_all([jpeg])])
+
+
+def _metadata():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "another writer")
+    return info
+
+
+@pytest.mark.slow
+def test_a_validation_image_re_encoded_from_a_training_image_is_refused(tiny_det, tmp_path):
+    yaml = copy_dataset(tiny_det, tmp_path)
+    train_image = sorted((yaml.parent / "images" / "train").iterdir())[3]
+    val_image = sorted((yaml.parent / "images" / "val").iterdir())[0]
+    _resaved(train_image, val_image, format="PNG", compress_level=1, pnginfo=_metadata())
+    assert val_image.read_bytes() != train_image.read_bytes()
+    assert_refused(tmp_path, yaml, "validation set shares images with the training set")

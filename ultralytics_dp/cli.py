@@ -29,7 +29,7 @@ Usage:
           model=yolo26n.yaml data=digits-det epochs=10 imgsz=128 batch=64 ...
       private training (the stock `yolo train ... epsilon=...` does the same); every other key is
       an Ultralytics training key, batch is the expected (Poisson) batch size
-  yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]
+  yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER] [delta=D]
       every training image's epsilon (the worst, a histogram), each dataset version and its runs;
       with records=, the epsilon of the images in FOLDER (the worst, and how many are new)
   yolo-dp report path/to/weights.pt
@@ -81,7 +81,8 @@ def _number(pairs: dict[str, str], key: str, kind: Callable[[str], Any] = float,
 def privacy(args: list[str]) -> int:
     """``yolo-dp privacy``: like TF Privacy's compute_dp_sgd_privacy, for a planned run, with the
     same checks as ``train`` (the settings' own, delta < 1/N, batch <= N) before anything prints."""
-    from .accounting.pld import compute_epsilon, get_noise_multiplier, plan
+    from .accounting import accountant
+    from .accounting.pld import plan
 
     pairs = parse_pairs(args, {"n", "batch", "epochs", "delta", "noise", "epsilon"}, "privacy")
     if ("noise" in pairs) == ("epsilon" in pairs):
@@ -96,13 +97,15 @@ def privacy(args: list[str]) -> int:
     q, steps = plan(num_samples=n, batch_size=batch, epochs=epochs)
     checks.delta("delta", delta, n)
     if sigma is None:
-        sigma = get_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
-    eps = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+        sigma = accountant.noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
+    released = accountant.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    eps, bounds = released.epsilon, ", ".join(f"{k} {v:.4f}" for k, v in released.by_accountant.items())
     print(f"dataset n={n}, expected batch {batch:g} -> sampling rate q={q:.6g}, {steps} steps, delta={delta:g}")
     if target is None:
-        print(f"noise_multiplier={sigma:g} spends epsilon={eps:.4f} (PRV upper bound)")
+        print(f"noise_multiplier={sigma:g} spends epsilon={eps:.4f} (the larger upper bound of {bounds})")
     else:
-        print(f"epsilon={target:g} needs noise_multiplier={sigma:.4f} (spends {eps:.4f})")
+        print(f"epsilon={target:g} needs noise_multiplier={sigma:.4f} (spends {eps:.4f}: the larger upper bound of "
+              f"{bounds})")
     return 0
 
 
@@ -160,14 +163,18 @@ def train(args: list[str]) -> int:
 
 
 def ledger(args: list[str]) -> int:
-    """``yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER]``: per-record epsilon, versions, runs."""
+    """``yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER] [delta=D]``: per-record epsilon (at D,
+    by default the smallest delta of the runs), versions, runs."""
     import json
 
     from .accounting.ledger import Ledger
 
     as_json = "--json" in args
-    pairs = parse_pairs([a for a in args if a != "--json"], {"ledger", "records"}, "ledger")
+    pairs = parse_pairs([a for a in args if a != "--json"], {"ledger", "records", "delta"}, "ledger")
     book = Ledger(pairs.get("ledger"), create=False)
+    delta = _number(pairs, "delta") if "delta" in pairs else None
+    if delta is not None:
+        check_setting("delta", delta)
     if "records" in pairs:
         from ultralytics.data.utils import IMG_FORMATS
 
@@ -175,14 +182,21 @@ def ledger(args: list[str]) -> int:
         if not folder.is_dir():
             raise UsageError(f"records= must be a folder of images, got {folder}")
         images = sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        report = {"records": str(folder), "images": len(images), **book.epsilons(book.record_hashes(images))}
+        from .integration.training_set import identify_all
+
+        report = {"records": str(folder), "images": len(images), **book.epsilons(identify_all(images), delta)}
     else:
-        report = {"ledger": str(book.path), **book.summary()}
+        report = {"ledger": str(book.path), **book.summary(delta)}
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
     head = f"{report['images']} images in {folder}" if "records" in pairs else f"ledger {book.path}"
-    print(f"{head}: worst epsilon={report['worst_epsilon']:.4f} per image at delta={report['delta']}, "
+    if report["delta"] is None:
+        at = "any delta (no run recorded)"
+    else:
+        at = f"delta={report['delta']:g}" + ("" if delta is not None else " (the smallest of the runs' deltas; delta= "
+                                                                          "for another)")
+    print(f"{head}: worst epsilon={report['worst_epsilon']:.4f} per image at {at}, "
           f"{report['new_records']} never trained on")
     for row in report["histogram"]:
         print(f"  epsilon={row['epsilon']:.4f}: {row['records']} image(s)")

@@ -1,23 +1,30 @@
 """A write-ahead privacy ledger per record: every run, the records it sampled from, and its steps.
 
-Privacy spent is never refunded, and it is spent per record: one training image. A record's
-identity is the SHA-256 of its image file's bytes, so relabelling an image, moving it to another
-class folder or adding it to a new dataset version keeps the same record (a re-encoded or resized
-copy is a different file, hence a different record). The ledger stores, per run, its (sigma, q,
-steps) segments and the set of records it sampled from (a membership table of record hashes; no
-image or label). The epsilon of a record is the PRV composition of every run that included it, at
-the ledger's one delta (its first run's): records included by the same set of runs share one
-composition, so the cost grows with the number of distinct run combinations, not of images.
+Privacy spent is never refunded, and it is spent per record: one training image. A record is
+its image (``records``): the SHA-256 of its decoded pixels, so relabelling an image, moving it to
+another class folder, adding it to a new dataset version or re-encoding it losslessly keeps the
+same record. An image the ledger has not seen by its pixels is the record a ledger of schema 3 or
+before knew by its file's bytes, if any, else a record it knows that it near-duplicates (a
+re-saved, slightly resized or recoloured copy: it spends that record's budget, the conservative
+choice), else a new record. The ledger stores, per run, its (sigma, q, steps) segments and the set
+of records it sampled from (a membership table of record identities and thumbnails; no
+image or label), and each run's delta. The epsilon of a record is the composition of every run
+that included it (``accountant.release``: the larger of two accountants' upper bounds), evaluated
+at the delta the question names: a privacy loss distribution composes without a delta, so runs at
+different deltas share one ledger; a run checks its ``dataset_budget`` at its own delta, and a
+report states the delta it used (by default the smallest of the runs'). Records included by the
+same set of runs share one composition, so the cost grows with the number of distinct run
+combinations, not of images.
 
 A record's lifetime budget is the smallest ``dataset_budget`` set on any run that included it.
 Steps are recorded *before* they are taken (``reserve``), durably: a process killed at any moment
 never leaves the ledger below what was spent. Writes are ``BEGIN IMMEDIATE`` transactions, so
 concurrent runs lose no update, and ``reserve`` grants an epoch's steps only as far as every
 record of the run stays within its budget, counting runs that started since this one was planned.
-Image files are hashed from their bytes every time (a cache keyed by size and modification time
-can be fooled by a same-size file whose time was kept).
+Images are decoded and hashed every time (a cache keyed by size and modification time can be
+fooled by a same-size file whose time was kept).
 
-Record hashes and dataset fingerprints never leave this file: anyone holding the data could
+Record identities, thumbnails and dataset fingerprints never leave this file: anyone holding the data could
 recompute them and test membership. A run is known outside the ledger only by a random id (UUID4).
 Runs from ledgers of schema 1 and 2 (whole-dataset fingerprints, no record identities) are kept as
 *legacy* runs that count for every record: an over-count, never an under-count.
@@ -37,19 +44,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .pld import Segment, compose
+from .accountant import release
+from .pld import Segment
+from .records import NEAR, Record, near_pairs
 from .planning import BudgetGroup, RecordBudgets
 
-SCHEMA = "ultralytics-dp-ledger/3"
+SCHEMA = "ultralytics-dp-ledger/4"
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL, pixels TEXT, thumb BLOB,
+    mean REAL);
+CREATE UNIQUE INDEX IF NOT EXISTS records_pixels ON records(pixels);
+CREATE INDEX IF NOT EXISTS records_mean ON records(mean);
 CREATE TABLE IF NOT EXISTS datasets (
     id INTEGER PRIMARY KEY, fingerprint TEXT UNIQUE NOT NULL, num_samples INTEGER NOT NULL, created REAL NOT NULL,
     description TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT UNIQUE NOT NULL, dataset_id INTEGER REFERENCES datasets(id),
-    created REAL NOT NULL, name TEXT, settings TEXT NOT NULL, budget REAL, legacy INTEGER NOT NULL DEFAULT 0);
+    created REAL NOT NULL, name TEXT, settings TEXT NOT NULL, budget REAL, legacy INTEGER NOT NULL DEFAULT 0,
+    delta REAL);
 CREATE TABLE IF NOT EXISTS membership (
     run_id INTEGER NOT NULL, record_id INTEGER NOT NULL, PRIMARY KEY (run_id, record_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS membership_record ON membership(record_id, run_id);
@@ -67,15 +80,15 @@ def default_path() -> Path:
     return Path(base) / "ultralytics_dp" / "ledger.sqlite"
 
 
-def version_fingerprint(records: Sequence[str], labels: Sequence[str]) -> str:
+def version_fingerprint(records: Sequence[Record], labels: Sequence[str]) -> str:
     """A dataset version: its records and their labels, as a set (order and file names do not matter)."""
-    pairs = sorted(hashlib.sha256(f"{r}\n{lb}".encode()).hexdigest() for r, lb in zip(records, labels))
+    pairs = sorted(hashlib.sha256(f"{r.pixels}\n{lb}".encode()).hexdigest() for r, lb in zip(records, labels))
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
 
 
 class Ledger:
     """The SQLite ledger at ``path`` (created if missing, unless ``create=False``; refused if it is
-    some other file; schema 1 and 2 ledgers are upgraded in place)."""
+    some other file; ledgers of schemas 1 to 3 are upgraded in place)."""
 
     def __init__(self, path: str | Path | None = None, *, create: bool = True) -> None:
         self.path = Path(path) if path else default_path()
@@ -93,6 +106,9 @@ class Ledger:
                 row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
                 if row and row[0] in ("ultralytics-dp-ledger/1", "ultralytics-dp-ledger/2"):
                     _upgrade_to_3(db)
+                    _upgrade_to_4(db)
+                elif row and row[0] == "ultralytics-dp-ledger/3":
+                    _upgrade_to_4(db)
                 elif existed and tables and (not row or row[0] != SCHEMA):
                     raise ValueError
                 for statement in _TABLES.split(";"):
@@ -121,46 +137,29 @@ class Ledger:
         finally:
             db.close()
 
-    # ------------------------------------------------------------------ record identities
-    @staticmethod
-    def record_hashes(images: Iterable[str | Path]) -> list[str]:
-        """The record identity of each image: the SHA-256 of its file's bytes (writes nothing)."""
-        return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in images]
-
     # ------------------------------------------------------------------ runs and spends
     def delta(self) -> float | None:
-        """The ledger's delta (its first run's), or None before any run."""
+        """The delta a report uses by default: the smallest of the recorded runs' (None before any run)."""
         with self._connect() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='delta'").fetchone()
-        return None if row is None else float(row[0])
+            return _smallest_delta(db)
 
-    def check_delta(self, delta: float) -> None:
-        """One delta per ledger: every record's epsilon is stated at it."""
-        known = self.delta()
-        if known is not None and known != delta:
-            raise ValueError(f"the ledger {self.path} states every image's epsilon at delta={known:g} (its first "
-                             f"run's), so every run recorded in it uses delta={known:g}; got delta={delta:g}")
-
-    def start_run(self, records: Sequence[str], *, fingerprint: str, settings: dict[str, Any], delta: float,
+    def start_run(self, records: Sequence[Record], *, fingerprint: str, settings: dict[str, Any], delta: float,
                   budget: float | None = None, name: str = "", description: str = "") -> str:
         """Record a run and the records it samples from, before its first step; returns its random id,
         the only link a checkpoint may carry."""
         uid = str(uuid.uuid4())
         with self._connect() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='delta'").fetchone()
-            if row is not None and float(row[0]) != delta:
-                raise ValueError(f"the ledger {self.path} accounts every record at delta={float(row[0]):g}")
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('delta', ?)", (repr(float(delta)),))
             db.execute("INSERT OR IGNORE INTO datasets (fingerprint, num_samples, created, description) "
                        "VALUES (?, ?, ?, ?)", (fingerprint, len(records), time.time(), description))
             dataset_id = db.execute("SELECT id FROM datasets WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
-            cur = db.execute("INSERT INTO runs (uid, dataset_id, created, name, settings, budget) VALUES (?, ?, ?, ?, ?, ?)",
-                             (uid, dataset_id, time.time(), name, json.dumps(settings, sort_keys=True), budget))
+            cur = db.execute("INSERT INTO runs (uid, dataset_id, created, name, settings, budget, delta) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (uid, dataset_id, time.time(), name, json.dumps(settings, sort_keys=True), budget,
+                              float(delta)))
             run_id = cur.lastrowid
-            db.executemany("INSERT OR IGNORE INTO records (sha256) VALUES (?)", ((r,) for r in records))
-            _stage(db, records)
-            db.execute("INSERT OR IGNORE INTO membership (run_id, record_id) SELECT ?, r.id FROM records r "
-                       "JOIN staged s ON r.sha256 = s.sha256", (run_id,))
+            ids = _resolve(db, records, create=True)
+            db.executemany("INSERT OR IGNORE INTO membership (run_id, record_id) VALUES (?, ?)",
+                           ((run_id, i) for i in set(ids)))
         return uid
 
     def run(self, uid: str | None) -> dict[str, Any] | None:
@@ -178,14 +177,12 @@ class Ledger:
         if steps <= 0:
             return 0
         with self._connect() as db:
-            row = db.execute("SELECT id, budget FROM runs WHERE uid=?", (uid,)).fetchone()
+            row = db.execute("SELECT id, budget, delta FROM runs WHERE uid=?", (uid,)).fetchone()
             if row is None:
                 raise ValueError(f"no run {uid} in ledger {self.path}")
-            run_id, budget = row
-            delta = float(db.execute("SELECT value FROM meta WHERE key='delta'").fetchone()[0])
-            members = [r[0] for r in db.execute(
-                "SELECT rec.sha256 FROM membership m JOIN records rec ON rec.id = m.record_id WHERE m.run_id=?", (run_id,))]
-            limits = _budgets(db, members, budget, delta)
+            run_id, budget, delta = row  # the run's budget is checked at its own delta
+            members = {r[0] for r in db.execute("SELECT record_id FROM membership WHERE run_id=?", (run_id,))}
+            limits = _budgets(db, members, 0, budget, delta)
             if limits is not None:
                 steps = limits.steps_within(noise_multiplier, sample_rate, steps)
             if steps:
@@ -194,64 +191,76 @@ class Ledger:
         return steps
 
     # ------------------------------------------------------------------ per-record epsilon
-    def budgets(self, records: Sequence[str], budget: float | None, delta: float) -> RecordBudgets | None:
+    def budgets(self, records: Sequence[Record], budget: float | None, delta: float) -> RecordBudgets | None:
         """This run's records that have a lifetime budget (from an earlier run, or ``budget`` now), grouped
-        by the runs that included them, at ``delta`` (the ledger's: see ``check_delta``), for
-        ``planning``. None if no record has one."""
+        by the runs that included them, at ``delta`` (the run's own), for ``planning``. None if no
+        record has one."""
         with self._connect() as db:
-            return _budgets(db, records, budget, delta)
+            ids = _resolve(db, records, create=False)
+            return _budgets(db, {i for i in ids if i is not None}, ids.count(None), budget, delta)
 
-    def epsilons(self, records: Sequence[str] | None = None) -> dict[str, Any]:
-        """Per-record epsilon of ``records`` (every recorded record if None): the worst, how many records
-        are at each distinct epsilon, and how many the ledger has never seen. Legacy runs count for
-        every image, seen or not: ``legacy_epsilon`` is what any image has spent at least."""
+    def epsilons(self, records: Sequence[Record] | None = None, delta: float | None = None) -> dict[str, Any]:
+        """Per-record epsilon of ``records`` (every recorded record if None) at ``delta`` (default: the
+        smallest delta of the ledger's runs): the worst, how many records are at each distinct epsilon,
+        and how many the ledger has never seen. Legacy runs count for every image, seen or not:
+        ``legacy_epsilon`` is what any image has spent at least."""
         with self._connect() as db:
-            groups, segments, _, unseen = _groups(db, records)
+            if records is None:
+                groups, segments, _, unseen = _groups(db, None, 0)
+            else:
+                ids = _resolve(db, records, create=False)
+                groups, segments, _, unseen = _groups(db, {i for i in ids if i is not None}, ids.count(None))
             legacy = [s for (r,) in db.execute("SELECT id FROM runs WHERE legacy=1") for s in segments[r]]
-        delta = self.delta()
+            delta = _smallest_delta(db) if delta is None else delta
         histogram: Counter = Counter()
         for signature, count in groups:
             spent = [s for r in signature for s in segments[r]]
-            histogram[round(compose(spent, delta), 6) if spent and delta else 0.0] += count
-        floor = round(compose(legacy, delta), 6) if legacy and delta else 0.0
+            histogram[round(release(spent, delta).epsilon, 6) if spent and delta else 0.0] += count
+        floor = round(release(legacy, delta).epsilon, 6) if legacy and delta else 0.0
         return {"delta": delta, "worst_epsilon": max(histogram, default=floor), "legacy_epsilon": floor,
                 "new_records": unseen, "histogram": [{"epsilon": e, "records": n} for e, n in sorted(histogram.items())]}
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, delta: float | None = None) -> dict[str, Any]:
         """Every dataset version with its runs and worst-record epsilon, and the whole ledger's
-        per-record histogram (for ``yolo-dp ledger``)."""
+        per-record histogram, at ``delta`` (default: the smallest of the runs'; for ``yolo-dp ledger``)."""
+        delta = self.delta() if delta is None else delta
         with self._connect() as db:
             datasets = db.execute("SELECT id, num_samples, description FROM datasets ORDER BY id").fetchall()
-            runs = db.execute("SELECT r.id, r.uid, r.dataset_id, r.name, r.settings, r.budget, r.legacy, "
+            runs = db.execute("SELECT r.id, r.uid, r.dataset_id, r.name, r.settings, r.budget, r.legacy, r.delta, "
                               "COALESCE(SUM(s.steps), 0) FROM runs r LEFT JOIN spends s ON s.run_id = r.id "
                               "GROUP BY r.id ORDER BY r.id").fetchall()
-            members = defaultdict(list)
-            for dataset_id, sha in db.execute("SELECT DISTINCT r.dataset_id, rec.sha256 FROM runs r JOIN membership m "
-                                              "ON m.run_id = r.id JOIN records rec ON rec.id = m.record_id"):
-                members[dataset_id].append(sha)
+            members: dict[int, set[int]] = defaultdict(set)
+            for dataset_id, record_id in db.execute("SELECT r.dataset_id, m.record_id FROM runs r JOIN membership m "
+                                                    "ON m.run_id = r.id"):
+                members[dataset_id].add(record_id)
         run_rows = [{"id": rid, "run_id": uid, "dataset": ds, "name": name, "budget": budget, "legacy": bool(legacy),
-                     "steps": steps, **json.loads(settings)}
-                    for rid, uid, ds, name, settings, budget, legacy, steps in runs]
+                     "delta": run_delta, "steps": steps, **json.loads(settings)}
+                    for rid, uid, ds, name, settings, budget, legacy, run_delta, steps in runs]
         versions = [{"id": ds, "description": description, "num_samples": n,
-                     "worst_epsilon": self.epsilons(members[ds])["worst_epsilon"],
+                     "worst_epsilon": self._worst(members[ds], delta),
                      "runs": [r for r in run_rows if r["dataset"] == ds]} for ds, n, description in datasets]
-        return {**self.epsilons(), "datasets": versions, "legacy_runs": [r for r in run_rows if r["legacy"]]}
+        return {**self.epsilons(None, delta), "datasets": versions,
+                "legacy_runs": [r for r in run_rows if r["legacy"]]}
+
+    def _worst(self, ids: set[int], delta: float | None) -> float:
+        """The largest epsilon of the records ``ids`` at ``delta``."""
+        with self._connect() as db:
+            groups, segments, _, _ = _groups(db, ids, 0)
+        spent = [[s for r in signature for s in segments[r]] for signature, _ in groups]
+        return max((round(release(s, delta).epsilon, 6) for s in spent if s and delta), default=0.0)
 
 
-def _groups(db: sqlite3.Connection, records: Sequence[str] | None) -> tuple[list, dict, dict, int]:
+def _groups(db: sqlite3.Connection, ids: set[int] | None, unseen: int) -> tuple[list, dict, dict, int]:
     """Records grouped by the runs that included them (legacy runs include every record):
-    [(run ids, count)], each run's segments, each run's budget, and how many of ``records`` (every
-    recorded one if None) the ledger has never seen."""
-    if records is None:
-        rows = db.execute("SELECT record_id, run_id FROM membership").fetchall()
+    [(run ids, count)], each run's segments, each run's budget, and ``unseen`` (records the ledger
+    has never seen, counted under the legacy runs only). ``ids`` None: every recorded record."""
+    if ids is None:
         ids = {r[0] for r in db.execute("SELECT id FROM records")}
-        unseen = 0
+        rows = db.execute("SELECT record_id, run_id FROM membership").fetchall()
     else:
-        _stage(db, records)
-        ids = {r[0] for r in db.execute("SELECT r.id FROM records r JOIN staged s ON r.sha256 = s.sha256")}
-        unseen = len(set(records)) - len(ids)
-        rows = db.execute("SELECT m.record_id, m.run_id FROM membership m JOIN records r ON m.record_id = r.id "
-                          "JOIN staged s ON r.sha256 = s.sha256").fetchall()
+        _stage_ids(db, ids)
+        rows = db.execute("SELECT m.record_id, m.run_id FROM membership m JOIN staged_ids s ON m.record_id = s.id"
+                          ).fetchall()
     legacy = {r[0] for r in db.execute("SELECT id FROM runs WHERE legacy=1")}
     segments: dict[int, list[Segment]] = defaultdict(list)
     for run_id, *seg in db.execute("SELECT run_id, noise_multiplier, sample_rate, steps FROM spends ORDER BY id"):
@@ -266,8 +275,9 @@ def _groups(db: sqlite3.Connection, records: Sequence[str] | None) -> tuple[list
     return sorted(signatures.items(), key=lambda kv: kv[1]), segments, budgets, unseen
 
 
-def _budgets(db: sqlite3.Connection, records: Sequence[str], budget: float | None, delta: float) -> RecordBudgets | None:
-    groups, segments, budgets, _ = _groups(db, records)
+def _budgets(db: sqlite3.Connection, ids: set[int], unseen: int, budget: float | None, delta: float
+             ) -> RecordBudgets | None:
+    groups, segments, budgets, _ = _groups(db, ids, unseen)
     out = []
     for signature, count in groups:
         limits = [b for b in (budget, *(budgets[r] for r in signature)) if b is not None]
@@ -276,23 +286,62 @@ def _budgets(db: sqlite3.Connection, records: Sequence[str], budget: float | Non
     return RecordBudgets(delta, tuple(out)) if out else None
 
 
-def _stage(db: sqlite3.Connection, records: Iterable[str]) -> None:
-    """Put ``records`` in the temporary table ``staged`` for joins (a set of 100k hashes is one statement)."""
-    db.execute("CREATE TEMP TABLE IF NOT EXISTS staged (sha256 TEXT PRIMARY KEY)")
+def _smallest_delta(db: sqlite3.Connection) -> float | None:
+    row = db.execute("SELECT MIN(delta) FROM runs").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def _stage_ids(db: sqlite3.Connection, ids: Iterable[int]) -> None:
+    """Put record ``ids`` in the temporary table ``staged_ids`` for joins."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_ids (id INTEGER PRIMARY KEY)")
+    db.execute("DELETE FROM staged_ids")
+    db.executemany("INSERT OR IGNORE INTO staged_ids VALUES (?)", ((i,) for i in ids))
+
+
+def _resolve(db: sqlite3.Connection, records: Sequence[Record], create: bool) -> list[int | None]:
+    """Each record's id in the ledger (see the module's docstring): by its pixels, else by its file's
+    bytes (a record of schema 3 or before, which then takes the pixels as well), else as a
+    near-duplicate of a record the ledger held before this call; else a new record (``create``) or
+    None (not seen)."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS staged (pos INTEGER PRIMARY KEY, pixels TEXT, file TEXT)")
     db.execute("DELETE FROM staged")
-    db.executemany("INSERT OR IGNORE INTO staged VALUES (?)", ((r,) for r in records))
+    db.executemany("INSERT INTO staged VALUES (?, ?, ?)", ((i, r.pixels, r.file) for i, r in enumerate(records)))
+    ids: list[int | None] = [None] * len(records)
+    for pos, record_id in db.execute("SELECT s.pos, r.id FROM staged s JOIN records r ON r.pixels = s.pixels"):
+        ids[pos] = record_id
+    for pos, record_id in db.execute("SELECT s.pos, r.id FROM staged s JOIN records r ON r.sha256 = s.file "
+                                     "WHERE r.pixels IS NULL"):
+        if ids[pos] is None:
+            ids[pos] = record_id
+            if create:
+                db.execute("UPDATE records SET pixels=?, thumb=?, mean=? WHERE id=? AND pixels IS NULL",
+                           (records[pos].pixels, records[pos].thumb, _mean(records[pos]), record_id))
+    unknown = [pos for pos, i in enumerate(ids) if i is None and records[pos].has_content]
+    if unknown:
+        means = [_mean(records[pos]) for pos in unknown]
+        known = db.execute("SELECT id, thumb FROM records WHERE thumb IS NOT NULL AND mean BETWEEN ? AND ?",
+                           (min(means) - NEAR, max(means) + NEAR)).fetchall()
+        for i, j in near_pairs([records[pos].thumb for pos in unknown], [t for _, t in known]):
+            ids[unknown[i]] = ids[unknown[i]] or known[j][0]
+    if create:
+        for pos, record in enumerate(records):
+            if ids[pos] is None:
+                db.execute("INSERT OR IGNORE INTO records (sha256, pixels, thumb, mean) VALUES (?, ?, ?, ?)",
+                           (record.file, record.pixels, record.thumb, _mean(record)))
+                ids[pos] = db.execute("SELECT id FROM records WHERE pixels=?", (record.pixels,)).fetchone()[0]
+    return ids
+
+
+def _mean(record: Record) -> float:
+    return sum(record.thumb) / len(record.thumb)
 
 
 def _upgrade_to_3(db: sqlite3.Connection) -> None:
-    """Schema 1/2 -> 3. Old runs have no record identities: they become legacy runs that count for
-    every record, with their dataset's budget; their spends keep their run ids. The ledger's delta is
-    the old datasets' delta (refused if they differ: no single delta would state them all)."""
-    deltas = {r[0] for r in db.execute("SELECT delta FROM datasets")}
-    if len(deltas) > 1:
-        raise ValueError(f"this ledger (schema 1/2) holds datasets at several deltas {sorted(deltas)}; the per-record "
-                         "ledger states every record at one delta: keep it as an archive and start a new ledger")
+    """Schema 1/2 -> 3 (with schema 4's per-run delta). Old runs have no record identities: they
+    become legacy runs that count for every record, with their dataset's budget and delta; their
+    spends keep their run ids."""
     columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-    old = db.execute("SELECT r.id, r.created, r.name, r.settings, d.budget, d.description"
+    old = db.execute("SELECT r.id, r.created, r.name, r.settings, d.budget, d.description, d.delta"
                      + (", r.uid" if "uid" in columns else ", NULL")
                      + " FROM runs r LEFT JOIN datasets d ON r.fingerprint = d.fingerprint").fetchall()
     db.execute("DROP TABLE runs")
@@ -301,10 +350,25 @@ def _upgrade_to_3(db: sqlite3.Connection) -> None:
     for statement in _TABLES.split(";"):
         if statement.strip():
             db.execute(statement)
-    for rid, created, name, settings, budget, description, uid in old:
-        db.execute("INSERT INTO runs (id, uid, dataset_id, created, name, settings, budget, legacy) "
-                   "VALUES (?, ?, NULL, ?, ?, ?, ?, 1)",
-                   (rid, uid or str(uuid.uuid4()), created, f"{name} ({description})", settings, budget))
-    if deltas:
-        db.execute("INSERT OR REPLACE INTO meta VALUES ('delta', ?)", (repr(float(deltas.pop())),))
+    for rid, created, name, settings, budget, description, delta, uid in old:
+        db.execute("INSERT INTO runs (id, uid, dataset_id, created, name, settings, budget, legacy, delta) "
+                   "VALUES (?, ?, NULL, ?, ?, ?, ?, 1, ?)",
+                   (rid, uid or str(uuid.uuid4()), created, f"{name} ({description})", settings, budget, delta))
+    db.execute("UPDATE meta SET value='ultralytics-dp-ledger/3' WHERE key='schema'")
+
+
+def _upgrade_to_4(db: sqlite3.Connection) -> None:
+    """Schema 3 -> 4: each run states its own delta, and records are known by their pixels too.
+    Schema 3 had one delta per ledger (its first run's, every run's since): it becomes every old
+    run's. Its records keep their file hashes; each takes its pixels the next time a run sees it."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    if "delta" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN delta REAL")
+    record_columns = {r[1] for r in db.execute("PRAGMA table_info(records)")}
+    for column, kind in (("pixels", "TEXT"), ("thumb", "BLOB"), ("mean", "REAL")):
+        if column not in record_columns:
+            db.execute(f"ALTER TABLE records ADD COLUMN {column} {kind}")
+    row = db.execute("SELECT value FROM meta WHERE key='delta'").fetchone()
+    if row is not None:
+        db.execute("UPDATE runs SET delta=? WHERE delta IS NULL", (float(row[0]),))
     db.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA,))

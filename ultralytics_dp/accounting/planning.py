@@ -3,13 +3,14 @@ training set's size, a resumed run's state and the ledger's view of the dataset.
 
 Privacy assumptions relied on here:
 
-* Poisson sampling at q = expected batch / N for every step (``sampling``); the planned steps are
-  ``ceil(epochs * N / batch)`` rounded to whole epochs (``accounting.plan``).
-* delta < 1/N: a delta of 1/N allows leaking one whole image.
-* The step budget is the largest T whose PRV upper bound on epsilon is <= the target; a resumed
-  run continues its own accountant, so its steps count against the same budget.
+* Poisson sampling at q = expected batch / N for every step (``mechanism.sampling``); the planned
+  steps are ``ceil(epochs * N / batch)`` rounded to whole epochs (``pld.plan``).
+* delta < 1/N: a delta of 1/N allows leaking one whole record.
+* The step budget is the largest T whose released epsilon (``accountant``: the larger of two
+  independent upper bounds) is <= the target; a resumed run continues its own accountant, so its
+  steps count against the same budget.
 * A record's lifetime budget (the smallest ``dataset_budget`` of any run that included it) composes
-  every run the ledger recorded on that record with this run's steps, at the ledger's delta.
+  every run the ledger recorded on that record with this run's steps, at this run's delta.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Sequence
 
 from .. import checks
 from ..config import DPConfig
-from .pld import Segment, compose, get_noise_multiplier, max_steps, plan
+from . import accountant, pld
+from .pld import Segment, plan
 
 
 @dataclass(frozen=True)
@@ -40,24 +42,33 @@ class RecordBudgets:
     groups: tuple[BudgetGroup, ...]
 
     def over(self, extra: Sequence[Segment]) -> tuple[int, float]:
-        """How many records ``extra`` more steps would take past their budget, and the worst epsilon
-        they would reach ((0, 0.0) if none)."""
+        """How many records ``extra`` more steps would take past their budget, and the worst released
+        epsilon they would reach ((0, 0.0) if none)."""
         count, worst = 0, 0.0
         for group in self.groups:
-            eps = compose([*group.segments, *extra], self.delta)
+            eps = accountant.release([*group.segments, *extra], self.delta).epsilon
             if eps > group.budget:
                 count, worst = count + group.records, max(worst, eps)
         return count, worst
 
     def steps_within(self, sigma: float, q: float, upper: int) -> int:
-        """Largest T <= upper whose addition keeps every record within its budget (bisection)."""
-        if self.over([Segment(sigma, q, upper)])[0] == 0:
-            return upper
-        lo, hi = 0, upper
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.over([Segment(sigma, q, mid)])[0] == 0 else (lo, mid)
-        return lo
+        """Largest T <= upper whose addition keeps every record within its budget: a bisection on
+        ``pld``, settled on the released figure (``accountant.settle`` scales the budgets down by the
+        accountants' gap while the bisection's answer does not fit)."""
+        def search(scale: float, cap: int | None) -> int:
+            def fits(t: int) -> bool:
+                return all(pld.compose([*g.segments, Segment(sigma, q, t)], self.delta) <= g.budget * scale
+                           for g in self.groups)
+
+            lo, hi = 0, cap
+            if fits(hi):
+                return hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            return lo
+
+        return accountant.settle(search, lambda t: self.over([Segment(sigma, q, t)])[0] == 0, 1.0, upper)
 
 
 @dataclass(frozen=True)
@@ -106,9 +117,10 @@ def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, r
         steps_taken, sigma = resumed["steps"], resumed["noise_multiplier"]
     calibrated = sigma is None
     if calibrated:
-        sigma = get_noise_multiplier(target_epsilon=config.epsilon, delta=config.delta, sample_rate=q, steps=planned)
-    budget = max_steps(target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
-                       sample_rate=q, limit=planned) - steps_taken  # the run never takes more than planned
+        sigma = accountant.noise_multiplier(target_epsilon=config.epsilon, delta=config.delta, sample_rate=q,
+                                            steps=planned)
+    budget = accountant.max_steps(target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
+                                  sample_rate=q, limit=planned) - steps_taken  # never more than planned
     if budget <= 0:
         raise ValueError(f"epsilon={config.epsilon:g} does not allow another step at noise_multiplier={sigma:g}, "
                          f"q={q:.4g}; raise epsilon or the noise multiplier")

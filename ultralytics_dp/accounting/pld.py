@@ -45,7 +45,7 @@ This module must not import Ultralytics.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
@@ -55,7 +55,7 @@ from scipy.fft import irfft, next_fast_len, rfft
 
 from .. import checks
 
-ACCOUNTANT_NAME = "prv"  # stored in checkpoints and ledgers: the privacy random variable (loss) accountant
+NAME = "pld"  # how the dp entry names this accountant's figure
 REL_ERROR = 0.002  # what ``_mesh`` aims the upper bound's excess over the true epsilon at, relative
 MIN_EPS_ERROR = 1e-6  # ... and absolute, where epsilon is near 0
 MAX_NOISE_MULTIPLIER = 1e4
@@ -385,18 +385,23 @@ def _upper(segments: Sequence[Segment], delta: float) -> tuple[float, float]:
     return epsilon, h
 
 
-def compose(segments: Sequence[Segment], delta: float) -> float:
-    """Upper bound on epsilon of composing ``segments`` (heterogeneous sigma and q) at ``delta``.
+def merge(segments: Iterable[Segment]) -> tuple[Segment, ...]:
+    """``segments`` with equal (sigma, q) merged, in order of first appearance, empty ones dropped.
 
-    Composition is commutative, so segments with the same (sigma, q) are merged first: the cost
-    grows with the number of distinct (sigma, q), not of segments (a ledger records one per epoch)."""
-    checks.delta("delta", delta)
+    Composition is commutative, so this changes no epsilon: the cost of composing grows with the
+    number of distinct (sigma, q), not of segments (a ledger records one per epoch)."""
     steps: dict[tuple[float, float], int] = {}
     for s in segments:
         _check_segment(s.noise_multiplier, s.sample_rate, s.steps)
         steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
-    merged = [Segment(float(sigma), float(q), int(t)) for (sigma, q), t in steps.items() if t > 0]
-    return _upper(merged, delta)[0] if merged else 0.0
+    return tuple(Segment(float(sigma), float(q), int(t)) for (sigma, q), t in steps.items() if t > 0)
+
+
+def compose(segments: Sequence[Segment], delta: float) -> float:
+    """Upper bound on epsilon of composing ``segments`` (heterogeneous sigma and q) at ``delta``."""
+    checks.delta("delta", delta)
+    merged = merge(segments)
+    return _upper(list(merged), delta)[0] if merged else 0.0
 
 
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -484,12 +489,12 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
         step = (math.log(target_epsilon) - y) / slope
         x_new = x + max(min(step, 0.25), -0.25)  # at most a factor 1.28 per move: grids grow fast as sigma falls
         points.append((x_new, math.log(max(rough(math.exp(x_new)), 1e-300))))
-    sigma = _round_up(math.exp(points[-1][0]))
+    sigma = round_up_sigma(math.exp(points[-1][0]))
     while (eps := upper(sigma)) > target_epsilon:  # the rigorous check; rare, a small raise
         if sigma >= MAX_NOISE_MULTIPLIER:
             raise ValueError(f"target_epsilon={target_epsilon} is unreachable with noise_multiplier<="
                              f"{MAX_NOISE_MULTIPLIER:g}")
-        sigma = _round_up(sigma * math.exp((math.log(eps) - math.log(target_epsilon)) / -slope) * (1 + 1e-4))
+        sigma = round_up_sigma(sigma * math.exp((math.log(eps) - math.log(target_epsilon)) / -slope) * (1 + 1e-4))
     # the steering figure is looser than the reported one, so that lands a few tenths of a percent
     # under the target: step down towards it on the reported figure itself while the gain is
     # predicted to exceed 0.1%, keeping only candidates it checks within the target
@@ -497,14 +502,14 @@ def get_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: fl
         shrink = math.log(target_epsilon / eps) / -slope if eps > 0 else 0.0
         if shrink < 1e-3:
             break
-        candidate = _round_up(sigma * math.exp(-0.8 * shrink))
+        candidate = round_up_sigma(sigma * math.exp(-0.8 * shrink))
         if candidate >= sigma or (candidate_eps := upper(candidate)) > target_epsilon:
             break
         sigma, eps = candidate, candidate_eps
     return sigma
 
 
-def _round_up(sigma: float) -> float:
+def round_up_sigma(sigma: float) -> float:
     """sigma rounded up to ``SIGMA_DIGITS`` significant digits (rounding up only adds noise)."""
     unit = 10.0 ** (math.floor(math.log10(sigma)) - SIGMA_DIGITS + 1)
     return float(f"{math.ceil(sigma / unit - 1e-9) * unit:.{SIGMA_DIGITS}g}")
@@ -681,45 +686,3 @@ def plan(*, num_samples: int, batch_size: float, epochs: float) -> tuple[float, 
         raise ValueError(f"expected batch {batch_size:g} exceeds the dataset size {num_samples}; lower batch")
     q = batch_size / num_samples
     return q, math.ceil(epochs * math.ceil(1 / q - 1e-9) - 1e-9)
-
-
-class PrivacyAccountant:
-    """Records the (sigma, q, steps) segments a run took and composes them into one epsilon.
-
-    Segments with different sigma or q (a resume, a schedule change) compose heterogeneously.
-    """
-
-    name = ACCOUNTANT_NAME
-
-    def __init__(self) -> None:
-        self.history: list[Segment] = []
-
-    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Record ``steps`` more steps of (sigma, q); merged into the last segment if it matches."""
-        _check_segment(noise_multiplier, sample_rate, steps)
-        last = self.history[-1] if self.history else None
-        if last and last.noise_multiplier == noise_multiplier and last.sample_rate == sample_rate:
-            self.history[-1] = Segment(noise_multiplier, sample_rate, last.steps + steps)
-        elif steps:
-            self.history.append(Segment(float(noise_multiplier), float(sample_rate), int(steps)))
-
-    @property
-    def steps(self) -> int:
-        return sum(s.steps for s in self.history)
-
-    def get_epsilon(self, delta: float) -> float:
-        """Upper bound on epsilon of everything recorded, at ``delta``."""
-        return compose(self.history, delta)
-
-    def state_dict(self) -> dict:
-        """Plain, JSON-serialisable state."""
-        return {"accountant": self.name, "history": [asdict(s) for s in self.history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("accountant") != self.name:
-            raise ValueError(f"state is from accountant {state.get('accountant')!r}, expected {self.name!r}")
-        history = []
-        for s in state["history"]:
-            _check_segment(s["noise_multiplier"], s["sample_rate"], s["steps"])
-            history.append(Segment(float(s["noise_multiplier"]), float(s["sample_rate"]), int(s["steps"])))
-        self.history = history

@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..accounting.ledger import Ledger
-from ..accounting.pld import ACCOUNTANT_NAME, PrivacyAccountant, epsilon_curve
+from ..accounting import accountant, prv
+from ..accounting.accountant import PrivacyAccountant, Released
+from ..accounting.pld import epsilon_curve
 from ..accounting.planning import Plan, plan_run
 from ..config import DPConfig
 from ..console import log, one_line, quiet_console
@@ -53,7 +55,7 @@ from .checkpoint import read_dp_entry, resumed_entry, summary_line, write_dp_ent
 from .guard import TrainerGuard, freeze_batchnorm
 from .privacy_plot import plot_privacy
 from .private_step import PrivateStep, resolve_grad_method
-from .training_set import check_distinct_images, check_training_set, image_files
+from .training_set import check_distinct_images, check_training_set, identify_all, image_files
 
 PRIVACY_UNIT = "image"
 EPSILON_METRIC = "dp/epsilon"
@@ -91,7 +93,7 @@ class DifferentialPrivacy:
         self.defaults = run_args.Defaults(self.config.augmult)
         self._args_ready = False  # defaults and neutralised arguments already in the trainer's arguments
         self._rewrite_args = False  # the trainer's arguments changed after Ultralytics wrote args.yaml
-        self._epsilon_cache: tuple[int, float] = (0, 0.0)
+        self._released: tuple[int, Released] | None = None  # (steps, what they release)
         self._curve: list[tuple[int, float]] = []  # (steps, epsilon upper bound) of the plan, for display
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
@@ -111,10 +113,16 @@ class DifferentialPrivacy:
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent so far at ``delta`` (PRV upper bound)."""
-        if self._epsilon_cache[0] != self.steps:
-            self._epsilon_cache = (self.steps, self.accountant.get_epsilon(self.delta))
-        return self._epsilon_cache[1]
+        """Epsilon spent so far at ``delta``: the larger of two independent upper bounds
+        (``accounting.accountant``)."""
+        return self.released.epsilon
+
+    @property
+    def released(self) -> Released:
+        """The released epsilon so far and each accountant's upper bound."""
+        if self._released is None or self._released[0] != self.steps:
+            self._released = (self.steps, self.accountant.epsilon(self.delta))
+        return self._released[1]
 
     @property
     def delta(self) -> float:
@@ -131,13 +139,15 @@ class DifferentialPrivacy:
         return {
             "settings": self.config.released(),
             "epsilon": self.epsilon,
+            "epsilon_by_accountant": dict(self.released.by_accountant),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": plan and plan.sample_rate,
             "num_samples": plan and plan.num_samples,
             "steps": self.steps,
             "stopped_by_budget": self.stopped_by_budget,
-            "accountant": ACCOUNTANT_NAME,
+            "accountant": accountant.NAME,
             "accountant_state": self.accountant.state_dict(),
+            "prv_accountant_version": prv.VERSION,
             "run_id": self.run_id,
             "privacy_unit": PRIVACY_UNIT,
             "version": __version__,
@@ -352,10 +362,12 @@ class DifferentialPrivacy:
         (the last step that can refuse it: nothing is recorded before). Returns what every rank needs."""
         with quiet_console():  # Ultralytics' file listing prints the images' mean size
             check_training_set(dataset)
-        check_distinct_images(dataset, trainer.test_loader.dataset)
+        files, val_files = image_files(dataset), image_files(trainer.test_loader.dataset)
+        records = identify_all(files)
+        check_distinct_images(files, records, val_files, identify_all(val_files))
         resume = self._resume
-        records, fingerprint = (run_ledger.records_of(self.ledger, dataset, self.delta, resume)
-                                if self.ledger is not None else ([], None))
+        fingerprint = (run_ledger.fingerprint_of(self.ledger, dataset, records, resume)
+                       if self.ledger is not None else None)
         plan = plan_run(
             self.config, num_samples=len(dataset), batch=trainer.args.batch, epochs=trainer.epochs, resumed=resume,
             records=self.ledger.budgets(records, self.config.dataset_budget, self.delta) if fingerprint else None,
@@ -395,9 +407,10 @@ class DifferentialPrivacy:
         return {"epsilon": spent, "step": self.steps, "of": self.max_steps}
 
     def _planned_curve(self, plan: Plan) -> list[tuple[int, float]]:
-        """Epsilon upper bounds at up to ``CURVE_POINTS`` step counts of the plan, from one
-        discretisation; empty if the run composes different (sigma, q) (the display is then the
-        exact epsilon of the last epoch)."""
+        """Epsilon upper bounds at up to ``CURVE_POINTS`` step counts of the plan, from one ``pld``
+        discretisation scaled by the accountants' ratio at the curve's end (so it never shows less
+        than the released figure there); empty if the run composes different (sigma, q) (the
+        display is then the released epsilon of the last epoch)."""
         history = self.accountant.history
         if any((s.noise_multiplier, s.sample_rate) != (plan.noise_multiplier, plan.sample_rate) for s in history):
             return []
@@ -405,7 +418,8 @@ class DifferentialPrivacy:
         grid = sorted({round(top * i / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)} | {plan.max_steps})
         eps = epsilon_curve(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=grid,
                             delta=self.delta)
-        return list(zip(grid, eps))
+        scale = accountant.curve_scale(plan.noise_multiplier, plan.sample_rate, top, self.delta) if top else 1.0
+        return [(t, e * scale) for t, e in zip(grid, eps)]
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         self.guard.on_train_epoch_end(trainer)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..accounting.pld import PrivacyAccountant
+from ..accounting.accountant import PrivacyAccountant
 from ..config import DPConfig
 
 from ..mechanism import distributed, ghost

@@ -8,22 +8,19 @@ random run id links a checkpoint to the ledger.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ..accounting.ledger import Ledger, version_fingerprint
 from ..accounting.planning import Plan
+from ..accounting.records import Record
 from ..config import DPConfig
 from .training_set import dataset_records
 
 
-def records_of(ledger: Ledger, dataset: Any, delta: float, resume: dict[str, Any] | None) -> tuple[list[str], str]:
-    """The training set's records and version fingerprint (records and labels), as ``ledger`` names
-    them. The ledger's delta must be this run's, and a resumed run must train on the data version it
-    was recorded with."""
-    images, labels = zip(*dataset_records(dataset))
-    records = ledger.record_hashes(images)
-    fingerprint = version_fingerprint(records, labels)
-    ledger.check_delta(delta)
+def fingerprint_of(ledger: Ledger, dataset: Any, records: Sequence[Record], resume: dict[str, Any] | None) -> str:
+    """The training set's version fingerprint (its ``records``, in the dataset's order, and their
+    labels); a resumed run must train on the data version it was recorded with."""
+    fingerprint = version_fingerprint(records, [label for _, label in dataset_records(dataset)])
     if resume is not None:
         run_id = resume["run_id"]
         recorded = ledger.run(run_id)
@@ -33,10 +30,10 @@ def records_of(ledger: Ledger, dataset: Any, delta: float, resume: dict[str, Any
         if recorded["fingerprint"] != fingerprint:
             raise ValueError("resume must train on the training data of the run it continues, and this data "
                              "differs (by the ledger's identity of the data); start a new run instead")
-    return records, fingerprint
+    return fingerprint
 
 
-def record_run(ledger: Ledger, records: list[str], fingerprint: str, *, config: DPConfig, plan: Plan,
+def record_run(ledger: Ledger, records: Sequence[Record], fingerprint: str, *, config: DPConfig, plan: Plan,
                name: str, description: str) -> str:
     """Record a new run and its records (before its first step); returns its random run id."""
     summary = {"settings": config.released(), "noise_multiplier": plan.noise_multiplier,

@@ -5,18 +5,24 @@ Privacy assumptions relied on here: the records are exactly the images the train
 ledger's record set wrong, so that is refused, as are labels outside the dataset's classes or not
 normalised. An image without labels is a valid record (background). The validation set is public
 (metrics, plots and best.pt selection are released without noise), so it must share no image with
-the training set, by path or by content. The same image twice in the training set would be one
-record (one person's image) sampled twice per step, with twice the sensitivity: refused too.
+the training set: not by decoded pixels, and not as a near-duplicate (``accounting.records``).
+The same image twice in the training set would be one record sampled twice per step, with twice
+the sensitivity: refused too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
-from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from PIL import Image
+
+from ..accounting.records import THUMB, Record, near_pairs
 
 
 def image_files(dataset: Any) -> list[str]:
@@ -35,27 +41,44 @@ def dataset_records(dataset: Any) -> list[tuple[str, str]]:
     return [(str(sample[0]), str(sample[1])) for sample in dataset.samples]
 
 
-def check_distinct_images(train: Any, val: Any) -> None:
-    """Refuse the same image (path or bytes) twice in the training set, or in both the training and
-    the validation set. Only files whose size occurs more than once are hashed, so this stays cheap;
-    one file named twice (a repeated path, a link) has the same bytes, so paths need no resolving."""
-    by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
-    for side, files in (("train", image_files(train)), ("val", image_files(val))):
-        for f in files:
-            by_size[os.stat(f).st_size].append((side, Path(f)))
-    for group in by_size.values():
-        if len(group) < 2 or {side for side, _ in group} == {"val"}:
-            continue
-        seen: dict[str, tuple[str, Path]] = {}
-        for side, path in group:
-            key = hashlib.sha256(path.read_bytes()).hexdigest()
-            if key in seen and "train" in (side, seen[key][0]):
-                if side == seen[key][0]:
-                    raise ValueError(f"the training set holds the same image twice ({seen[key][1]} and {path}); one "
-                                     "image is one record: remove the copy")
-                raise ValueError(f"the validation set shares images with the training set (e.g. {path}); the "
-                                 "validation set is released through metrics, plots and best.pt: use held-out images")
-            seen.setdefault(key, (side, path))
+def identify(path: str | Path) -> Record:
+    """The ledger's identities of one image file (``accounting.records``): its decoded pixels (8-bit
+    RGB, as stored: no EXIF rotation), its bytes and its 16x16 grayscale thumbnail."""
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        rgb = image.convert("RGB")
+    pixels = hashlib.sha256(f"{rgb.width}x{rgb.height}\n".encode() + rgb.tobytes()).hexdigest()
+    thumb = rgb.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX).tobytes()
+    return Record(pixels=pixels, file=hashlib.sha256(raw).hexdigest(), thumb=thumb)
+
+
+def identify_all(files: Sequence[str | Path]) -> list[Record]:
+    """``identify`` for each file, on up to 8 threads (decoding and hashing release the GIL)."""
+    if len(files) < 64:
+        return [identify(f) for f in files]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(identify, files, chunksize=32))
+
+
+def check_distinct_images(train: Sequence[str], train_records: Sequence[Record], val: Sequence[str],
+                          val_records: Sequence[Record]) -> None:
+    """Refuse the same image (by its decoded pixels) twice in the training set, or in both the
+    training and the validation set, and a validation image that is a near-duplicate of a training
+    image (``accounting.records``). Files and records are given in the same order."""
+    seen: dict[str, str] = {}
+    for path, record in zip(train, train_records):
+        if record.pixels in seen:
+            raise ValueError(f"the training set holds the same image twice ({seen[record.pixels]} and {path}); one "
+                             "image is one record: remove the copy")
+        seen[record.pixels] = path
+    for path, record in zip(val, val_records):
+        if record.pixels in seen:
+            raise ValueError(f"the validation set shares images with the training set (e.g. {path}); the "
+                             "validation set is released through metrics, plots and best.pt: use held-out images")
+    for i, j in near_pairs([r.thumb for r in train_records], [r.thumb for r in val_records]):
+        raise ValueError(f"the validation image {val[j]} is a near-duplicate of the training image {train[i]} (a "
+                         "re-encoded, slightly resized or recoloured copy); the validation set is released through "
+                         "metrics, plots and best.pt: use held-out images")
 
 
 SLACK = 0.01  # how far outside [0, 1] Ultralytics' label check lets a coordinate be
