@@ -1,16 +1,17 @@
 # The README's two commands. Both create or reuse .venv and install the package once per
-# pyproject.toml and setup.py content (the stamp file's name carries its hash), then run.
+# pyproject.toml, setup.py and constraints.txt content (the stamp file's name carries its hash), then
+# run. constraints.txt pins the exact versions this repository tests with; the package states ranges.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo test
+.PHONY: demo test test-compat
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	-$(PY) -m pip install -q --upgrade pip  # best effort: an old pip still installs the package
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -19,3 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# every Ultralytics release of the tested window's ends and two between, each in its own venv (benchmarks/COMPAT.md)
+test-compat: $(STAMP)
+	$(PY) benchmarks/compat.py

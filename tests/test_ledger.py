@@ -312,13 +312,24 @@ SCHEMA_1 = """
 """
 
 
+# schema 2: schema 1 with each run's random id
+SCHEMA_2 = (SCHEMA_1.replace("name TEXT, settings TEXT NOT NULL);", "name TEXT, settings TEXT NOT NULL, uid TEXT);")
+            .replace("ledger/1", "ledger/2")
+            .replace("(fingerprint, created, name, settings) VALUES ('d', 0, 'old', '{}')",
+                     "(fingerprint, created, name, settings, uid) VALUES ('d', 0, 'old', '{}', 'kept-uid')"))
+
+
 @pytest.mark.slow  # accounting searches take seconds
-def test_a_schema_1_ledger_is_upgraded_and_its_runs_count_for_every_image(tmp_path):
-    """Old runs have no record identities: never treated as empty, they count for every image."""
+@pytest.mark.parametrize("schema", [SCHEMA_1, SCHEMA_2], ids=["schema1", "schema2"])
+def test_a_schema_1_or_2_ledger_is_upgraded_and_its_runs_count_for_every_image(tmp_path, schema):
+    """Old runs have no record identities: never treated as empty, they count for every image, at
+    their dataset's delta; a schema-2 run keeps its random id."""
     path = tmp_path / "v1.sqlite"
     with sqlite3.connect(path) as db:
-        db.executescript(SCHEMA_1)
+        db.executescript(schema)
     book = Ledger(path)
+    (legacy,) = book.summary()["legacy_runs"]
+    assert legacy["delta"] == 1e-5 and (legacy["run_id"] == "kept-uid") == (schema is SCHEMA_2)
     old = pld([(1.0, 0.1, 50)], 1e-5)
     assert book.epsilons()["worst_epsilon"] == pytest.approx(old, rel=0.01)  # no known image, still spent
     report = book.epsilons(stand_ins(["never-seen"]))

@@ -43,9 +43,13 @@ def run_python(code: str, env: dict[str, str] | None = None, python: str = sys.e
                           cwd="/", timeout=900)
 
 
-def test_pyproject_pins_the_ultralytics_version_the_plugin_supports():
+def test_pyproject_states_the_window_of_ultralytics_releases_the_plugin_accepts():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"ultralytics=={keys.ULTRALYTICS_VERSION}" in deps
+    low, high = keys.ULTRALYTICS_WINDOW
+    assert f"ultralytics>={low},<={high}" in deps
+    assert not [d for d in deps if "==" in d]  # ranges in the metadata; exact versions in constraints.txt
+    assert keys.in_window(low) and keys.in_window(high) and not keys.in_window("8.4.186")
+    assert not keys.in_window("8.4.191") and not keys.in_window("8.4.190.dev0") and not keys.in_window("9")
 
 
 def test_every_dp_key_is_an_ultralytics_key_and_unset_ones_stay_out_of_a_trainers_args():
@@ -148,6 +152,16 @@ def test_resuming_a_hostile_checkpoint_under_safe_load_runs_none_of_its_code(tmp
     assert out.returncode != 0 and not marker.exists()  # the same as without the plugin
 
 
+def test_a_trainer_without_dp_keys_loads_none_of_the_dp_engine(tiny_det, tmp_path):
+    code = ("import sys, ultralytics_dp\nfrom ultralytics.models.yolo.detect import DetectionTrainer\n"
+            f"DetectionTrainer(overrides=dict(model='yolo26n.yaml', data={str(tiny_det)!r}, project={str(tmp_path)!r}))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ultralytics_dp.')"
+            " and m.split('.')[1] in ('accounting', 'mechanism', 'losses') or m.endswith('.adapter')))")
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_plugin_off_leaves_nothing_of_the_package_active():
     code = ("import sys, ultralytics_dp, ultralytics.engine.trainer as t, ultralytics.cfg as c\n"
             "print([type(f).__module__ for f in sys.meta_path if type(f).__module__.startswith('ultralytics_dp')],"
@@ -167,13 +181,16 @@ def test_plugin_off_rejects_the_dp_keys_and_trains_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_another_ultralytics_version_turns_the_keys_off_and_says_why(tmp_path):
+@pytest.mark.parametrize("quiet", [{}, {"YOLO_VERBOSE": "False"}, {"PYTHONWARNINGS": "ignore"}])
+def test_another_ultralytics_version_turns_the_keys_off_and_says_why(tmp_path, quiet):
     out = run_python(
         "import ultralytics_dp, ultralytics\nultralytics.__version__ = '0.0.1'\n"
         "from ultralytics.cfg import entrypoint\n"
-        f"entrypoint('yolo train model=yolo26n.yaml data=digits-det epochs=1 epsilon=8 project={tmp_path} name=r')")
+        f"entrypoint('yolo train model=yolo26n.yaml data=digits-det epochs=1 epsilon=8 project={tmp_path} name=r')",
+        env=quiet)
     assert out.returncode != 0
-    assert f"supports Ultralytics {keys.ULTRALYTICS_VERSION}, found 0.0.1" in out.stdout + out.stderr
+    low, high = keys.ULTRALYTICS_WINDOW
+    assert f"supports Ultralytics {low} to {high}, found 0.0.1" in out.stderr  # whatever the verbosity
     assert "'epsilon' is not a valid YOLO argument" in out.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -11,7 +11,9 @@ Each callback hands its job to the module that owns it:
 * on_pretrain_routine_end: the training set is checked (``training_set``) and named in the ledger
   (``run_ledger``), the run is planned (``accounting.planning.plan_run``: q, sigma, step budget)
   and ``guard.TrainerGuard`` installs the Poisson loader and the private step
-  (``private_step.PrivateStep``: budget, clipping, noise, ``.grad``, accounting, in one place).
+  (``private_step.PrivateStep``: budget, clipping, noise, ``.grad``, accounting, in one place);
+  before any of it, ``self_check`` verifies this Ultralytics' losses and the clipping on a few
+  training images.
 * on_train_batch_start / on_train_batch_end: the private step is on the model only in between.
 * on_train_epoch_end / on_model_save / on_train_end: epsilon as a metric, and the ``dp`` entry
   (``checkpoint``) in every checkpoint: each states every step taken before it was written; at the
@@ -50,11 +52,11 @@ from ..losses.per_image import check_supported
 from ..mechanism import distributed
 from ..mechanism.sampling import PoissonLoader
 from ..version import __version__
-from . import guard, keys, norms, offline, run_args, run_ledger
+from . import guard, keys, norms, offline, run_args, run_ledger, self_check
 from .checkpoint import read_dp_entry, resumed_entry, summary_line, write_dp_entry
 from .guard import TrainerGuard, freeze_batchnorm
 from .privacy_plot import plot_privacy
-from .private_step import PrivateStep, resolve_grad_method
+from .private_step import CLIPPED_SUM, PrivateStep, resolve_grad_method
 from .training_set import check_distinct_images, check_training_set, identify_all, image_files
 
 PRIVACY_UNIT = "image"
@@ -310,6 +312,7 @@ class DifferentialPrivacy:
                     "the model learns little; use norm='auto' or pretrained weights")
             freeze_batchnorm(trainer.model)
             method = resolve_grad_method(trainer.model, self.config.grad_method)
+            self_check.check(trainer, CLIPPED_SUM[method], self.config.max_grad_norm)  # before anything is recorded
             dataset = trainer.train_loader.dataset
             if len(dataset) < world:
                 raise ValueError(f"{len(dataset)} training images for {world} processes; train on fewer devices")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
@@ -212,11 +213,13 @@ def _private(explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _attached_in(callbacks: dict) -> Any:
-    """The ``DifferentialPrivacy`` whose callbacks are registered in ``callbacks``, if any."""
-    from .adapter import DifferentialPrivacy
-
+    """The ``DifferentialPrivacy`` whose callbacks are registered in ``callbacks``, if any. A process
+    that never imported the adapter has none, so a plain run does not import it (nor scipy)."""
+    adapter = sys.modules.get(f"{__package__}.adapter")
+    if adapter is None:
+        return None
     for fn in callbacks.get("on_pretrain_routine_end", []):
-        if isinstance(getattr(fn, "__self__", None), DifferentialPrivacy):
+        if isinstance(getattr(fn, "__self__", None), adapter.DifferentialPrivacy):
             return fn.__self__
     return None
 

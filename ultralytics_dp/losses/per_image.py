@@ -27,20 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from ultralytics.nn.tasks import ClassificationModel, DetectionModel, OBBModel, PoseModel, SegmentationModel
-from ultralytics.utils.loss import (E2EDetectLoss, E2ELoss, PoseLoss26, SegmentLoss26, v8DetectionLoss, v8OBBLoss,
-                                    v8PoseLoss, v8SegmentationLoss)
 from ultralytics.utils.tal import make_anchors, rbox2dist
 
-from . import pose as pose_loss, segment as segment_loss
-from ..mechanism.grad_sample import Batch, ModelCall, per_sample_grads
 from ..console import quiet_console
+from ..mechanism.grad_sample import Batch, ModelCall, per_sample_grads
+from . import pose as pose_loss
+from . import segment as segment_loss
+from .ultralytics_losses import (SEGMENT_LOSSES, E2EDetectLoss, E2ELoss, PoseLoss26, v8DetectionLoss, v8OBBLoss,
+                                 v8PoseLoss, v8SegmentationLoss)
 
 SUPPORTED = ("detection (YOLOv8/YOLO11/YOLO26 DetectionModel), oriented boxes (OBBModel), instance segmentation "
              "(SegmentationModel), pose (PoseModel) and classification (ClassificationModel)")
 _DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
 _DUMMY_RBOX = (0.5, 0.5, 1.0, 1.0, 0.0)
 # exact types: subclasses add terms not written here
-_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, v8SegmentationLoss, SegmentLoss26, v8PoseLoss, PoseLoss26)
+_BRANCH_LOSSES = (v8DetectionLoss, v8OBBLoss, *SEGMENT_LOSSES, v8PoseLoss, PoseLoss26)
 
 
 def _task(model: nn.Module) -> str:
