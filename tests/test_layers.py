@@ -26,7 +26,7 @@ FORBIDDEN = {
                  "ultralytics_dp.integration", "ultralytics_dp.tools", "ultralytics_dp.cli"},
 }
 STDLIB_ONLY = ("ultralytics_dp", "ultralytics_dp.integration", "ultralytics_dp.version", "ultralytics_dp.checks", "ultralytics_dp.config",
-               "ultralytics_dp.integration.plugin", "ultralytics_dp.integration.keys",
+               "ultralytics_dp.integration.plugin", "ultralytics_dp.integration.keys", "ultralytics_dp.integration.explicit",
                "ultralytics_dp.integration.hooks")
 
 

@@ -128,12 +128,12 @@ def split_train_args(args: list[str]) -> tuple[DPConfig, dict[str, Any]]:
             k, v = parse_key_value_pair(token)
             overrides[k] = v
     if "cfg" in overrides:  # a cfg= file holds defaults, DP keys included; the command line wins
-        from ultralytics.utils import YAML
+        from .integration.explicit import cfg_values
 
         path = Path(str(overrides.pop("cfg")))
         if not path.is_file():
             raise UsageError(f"cfg={path} does not exist")
-        for key, value in (YAML.load(path) or {}).items():
+        for key, value in cfg_values(str(path)).items():
             if key in SETTINGS:
                 dp.setdefault(key, str(value))
             else:

@@ -54,6 +54,7 @@ from ..mechanism.sampling import PoissonLoader
 from ..version import __version__
 from . import guard, keys, norms, offline, run_args, run_ledger, self_check
 from .checkpoint import read_dp_entry, resumed_entry, summary_line, write_dp_entry
+from .explicit import user_set
 from .guard import TrainerGuard, freeze_batchnorm
 from .privacy_plot import plot_privacy
 from .private_step import CLIPPED_SUM, PrivateStep, resolve_grad_method
@@ -181,11 +182,9 @@ class DifferentialPrivacy:
         train = model.train
 
         def private_train(*args: Any, **kwargs: Any) -> Any:
-            explicit = dict(kwargs)
-            if isinstance(kwargs.get("cfg"), (str, Path)) and Path(kwargs["cfg"]).is_file():
-                from ultralytics.utils import YAML
-
-                explicit = {**YAML.load(kwargs["cfg"]), **kwargs}
+            cfg = kwargs.get("cfg")  # a missing file is refused by prepare, in one line
+            explicit = user_set(cfg if isinstance(cfg, (str, Path)) and Path(cfg).is_file() else None, kwargs,
+                                defaults_count=True)
             kwargs = self.prepare(run_args.planned_args(model, explicit), explicit, kwargs)
             before = getattr(model, "trainer", None)
             with self.unstarted_run_cleanup():

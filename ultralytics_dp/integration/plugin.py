@@ -46,6 +46,7 @@ from typing import Any
 
 from ..config import SETTINGS
 from . import keys
+from .explicit import cfg_values, user_set
 from .hooks import when_imported
 
 ENV = "ULTRALYTICS_DP_PLUGIN"
@@ -114,7 +115,7 @@ def _private_init(init: Any, ucfg: ModuleType) -> Any:
     @functools.wraps(init)
     def __init__(trainer: Any, cfg: Any = ucfg.DEFAULT_CFG, overrides: dict | None = None,
                  _callbacks: dict | None = None) -> None:
-        explicit = _explicit(ucfg, cfg, overrides)
+        explicit = user_set(cfg, overrides, defaults_count=False)  # Model.train passes the user's keywords as overrides
         attached = _attached_in(_callbacks or {})
         if attached is not None:  # DifferentialPrivacy(...).attach(model), or a worker of a multi-device run
             # a worker of Ultralytics' launcher gets the launching process's object and its recorded keys
@@ -135,7 +136,7 @@ def _private_init(init: Any, ucfg: ModuleType) -> Any:
         # the trainer's arguments carry the released DP settings, never the local ledger path (set
         # to None here, so that a cfg file or dict given to the trainer cannot bring it back); only
         # keys the base configuration has (Ultralytics refuses others in a cfg file's overrides)
-        known = set(SETTINGS) if cfg is ucfg.DEFAULT_CFG else set(ucfg.cfg2dict(cfg)) & set(SETTINGS)
+        known = set(SETTINGS) if cfg is ucfg.DEFAULT_CFG else set(cfg_values(cfg)) & set(SETTINGS)
         recorded = {**dict.fromkeys(SETTINGS), **dp.recorded_settings()}
         overrides = {**{k: v for k, v in overrides.items() if k not in SETTINGS},
                      **{k: v for k, v in recorded.items() if k in known}}
@@ -172,13 +173,6 @@ def _default_callbacks() -> dict:
     from ultralytics.utils.callbacks.base import get_default_callbacks
 
     return get_default_callbacks()
-
-
-def _explicit(cfg: ModuleType, cfg_arg: Any, overrides: dict | None) -> dict[str, Any]:
-    """The arguments the user set: a cfg file's or dict's values that differ from Ultralytics'
-    defaults, then the overrides (``Model.train`` passes the user's keyword arguments there)."""
-    base = {} if cfg_arg is cfg.DEFAULT_CFG else cfg.cfg2dict(cfg_arg)
-    return {**{k: v for k, v in base.items() if v != cfg.DEFAULT_CFG_DICT.get(k)}, **(overrides or {})}
 
 
 def _private(explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
