@@ -92,3 +92,33 @@ def test_a_dp_entry_that_is_not_plain_data_is_refused_unrun(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a checkpoint"):
         read_dp_entry(tmp_path / "junk.pt")
+
+
+def _zip_pickle(path, pickled):
+    """A torch-style zip checkpoint whose data.pkl is the hand-written ``pickled`` bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+    return path
+
+
+def test_a_dp_entry_disguised_as_a_dict_or_blown_up_by_sharing_is_refused_quickly(tmp_path):
+    """A pickle can hand an OrderedDict instance its own ``items`` (so a method-based check sees it
+    empty) and hide placeholders in it; and 60 levels of a tuple holding the level below twice are
+    2^60 paths for a naive walk. Both are refused at once, in one line."""
+    import time
+
+    ordered_dict = b"\x8c\x0bcollections\x8c\x0bOrderedDict\x93"
+    disguised = (b"\x80\x04}(\x8c\x02dp" + ordered_dict + b")R"
+                 b"(\x8c\x08settings\x8c\x02os\x8c\x06system\x93)R\x8c\x05extra\x8c\x02os\x8c\x06system\x93)Ru"
+                 b"}\x8c\x05items" + ordered_dict + b"sbu.")
+    with pytest.raises(ValueError, match="not plain data"):
+        read_dp_entry(_zip_pickle(tmp_path / "disguised.pt", disguised))
+    shared = b"\x80\x04}\x8c\x02dpN\x94" + b"0"
+    for level in range(60):
+        shared += b"h" + bytes([level]) + b"h" + bytes([level]) + b"\x86\x94" + (b"0" if level < 59 else b"")
+    shared += b"s."
+    start = time.perf_counter()
+    entry = checkpoint.read_entries(_zip_pickle(tmp_path / "shared.pt", shared))["dp"]
+    assert time.perf_counter() - start < 5 and type(entry) is tuple  # plain, each object visited once

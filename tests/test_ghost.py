@@ -175,3 +175,19 @@ def test_a_layer_called_twice_in_ghost_and_in_gradient_form():
     ours, norms = clipped_grad_sum_ghost(model, lambda m: m(batch["x"]), max_grad_norm=1.0)
     assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-10)
     assert max_rel_err(ours, ref) <= 1e-10
+
+
+def test_a_squared_norm_summed_over_many_groups_is_still_an_upper_bound():
+    """4096 groups of one position each: the flat sum of their Gram products drops each tiny group's
+    square (under half an ulp of the running total near 2); the rounding allowance must count every
+    term summed, not one group's."""
+    from fractions import Fraction
+
+    from ultralytics_dp.mechanism.ghost import _sq_norm
+
+    groups = 4096
+    x = torch.full((groups,), 0.70710677 * 2**-26, dtype=torch.float32)
+    x[0] = 1.4142135
+    left, right = x.view(1, groups, 1, 1), torch.ones(1, groups, 1, 1)
+    exact = sum(Fraction(float(v)) ** 2 for v in x)
+    assert Fraction(_sq_norm(left, right).item()) >= exact

@@ -8,20 +8,20 @@ which the budget fixes. A checkpoint states every step taken before it was writt
 Security assumption relied on here: a checkpoint read to learn its guarantee or its training
 arguments (``yolo-dp report``, resuming, planning) may come from anyone, and unpickling it with
 ``torch.load(weights_only=False)`` would run whatever code its pickle names. ``read_entries``
-never does: it reads the pickle with an unpickler that resolves no class or function (each one
-becomes an inert placeholder, tensor storages are not read), so only plain data (dicts, lists,
-strings, numbers) comes out, and the ``dp`` entry must consist of nothing else. Loading the model
+never does: it reads the pickle with an unpickler that resolves no class or function at all
+(each one becomes an inert placeholder, tensor storages are not read), so only plain data (dicts,
+lists, strings, numbers) comes out, and the ``dp`` entry must consist of exactly those types
+(checked without calling any method of the objects, each visited once, with bounded size). Loading the model
 itself is Ultralytics' job, under its own safe-load setting.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import pickle
 import time
 import zipfile
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -29,14 +29,8 @@ import torch
 from ..accounting.planning import check_resume
 from ..config import DPConfig
 
-# the only globals a checkpoint's pickle may resolve to a real object: constructors of plain data
-_PLAIN_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("pathlib", "PosixPath"): lambda *parts: str(PurePosixPath(*parts)),
-    ("pathlib", "PurePosixPath"): lambda *parts: str(PurePosixPath(*parts)),
-    ("pathlib", "WindowsPath"): lambda *parts: str(PureWindowsPath(*parts)),
-    ("pathlib", "PureWindowsPath"): lambda *parts: str(PureWindowsPath(*parts)),
-}
+MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's pickle without its tensors is kilobytes to a few megabytes
+MAX_NODES = 1_000_000  # containers and values _plain may visit in one entry
 
 
 class Opaque:
@@ -63,19 +57,36 @@ class Opaque:
 
 
 class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        return _PLAIN_GLOBALS.get((module, name), Opaque)
+    def find_class(self, module: str, name: str) -> Any:  # every class and function, even OrderedDict
+        return Opaque
 
     def persistent_load(self, pid: Any) -> None:  # torch's tensor storages: never read
         return None
 
 
 def _plain(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(_plain(k) and _plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (str, bytes, bool, int, float))
+    """Whether ``value`` is plain data: exactly dict, list, tuple, str, bytes, bool, int, float or
+    None, all the way down (not subclasses: a pickle can give an instance its own methods). Each
+    object is visited once and at most ``MAX_NODES`` of them (a pickle can share one object many
+    times, or hold itself)."""
+    plain = (str, bytes, bool, int, float, type(None))
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if len(seen) > MAX_NODES:
+            return False
+        if type(item) is dict:
+            stack.extend(dict.keys(item))
+            stack.extend(dict.values(item))
+        elif type(item) in (list, tuple):
+            stack.extend(item)
+        elif type(item) not in plain:
+            return False
+    return True
 
 
 def read_entries(path: str | Path) -> dict[str, Any]:
@@ -85,17 +96,21 @@ def read_entries(path: str | Path) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             (member,) = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if archive.getinfo(member).file_size > MAX_PICKLE_BYTES:
+                raise ValueError(f"its pickle is over {MAX_PICKLE_BYTES >> 20} MiB")
             ckpt = _InertUnpickler(io.BytesIO(archive.read(member))).load()
     except Exception as err:  # zip, pickle and unpacking errors of every kind: not a checkpoint we can read
         raise ValueError(f"{path} is not a checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict):
+    if type(ckpt) is not dict:
         raise ValueError(f"{path} is not an Ultralytics checkpoint (its top level is not a dict)")
-    entries = {key: ckpt.get(key) for key in ("dp", "train_args")}
+    entries = {key: dict.get(ckpt, key) for key in ("dp", "train_args")}
     if not _plain(entries["dp"]):
         raise ValueError(f"{path} has a 'dp' entry that is not plain data; refusing to read it")
     args = entries["train_args"]
-    if isinstance(args, dict):  # an argument pickled as an object is dropped, not run
-        entries["train_args"] = {k: v for k, v in args.items() if _plain(v)}
+    if type(args) is dict:  # an argument that is not plain data is dropped, never used
+        entries["train_args"] = {k: v for k, v in dict.items(args) if _plain(k) and _plain(v)}
+    else:
+        entries["train_args"] = None
     return entries
 
 

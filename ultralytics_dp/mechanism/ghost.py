@@ -147,17 +147,18 @@ def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
     norm is large, and the image would then be added unclipped. So the Gram matrices are formed in
     float64 from the (exact) float32 factors, a negative result is 0, and the result is raised by a
     bound on float64's rounding error, so it is never below the norm of the factors' exact
-    gradient: (D + O + T^2) machine epsilons times sum over the Gram products' absolute values,
-    which is at most (sum_t ||l_t|| ||r_t||)^2 (Cauchy-Schwarz)."""
+    gradient: (D + O + G T^2 + 4) machine epsilons (the Gram products' inner lengths, the G T^2
+    terms summed, and the bound's own arithmetic) times the sum of the products' absolute values,
+    which is at most sum over groups of (sum_t ||l_t|| ||r_t||)^2 (Cauchy-Schwarz)."""
     if right is None:
         return torch.linalg.vector_norm(left.flatten(1), dim=1, dtype=torch.float64).pow(2)
     left, right = left.double(), right.double()
     gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
     gram_b = left.transpose(2, 3) @ left
     square = (gram_a * gram_b).flatten(1).sum(1).clamp_min(0.0)
-    o, t, d = left.shape[2], left.shape[3], right.shape[2]
+    g, o, t, d = left.shape[1], left.shape[2], left.shape[3], right.shape[2]
     magnitude = (left.norm(dim=2) * right.norm(dim=2)).sum(2).pow(2).sum(1)  # sum over groups of (sum_t ..)^2
-    return square + (d + o + t * t) * torch.finfo(torch.float64).eps * magnitude
+    return square + (d + o + g * t * t + 4) * torch.finfo(torch.float64).eps * magnitude
 
 
 def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
@@ -261,6 +262,8 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     # each term's square in float64 (``_sq_norm``), summed; one stack, not one kernel per term
     squares = [square for *_, square in kept]
     squared = torch.stack(squares).sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
+    # adding L non-negative float64 terms loses at most L eps of the total: raised by as much
+    squared = squared * (1 + (len(squares) + 1) * torch.finfo(torch.float64).eps)
     norms = squared.sqrt()
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
