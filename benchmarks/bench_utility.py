@@ -6,6 +6,10 @@ digits-cls top-1 and digits-det mAP50 on their validation sets for
   * public -> private fine-tune with the DP defaults (only model, data, epochs, epsilon set),
   * the same with augmentation multiplicity (``--augmult``),
   * public -> non-private fine-tune (the ceiling of this recipe; Ultralytics' defaults, no mirroring),
+  * ``--task persons``: digits-persons-cls (the digits dealt to simulated writers, 5 each), per
+    image (with the persons file, so the person's epsilon of the run is recorded too) and per
+    person (``privacy_unit=person``, every image of a sampled writer; ``--caps`` adds rows with
+    ``max_images_per_person`` below 5 at the middle epsilon),
 at each ``--epsilons`` value, ``--reps`` times (noise and sampling are OS-seeded, so repetitions
 differ; the public model is the cached one). Rows are appended to ``benchmarks/utility.json`` as
 they finish; ``--report`` turns that file into ``UTILITY.md``'s table and ``utility.png``.
@@ -36,28 +40,34 @@ RESULTS = HERE / "utility.json"
 TASKS = {  # task -> (private data, public data, architecture, imgsz, metric)
     "cls": ("digits-cls", "digits-public-cls", "yolo26n-cls.yaml", 32, "top-1"),
     "det": ("digits-det", "digits-public-det", "yolo26n.yaml", 128, "mAP50"),
+    "persons": ("digits-persons-cls", "digits-public-cls", "yolo26n-cls.yaml", 32, "top-1"),
 }
+PER_PERSON = "public -> private per person"
 # public pretraining epochs where they differ from the recipe's (which fit make demo's time on the CPU)
 PUBLIC_EPOCHS = {"det": 60}
 
 
 def _metric(task: str, metrics: object) -> float:
-    return float(metrics.top1 if task == "cls" else metrics.box.map50)
+    return float(metrics.box.map50 if task == "det" else metrics.top1)
 
 
 def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1, *,
-        data: str | None = None, ledger: str | bool = False, public_epochs: int | None = None, **train_args) -> dict:
+        data: str | None = None, ledger: str | bool = False, public_epochs: int | None = None, cap: int | None = None,
+        **train_args) -> dict:
     """One training (or evaluation) as a user would write it; returns a result row. ``data``
     replaces the task's dataset (a tuning split), ``ledger`` records the private runs,
-    ``public_epochs`` replaces the benchmark's public pretraining epochs, ``train_args`` go to
-    ``model.train`` over the DP defaults."""
+    ``public_epochs`` replaces the benchmark's public pretraining epochs, ``cap`` is a per-person
+    run's ``max_images_per_person``, ``train_args`` go to ``model.train`` over the DP defaults."""
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
     scratch = recipe.startswith("private from scratch")
     public_epochs = public_epochs or PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
-    row = {"task": task, "recipe": recipe, "epsilon": epsilon, "augmult": augmult, "epochs": epochs,
-           "public": None if scratch else f"v{_VERSION} e{public_epochs}"}
+    row = {"task": task, "recipe": recipe + (f", max {cap} images" if cap else ""), "epsilon": epsilon,
+           "augmult": augmult, "epochs": epochs, "public": None if scratch else f"v{_VERSION} e{public_epochs}"}
+    persons = {"persons": "persons.csv"} if task == "persons" else {}
+    if recipe == PER_PERSON:
+        persons.update(privacy_unit="person", **({"max_images_per_person": cap} if cap else {}))
     weights = architecture if scratch else pretrained(public, epochs=public_epochs)
     if recipe == "public only":
         metrics = YOLO(weights).val(**common, **train_args)
@@ -65,23 +75,32 @@ def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int
         model = YOLO(weights)
         dp = None
         if epsilon is not None:
-            dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=ledger).attach(model)
+            dp = DifferentialPrivacy(epsilon=epsilon, delta=1e-5, augmult=augmult, ledger=ledger, **persons).attach(model)
         with tempfile.TemporaryDirectory() as project:
             extra = {} if dp else {"fliplr": 0.0}  # non-private: Ultralytics' defaults, digits not mirrored
             metrics = model.train(**common, **extra, **train_args, epochs=epochs, project=project, name="run")
         if dp:
             row.update(spent=round(dp.epsilon, 4), steps=dp.steps, sigma=round(dp.noise_multiplier, 4),
                        lr0=model.trainer.args.lr0, batch=model.trainer.args.batch)
+            if dp.person_epsilon():
+                row.update(person_epsilon=round(dp.person_epsilon()["epsilon"], 2))
     row.update(metric=round(_metric(task, metrics), 4), seconds=round(time.perf_counter() - start, 1))
     return row
 
 
-def plan(task: str, epsilons: list[float], augmults: list[int], reps: int, epochs: int) -> list[tuple]:
-    runs = [("public only", None, epochs, 1)]
+def plan(task: str, epsilons: list[float], augmults: list[int], reps: int, epochs: int, caps: list[int]
+         ) -> list[tuple]:
+    runs = [("public only", None, epochs, 1, None)]
+    if task == "persons":
+        middle = sorted(epsilons)[len(epsilons) // 2]
+        for _ in range(reps):
+            runs += [(recipe, e, epochs, 1, None) for e in epsilons for recipe in ("public -> private", PER_PERSON)]
+            runs += [(PER_PERSON, middle, epochs, 1, cap) for cap in caps]
+        return runs
     for _ in range(reps):
-        runs += [("public -> private", e, epochs, k) for e in epsilons for k in augmults]
-        runs += [("public -> non-private", None, epochs, 1)]
-        runs += [("private from scratch", e, epochs, 1) for e in epsilons]
+        runs += [("public -> private", e, epochs, k, None) for e in epsilons for k in augmults]
+        runs += [("public -> non-private", None, epochs, 1, None)]
+        runs += [("private from scratch", e, epochs, 1, None) for e in epsilons]
     return runs
 
 
@@ -157,6 +176,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--only", nargs="+", default=None, help="recipes to run (default: all)")
+    parser.add_argument("--caps", nargs="*", type=int, default=[], help="--task persons: max_images_per_person rows")
     parser.add_argument("--report", action="store_true", help="only write the table and the chart")
     args = parser.parse_args()
     if args.report:
@@ -165,10 +185,10 @@ def main() -> None:
     print(f"# {date.today()} on {platform.machine()}, {platform.processor() or 'cpu'}; "
           f"public recipes: {json.dumps(RECIPES)}")
     for task in args.task:
-        for recipe, eps, epochs, k in plan(task, args.epsilons, args.augmult, args.reps, args.epochs):
+        for recipe, eps, epochs, k, cap in plan(task, args.epsilons, args.augmult, args.reps, args.epochs, args.caps):
             if args.only and recipe not in args.only:
                 continue
-            row = run(task, recipe, eps, epochs, k)
+            row = run(task, recipe, eps, epochs, k, cap=cap)
             print(json.dumps(row), flush=True)
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")

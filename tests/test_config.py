@@ -32,12 +32,12 @@ def test_bad_settings_are_one_line_errors_naming_the_setting(kwargs, match):
         assert len(str(err.value).splitlines()) == 1
 
 
-def test_settings_are_frozen_and_ledger_path_is_never_released(tmp_path):
-    config = DPConfig(epsilon=2, ledger=tmp_path / "l.sqlite")
+def test_settings_are_frozen_and_local_paths_are_never_released(tmp_path):
+    config = DPConfig(epsilon=2, ledger=tmp_path / "l.sqlite", persons=tmp_path / "persons.csv")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epsilon = 100
-    assert "ledger" not in config.released()
-    assert set(config.released()) == set(SETTINGS) - {"ledger"}
+    assert "ledger" not in config.released() and "persons" not in config.released()
+    assert set(config.released()) == set(SETTINGS) - {"ledger", "persons"}
 
 
 def test_command_line_strings_parse_per_setting():

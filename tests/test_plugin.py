@@ -357,3 +357,46 @@ def test_the_yolo_console_script_trains_privately_after_pip_install(tiny_det, tm
         out = subprocess.run([bin_dir / "python", "-c", "import sys; print('ultralytics_dp' in sys.modules)"],
                              capture_output=True, text=True, cwd=tmp_path)
         assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "False", "")
+
+
+@pytest.mark.slow
+def test_stock_command_trains_per_person_and_no_person_id_leaves_the_ledger(tmp_path, capfd):
+    """privacy_unit=person through the stock command on the embedded writers: N is the persons, the
+    ledger holds their keyed hashes, and no writer id reaches the checkpoint, args.yaml, the
+    console or the ledger file."""
+    from ultralytics_dp.datasets import embedded as datasets
+
+    root = datasets.build("digits-persons-cls", root=tmp_path / "data")
+    ledger = tmp_path / "ledger.sqlite"
+    yolo(f"yolo train model=yolo26n-cls.yaml data={root} epochs=1 imgsz=32 batch=16 workers=0 plots=False "
+         f"project={tmp_path} name=run epsilon=3 delta=1e-4 privacy_unit=person persons=persons.csv "
+         f"max_images_per_person=3 ledger={ledger}")
+    console = capfd.readouterr()
+    run = tmp_path / "run"
+    entry = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    writers = {line.split(",")[1] for line in (root / "persons.csv").read_text().splitlines()[1:]}
+    assert entry["privacy_unit"] == "person" and entry["num_samples"] == 287 == len([w for w in writers if "-t" in w])
+    assert entry["settings"]["max_images_per_person"] == 3 and 0 < entry["steps"] and entry["epsilon"] <= 3
+    assert entry["sample_rate"] == pytest.approx(16 / 287)
+    assert Ledger(ledger, create=False).person_epsilons(1e-4)["persons"] == 287
+    texts = [console.out + console.err, (run / "args.yaml").read_text(), (run / "weights" / "last.pt").read_bytes(),
+             ledger.read_bytes()]
+    sample = sorted(writers)[:50]
+    assert not [w for w in sample for t in texts if (w if isinstance(t, str) else w.encode()) in t]
+
+
+@pytest.mark.slow
+def test_a_validation_image_without_a_person_refuses_the_run_and_records_nothing(tmp_path):
+    from ultralytics_dp.datasets import embedded as datasets
+
+    root = datasets.build("digits-persons-cls", root=tmp_path / "data")
+    rows = (root / "persons.csv").read_text().splitlines()
+    dropped = next(r for r in rows if r.startswith("val/"))
+    persons = tmp_path / "persons.csv"
+    persons.write_text("\n".join(r for r in rows if r != dropped) + "\n")
+    ledger = tmp_path / "ledger.sqlite"
+    with pytest.raises(ValueError, match=f"validation image .*{dropped.split(',')[0]} has no person"):
+        yolo(f"yolo train model=yolo26n-cls.yaml data={root} epochs=1 imgsz=32 batch=16 workers=0 project={tmp_path} "
+             f"name=run epsilon=3 delta=1e-4 privacy_unit=person persons={persons} ledger={ledger}")
+    assert not (tmp_path / "run").exists()
+    assert not ledger.exists() or Ledger(ledger, create=False).summary()["datasets"] == []

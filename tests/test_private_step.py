@@ -9,6 +9,8 @@ from ultralytics_dp.losses.per_image import per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
 from ultralytics_dp.integration.private_step import private_gradient
 from ultralytics_dp.losses.batch import select
+from ultralytics_dp.mechanism.grouping import Groups
+from ultralytics_dp.mechanism.sampling import RECORD_SIZES
 
 from helpers import det_batch, image, trainer_model
 
@@ -40,38 +42,73 @@ def test_physical_chunks_give_the_sum_of_each_image_alone(method):
 
 
 
-@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolo26n-cls.yaml"])
-@pytest.mark.parametrize("method", ["ghost", "vmap"])
-def test_augmentation_multiplicity_clips_the_mean_of_each_records_views(cfg, method):
-    """views=2: images (2r, 2r+1) are record r's views; its gradient is the mean of theirs, clipped
-    once. Checked against a naive loop over records (autograd of the mean of the two per-image
-    losses), with chunks that hold one or two whole records."""
+def _batch(cfg: str, n: int) -> dict:
+    if cfg.endswith("-cls.yaml"):
+        torch.manual_seed(0)
+        return {"img": torch.rand(n, 3, 32, 32), "cls": torch.randint(0, 4, (n,))}
+    return det_batch([2, 1, 0, 1, 3, 2, 1][:n])
+
+
+def _naive_record_sum(model, batch: dict, sizes: list[int], c: float) -> tuple[dict, list[float]]:
+    """Each record alone: autograd of the mean of its images' batch-of-one losses, clipped, summed."""
     from ultralytics_dp.mechanism.grad_sample import trainable_params
     from ultralytics_dp.losses.per_image import per_sample_losses
 
-    model = trainer_model(cfg)
-    if cfg.endswith("-cls.yaml"):
-        torch.manual_seed(0)
-        batch = {"img": torch.rand(6, 3, 32, 32), "cls": torch.tensor([1, 1, 3, 3, 0, 0])}
-    else:
-        batch = det_batch([2, 1, 0, 1, 3, 2])
     params = trainable_params(model)
-    expected = {k: torch.zeros_like(p) for k, p in params.items()}
-    norms = []
-    for r in range(3):
-        loss = sum(per_sample_losses(model, image(batch, i))[0] for i in (2 * r, 2 * r + 1)) / 2
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    norms, start = [], 0
+    for size in sizes:
+        loss = sum(per_sample_losses(model, image(batch, i))[0] for i in range(start, start + size)) / size
+        start += size
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
-        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
         norms.append(norm)
         for k, g in zip(params, grads):
-            expected[k] += g * min(1.0, 0.05 / (norm.item() + 1e-6))
+            total[k] += g * min(1.0, c / (norm + 1e-6))
+    return total, norms
+
+
+def _flat(d: dict) -> torch.Tensor:
+    return torch.cat([d[k].flatten().double() for k in sorted(d)])
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolo26n-cls.yaml"])
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+@pytest.mark.parametrize("sizes", [[2, 2, 2], [1, 3, 2]])
+def test_a_record_of_several_images_is_clipped_once_on_the_mean_of_their_gradients(cfg, method, sizes):
+    """Records of consecutive images (an image's 2 views, or persons with 1, 3 and 2 images): a
+    record's gradient is the mean of its images', clipped once. Checked against a naive loop over
+    records, with chunks that hold one or more whole records (a record larger than a chunk is a
+    chunk alone); the person with one image is clipped exactly as image-level clipping clips it."""
+    model = trainer_model(cfg)
+    batch = _batch(cfg, sum(sizes))
+    expected, norms = _naive_record_sum(model, batch, sizes, 0.05)
     assert max(norms) > 0.05  # clipping is exercised
-    for physical_batch in (3, 4):  # one record per chunk, then two
+    for physical_batch in (2, 4):
         grad = private_gradient(model, batch, method=method, max_grad_norm=0.05, noise_multiplier=0.0,
-                                expected_batch_size=1.0, physical_batch=physical_batch, views=2)
-        flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
-        assert ((flat(grad) - flat(expected)).norm() / flat(expected).norm()).item() <= 1e-5
+                                expected_batch_size=1.0, physical_batch=physical_batch, groups=Groups(tuple(sizes)))
+        assert ((_flat(grad) - _flat(expected)).norm() / _flat(expected).norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_removing_one_person_moves_the_clipped_sum_by_at_most_c_and_exactly_c_when_clipped(method):
+    """Add/remove one person (all of their images): the noiseless sum moves by the person's clipped
+    mean gradient, of norm <= C, and = C for a person whose mean gradient is longer than C (the
+    case that reaches the bound). Without the person-level mean and one clip per person (each of
+    the 3 images clipped to C) the move would be up to 3 C."""
+    model = trainer_model("yolo26n.yaml")
+    batch = _batch("yolo26n.yaml", 7)
+    c = 0.02
+    with_person = private_gradient(model, batch, method=method, max_grad_norm=c, noise_multiplier=0.0,
+                                   expected_batch_size=1.0, groups=Groups((2, 3, 2)))
+    rest = select(batch, [0, 1, 5, 6])
+    without = private_gradient(model, rest, method=method, max_grad_norm=c, noise_multiplier=0.0,
+                               expected_batch_size=1.0, groups=Groups((2, 2)))
+    _, norms = _naive_record_sum(model, batch, [2, 3, 2], c)
+    assert norms[1] > c  # the removed person's mean gradient is clipped
+    moved = (_flat(with_person) - _flat(without)).norm().item()
+    assert abs(moved - c) <= 1e-4 * c
 
 
 def test_a_batch_of_partial_records_is_refused():
@@ -79,7 +116,18 @@ def test_a_batch_of_partial_records_is_refused():
     batch = {"img": torch.rand(3, 3, 32, 32), "cls": torch.tensor([1, 1, 2])}
     with pytest.raises(ValueError, match="whole records"):
         private_gradient(model, batch, method="ghost", max_grad_norm=1.0, noise_multiplier=0.0,
-                         expected_batch_size=1.0, views=2)
+                         expected_batch_size=1.0, groups=Groups((2, 2)))
+
+
+def test_a_step_on_a_batch_that_does_not_say_its_records_is_refused():
+    """The loader says which images form each record; a batch from anywhere else fails closed."""
+    from ultralytics_dp.integration.private_step import record_groups
+
+    with pytest.raises(RuntimeError, match="Poisson loader"):
+        record_groups({"img": torch.rand(2, 3, 8, 8)})
+    with pytest.raises(RuntimeError, match="its records 3"):
+        record_groups({"img": torch.rand(2, 3, 8, 8), RECORD_SIZES: [1, 2]})
+    assert record_groups({"img": torch.rand(3, 3, 8, 8), RECORD_SIZES: [1, 2]}).sizes == (1, 2)
 
 
 def test_select_keeps_each_images_masks():

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ultralytics_dp.mechanism.sampling import PoissonBatchSampler, split_physical
+from ultralytics_dp.mechanism.grouping import Groups
+from ultralytics_dp.mechanism.sampling import RECORD_SIZES, PoissonBatchSampler, PoissonLoader
 
 
 def test_poisson_sampler_statistics():
@@ -53,20 +54,20 @@ def test_poisson_sampler_rejects_bad_input(args):
         PoissonBatchSampler(*args)
 
 
-def test_split_physical():
-    idx = list(range(10))
-    parts = split_physical(idx, 4)
-    assert parts == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert split_physical([], 4) == []
-    with pytest.raises(ValueError, match="max_physical_batch_size"):
-        split_physical(idx, 0)
+def test_chunks_hold_whole_records():
+    groups = Groups((2, 3, 1, 4, 1))
+    chunks = groups.chunks(4)
+    assert [idx for idx, _ in chunks] == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9], [10]]
+    assert [g.sizes for _, g in chunks] == [(2,), (3, 1), (4,), (1,)]
+    assert [g.sizes for _, g in Groups((5, 1)).chunks(2)] == [(5,), (1,)]  # a larger record is a chunk alone
+    assert Groups(()).chunks(4) == []
+    with pytest.raises(ValueError, match="at least one image"):
+        Groups((2, 0))
 
 
 def test_augmentation_multiplicity_loads_each_sampled_record_k_times_in_a_row():
     """views=3: every sampled record appears 3 times consecutively, each a fresh load (the dataset's
     random augmentation runs per load), and the records are a Poisson sample as without views."""
-    from ultralytics_dp.mechanism.sampling import PoissonLoader
-
     class Noisy(torch.utils.data.Dataset):
         loads = 0
 
@@ -89,3 +90,65 @@ def test_augmentation_multiplicity_loads_each_sampled_record_k_times_in_a_row():
     assert granted == [40] and Noisy.loads == 3 * sum(sizes)
     mean, var = 50 * 0.3, 50 * 0.3 * 0.7
     assert abs(sum(sizes) / len(sizes) - mean) < 5 * math.sqrt(var / len(sizes))
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"idx": torch.tensor(i)}
+
+
+def test_persons_are_sampled_independently_with_probability_q_and_bring_their_own_images():
+    """units = persons: each person is in a step independently with probability q (frequencies
+    and pairwise co-inclusion within 5 standard deviations), brings only their own images, at most
+    ``max_images`` of them, each of their images equally often, and the batch says which
+    consecutive images are whose."""
+    persons = [[0], [1, 2], [3, 4, 5, 6, 7], [8, 9, 10]]
+    q, steps = 0.3, 3000
+    loader = PoissonLoader(_Indexed(11), q, steps_per_epoch=steps, budget=lambda: steps, reserve=lambda s: s,
+                           units=persons, max_images=2)
+    owner = {i: p for p, images in enumerate(persons) for i in images}
+    seen = torch.zeros(len(persons))
+    together = 0
+    used = torch.zeros(11)
+    for batch in loader:
+        idx = batch["idx"].tolist()
+        sizes = batch[RECORD_SIZES]
+        assert sum(sizes) == len(idx)
+        present = []
+        start = 0
+        for size in sizes:
+            record = idx[start:start + size]
+            start += size
+            assert len({owner[i] for i in record}) == 1 and len(set(record)) == size <= 2
+            present.append(owner[record[0]])
+            used[record] += 1
+        assert len(set(present)) == len(present)
+        seen[present] += 1
+        together += {2, 3} <= set(present)
+    sd = math.sqrt(q * (1 - q) / steps)
+    assert ((seen / steps - q).abs() < 5 * sd).all()
+    assert abs(together / steps - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / steps)
+    # a person with 5 images brings 2 of them, each image 2/5 of the person's steps
+    share = used[3:8] / seen[2]
+    assert ((share - 0.4).abs() < 5 * math.sqrt(0.4 * 0.6 / seen[2])).all()
+    assert (used[1:3] == seen[1]).all()
+
+
+def test_shards_of_a_multi_process_run_are_disjoint_by_person(monkeypatch):
+    from ultralytics_dp.mechanism import distributed
+
+    persons = [[0, 1], [2], [3, 4, 5], [6], [7, 8]]
+    taken = []
+    for rank in range(2):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 2))
+        loader = PoissonLoader(_Indexed(9), 1.0, steps_per_epoch=1, budget=lambda: 1, reserve=lambda s: s,
+                               units=persons, shard=distributed.shard(len(persons)))
+        taken.append(set(next(iter(loader))["idx"].tolist()))
+    assert not taken[0] & taken[1] and taken[0] | taken[1] == set(range(9))
+    assert taken[0] == {0, 1, 3, 4, 5, 7, 8}  # ranks 0 and 1 hold whole persons

@@ -25,7 +25,7 @@ _LAZY = {  # name -> module
     "DifferentialPrivacy": ".integration.adapter",
     "DPConfig": ".config",
     "PoissonBatchSampler": ".mechanism.sampling",
-    "split_physical": ".mechanism.sampling",
+    "Groups": ".mechanism.grouping",
     "per_sample_losses": ".losses.per_image",
     "per_sample_grad_norms": ".losses.per_image",
 }

@@ -202,12 +202,21 @@ def ledger(args: list[str]) -> int:
         print(f"  epsilon={row['epsilon']:.4f}: {row['records']} image(s)")
     if report["legacy_epsilon"]:
         print(f"  every image, known or not, has spent at least epsilon={report['legacy_epsilon']:.4f} (legacy runs)")
+    if report["records_of_persons"]:
+        print(f"  {report['records_of_persons']} image(s) belong to persons: accounted per person")
+    people = report.get("per_person")
+    if people and people["persons"]:
+        print(f"{people['persons']} person(s): worst epsilon={people['worst_epsilon']:.4f} per person at {at}")
+        for row in people["histogram"]:
+            print(f"  epsilon={row['epsilon']:.4f}: {row['persons']} person(s)")
     for ds in report.get("datasets", []):
+        persons = (f", {ds['persons']} person(s): worst epsilon={ds['worst_person_epsilon']:.4f} per person"
+                   if ds["persons"] else "")
         print(f"dataset version {ds['id']} ({ds['description']}, N={ds['num_samples']}): worst epsilon="
-              f"{ds['worst_epsilon']:.4f}, {len(ds['runs'])} run(s)")
+              f"{ds['worst_epsilon']:.4f} per image{persons}, {len(ds['runs'])} run(s)")
         for run in ds["runs"]:
             budget = f", budget {run['budget']:g}" if run["budget"] is not None else ""
-            print(f"  run {run['id']}: {run['steps']} steps, noise_multiplier={run['noise_multiplier']:.4f}, "
+            print(f"  run {run['id']} per {run['unit']}: {run['steps']} steps, noise_multiplier={run['noise_multiplier']:.4f}, "
                   f"q={run['sample_rate']:.5g}, target epsilon={run['settings']['epsilon']:g}{budget}  {run['name']}")
     for run in report.get("legacy_runs", []):
         print(f"legacy run {run['id']} (schema 1/2, counted for every image): {run['steps']} steps  {run['name']}")

@@ -5,9 +5,10 @@ the calibrated sigma, the ledger record) lives elsewhere. The Python API
 (``DifferentialPrivacy(**settings)``), the command line (keys, parsing, help), the checkpoint's
 ``dp`` entry, the resume check and the ledger's run record all derive from ``SETTINGS``.
 
-Privacy assumptions relied on here: delta is per record (one image) and must also be < 1/N,
-which needs N and is checked when the training set is known (``planning``); ``ledger`` is a local
-path and is never written into a released artifact (``released()`` leaves it out).
+Privacy assumptions relied on here: delta is per record (one image, or one person with
+``privacy_unit="person"``) and must also be < 1/N for N records (images or persons), which needs
+N and is checked when the training set is known (``planning``); ``ledger`` and ``persons`` are
+local paths and are never written into a released artifact (``released()`` leaves them out).
 This module imports neither torch nor Ultralytics (``yolo-dp --help`` reads it).
 """
 
@@ -21,9 +22,10 @@ from typing import Any, Callable
 from . import checks
 
 GRAD_METHODS = ("auto", "ghost", "vmap")
+PRIVACY_UNITS = ("image", "person")
 NORMS = ("auto", "group", "batch")  # see ``norms``
 # what a setting added later meant in checkpoints written before it existed (for the resume check)
-RECORDED_BEFORE = {"norm": "batch"}
+RECORDED_BEFORE = {"norm": "batch", "privacy_unit": "image"}
 
 
 def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
@@ -43,6 +45,16 @@ def _flag(name: str, value: Any) -> None:
 def _grad_method(name: str, value: Any) -> None:
     if value not in GRAD_METHODS:
         raise ValueError(f"{name} must be one of {', '.join(GRAD_METHODS)}, got {value!r}")
+
+
+def _privacy_unit(name: str, value: Any) -> None:
+    if value not in PRIVACY_UNITS:
+        raise ValueError(f"{name} must be one of {', '.join(PRIVACY_UNITS)}, got {value!r}")
+
+
+def _path(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, (str, Path)):
+        raise ValueError(f"{name} must be a path, got {value!r}")
 
 
 def _norm(name: str, value: Any) -> None:
@@ -81,9 +93,19 @@ class DPConfig:
     epsilon: float = _setting(MISSING, checks.finite_positive, float, metavar="EPS", help=(
         "the privacy budget (required); training stops before the step that would exceed it"))
     delta: float = _setting(1e-5, checks.delta, float, metavar="D", help=(
-        "default 1e-5; must be < 1/N (N = training images), else an error"))
+        "default 1e-5; must be < 1/N (N = training images, or persons), else an error"))
+    privacy_unit: str = _setting("image", _privacy_unit, str, metavar="image|person", help=(
+        "what the guarantee protects: one `image` with its labels (default), or one `person` with all of "
+        "their images (needs `persons`)"))
+    persons: str | Path | None = _setting(None, _path, str, metavar="CSV", released=False, help=(
+        "a CSV `image,person` naming the person of every training and validation image (paths absolute or "
+        "relative to the dataset root); with privacy_unit=image, the ledger and report also state the "
+        "person-level epsilon"))
+    max_images_per_person: int = _setting(16, checks.positive_int, int, metavar="K", resume=False, help=(
+        "privacy_unit=person: a sampled person brings at most K of their images to a step, chosen at "
+        "random (default 16; compute and memory only, the guarantee holds for any K)"))
     max_grad_norm: float = _setting(1.0, checks.finite_positive, float, metavar="C", help=(
-        "C, the per-image gradient norm bound (default 1.0)"))
+        "C, the per-record gradient norm bound (default 1.0)"))
     noise_multiplier: float | None = _setting(None, _optional(checks.finite_positive), float, metavar="SIGMA", help=(
         "sigma; if omitted, calibrated so the planned epochs spend exactly `epsilon`"))
     physical_batch: int = _setting(64, checks.positive_int, int, metavar="B", resume=False, help=(
@@ -92,7 +114,8 @@ class DPConfig:
         "augmentation multiplicity: each sampled image is augmented K times and its gradient is the mean "
         "of its K views, clipped once (same sensitivity; K times the compute)"))
     dataset_budget: float | None = _setting(None, _optional(checks.finite_positive), float, metavar="EPS", help=(
-        "lifetime epsilon of every training image, over all runs and dataset versions (needs the ledger)"))
+        "lifetime epsilon of every training image (or person), over all runs and dataset versions (needs the "
+        "ledger)"))
     ledger: str | Path | bool | None = _setting(None, _ledger, parse_ledger, metavar="PATH", released=False, help=(
         "ledger path (default in the user config dir, or `$ULTRALYTICS_DP_LEDGER`); false for none"))
     secure_mode: bool = _setting(False, _flag, parse_flag, metavar="BOOL", resume=False, help=(
@@ -106,6 +129,9 @@ class DPConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             f.metadata["check"](f.name, getattr(self, f.name))
+        if self.privacy_unit == "person" and self.persons is None:
+            raise ValueError("privacy_unit=person needs persons= (a CSV `image,person` naming the person of every "
+                             "training and validation image)")
         if self.dataset_budget is not None and self.ledger is False:
             raise ValueError("dataset_budget needs the ledger (it sums every run on the dataset); remove "
                              "ledger=False or dataset_budget")

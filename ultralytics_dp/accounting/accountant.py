@@ -13,7 +13,9 @@ stopping rule, of ``DifferentialPrivacy.epsilon``, of checkpoints, of the ledger
 ``yolo-dp privacy``. Disagreement is a bug detector: if prv-accountant's *lower* bound is above
 the own upper bound (the own one would understate), or the own bound is above prv-accountant's
 upper bound by more than its stated looseness (``PLD_LOOSENESS``), nothing is released:
-``AccountantsDisagree`` names both values and the segments. Searches (calibrating sigma, the step
+``AccountantsDisagree`` names both values and the segments. Where prv-accountant finds no finite
+bound (a loss too large for its domain: a person's steps at sigma / k, ``group``), the released
+epsilon is infinite: no guarantee is claimed. Searches (calibrating sigma, the step
 budget, what a record's budget allows) steer on ``pld`` and are settled on the released figure.
 
 Privacy assumptions relied on here: those of ``pld`` and ``prv`` (every step a Poisson-subsampled
@@ -61,9 +63,12 @@ def _release(segments: tuple[Segment, ...], delta: float) -> Released:
     if not segments:
         return Released(0.0, {pld.NAME: 0.0, prv.NAME: 0.0})
     lower, _, upper = prv.epsilon_bounds(segments, delta, own)
+    if not math.isfinite(upper):  # prv-accountant found no finite bound (its domain cannot hold the loss)
+        return Released(math.inf, {pld.NAME: own, prv.NAME: upper})
     relative, absolute = PLD_LOOSENESS
     if lower > own or own > upper + relative * upper + absolute:
-        steps = ", ".join(f"(sigma={s.noise_multiplier:g}, q={s.sample_rate:g}, steps={s.steps})" for s in segments)
+        steps = ", ".join(f"(sigma={s.noise_multiplier:g}, q={s.sample_rate:g}, steps={s.steps}"
+                          + (f", images={s.images})" if s.images > 1 else ")") for s in segments)
         raise AccountantsDisagree(
             f"the accountants disagree on {steps} at delta={delta:g}: {pld.NAME} gives epsilon <= {own:.6g}, "
             f"{prv.NAME} {lower:.6g} <= epsilon <= {upper:.6g}; refusing to release an epsilon (a bug in one of "

@@ -17,21 +17,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .. import checks
 from ..config import DPConfig
 from . import accountant, pld
+from .group import person_segment
 from .pld import Segment, plan
 
 
 @dataclass(frozen=True)
 class BudgetGroup:
-    """Records included by the same recorded runs: how many, their lifetime budget, those runs' segments."""
+    """Records included by the same recorded runs: how many, their lifetime budget, those runs'
+    segments. ``images`` > 0: the records are persons with that many images in a run whose unit is
+    the image, whose steps they see as ``group.person_segment`` does; 0: the run's steps as they are."""
 
     records: int
     budget: float
     segments: tuple[Segment, ...]
+    images: int = 0
+
+    def new(self, sigma: float, q: float, steps: int) -> Segment:
+        """``steps`` more steps of (sigma, q) as these records see them."""
+        segment = Segment(sigma, q, steps)
+        return person_segment(segment, self.images) if self.images else segment
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,12 @@ class RecordBudgets:
     delta: float
     groups: tuple[BudgetGroup, ...]
 
-    def over(self, extra: Sequence[Segment]) -> tuple[int, float]:
-        """How many records ``extra`` more steps would take past their budget, and the worst released
-        epsilon they would reach ((0, 0.0) if none)."""
+    def over(self, sigma: float, q: float, steps: int) -> tuple[int, float]:
+        """How many records ``steps`` more steps of (sigma, q) would take past their budget, and the
+        worst released epsilon they would reach ((0, 0.0) if none)."""
         count, worst = 0, 0.0
         for group in self.groups:
-            eps = accountant.release([*group.segments, *extra], self.delta).epsilon
+            eps = accountant.release([*group.segments, group.new(sigma, q, steps)], self.delta).epsilon
             if eps > group.budget:
                 count, worst = count + group.records, max(worst, eps)
         return count, worst
@@ -57,7 +66,7 @@ class RecordBudgets:
         accountants' gap while the bisection's answer does not fit)."""
         def search(scale: float, cap: int | None) -> int:
             def fits(t: int) -> bool:
-                return all(pld.compose([*g.segments, Segment(sigma, q, t)], self.delta) <= g.budget * scale
+                return all(pld.compose([*g.segments, g.new(sigma, q, t)], self.delta) <= g.budget * scale
                            for g in self.groups)
 
             lo, hi = 0, cap
@@ -68,7 +77,7 @@ class RecordBudgets:
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid)
             return lo
 
-        return accountant.settle(search, lambda t: self.over([Segment(sigma, q, t)])[0] == 0, 1.0, upper)
+        return accountant.settle(search, lambda t: self.over(sigma, q, t)[0] == 0, 1.0, upper)
 
 
 @dataclass(frozen=True)
@@ -126,13 +135,13 @@ def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, r
                          f"q={q:.4g}; raise epsilon or the noise multiplier")
     remaining = min(budget, planned - steps_taken)
     if records is not None:
-        over, worst = records.over([Segment(sigma, q, remaining)])
+        over, worst = records.over(sigma, q, remaining)
         if over:
             allowed = records.steps_within(sigma, q, remaining) if config.noise_multiplier is not None else 0
             if allowed == 0:
-                raise ValueError(f"this run would take {over} training image(s) past their lifetime budget (dataset_budget),"
+                raise ValueError(f"this run would take {over} training record(s) past their lifetime budget (dataset_budget),"
                                  f" the worst to epsilon={worst:.4f} at delta={records.delta:g}; lower epsilon or "
-                                 "epochs, or give noise_multiplier to train until the first image reaches its budget")
+                                 "epochs, or give noise_multiplier to train until the first record reaches its budget")
             remaining = allowed
     return Plan(num_samples, q, planned // epochs, planned, sigma, steps_taken + remaining, calibrated)
 

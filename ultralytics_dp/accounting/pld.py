@@ -54,6 +54,7 @@ from scipy import special
 from scipy.fft import irfft, next_fast_len, rfft
 
 from .. import checks
+from . import mixture
 
 NAME = "pld"  # how the dp entry names this accountant's figure
 REL_ERROR = 0.002  # what ``_mesh`` aims the upper bound's excess over the true epsilon at, relative
@@ -73,26 +74,34 @@ _MOMENT_POINTS = np.linspace(-12.0, 12.0, 4001)  # standard normal quadrature no
 
 @dataclass(frozen=True)
 class Segment:
-    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism with (sigma, q)."""
+    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism with (sigma, q); with
+    ``images`` = k > 1, of the step as a person with k images in a per-image run sees it (each
+    image sampled with probability q, so Binomial(k, q) of them at once: ``mixture``)."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    images: int = 1
 
 
-def _check_segment(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+def _check_segment(noise_multiplier: float, sample_rate: float, steps: int, images: int = 1) -> None:
     checks.finite_positive("noise_multiplier", noise_multiplier)
     checks.sample_rate("sample_rate", sample_rate)
     checks.positive_int("steps", steps, allow_zero=True)
+    checks.positive_int("images", images)
+    if images > 1 and sample_rate == 1:
+        raise ValueError("a segment of several images at q = 1 is the Gaussian of k C: give sigma / k and images=1")
 
 
-def _log_tails(t: np.ndarray | float, q: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(log P[Y >= t], log Q[Y >= t]) for one step's loss Y.
+def _log_tails(t: np.ndarray | float, q: float, sigma: float, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(log P[Y >= t], log Q[Y >= t]) for one step's loss Y (k > 1: ``mixture.log_tails``).
 
     Y = log(1 - q + q e^((2x - 1) / (2 sigma^2))) grows with x, so Y >= t iff x >= x_t =
     sigma^2 log((e^t - 1 + q) / q) + 1/2 (for t > log(1 - q), below which Y never is). In logs
     (``log_ndtr``), so far tails keep their relative precision: ``_step`` multiplies Q's by e^t.
     """
+    if k > 1:
+        return mixture.log_tails(np.asarray(t, dtype=np.float64), q, sigma, k)
     t = np.asarray(t, dtype=np.float64)
     inside = t > (math.log1p(-q) if q < 1 else -math.inf)
     ts = np.where(inside, t, 1.0)
@@ -116,19 +125,19 @@ class _Step:
 
 
 @lru_cache(maxsize=16)
-def _step(sigma: float, q: float, h: float, tail: float) -> _Step:
+def _step(sigma: float, q: float, h: float, tail: float, k: int = 1) -> _Step:
     """One step's loss discretised so that its delta(eps) is >= the true one at every eps (see the
     module's docstring, 1): each cell [t_i, t_i + h) sends to t_i + h the share that keeps its
     P-mass m and Q-mass n, (m - n e^(t_i)) / (1 - e^(-h)), and the rest to t_i. The grid reaches up to
     where P[Y >= t] <= ``tail`` (that mass goes to +infinity) and down below all of Y's support; for
     q = 1, whose loss is Gaussian, down to where P[Y < t] <= ``tail``, that mass moved up to the
     grid's first point (raising a loss only raises delta). Cached: the queries of a search share it."""
-    # P[X >= x] <= Pbar((x - 1) / sigma) for both of P's components, and Y grows with x
-    top = _loss(1 - sigma * float(special.ndtri(tail)), q, sigma)
-    bottom = math.log1p(-q) if q < 1 else _loss(1 + sigma * float(special.ndtri(tail)), q, sigma)
+    # P[X >= x] <= Pbar((x - k) / sigma) for every one of P's components, and Y grows with x
+    top = float(_loss(k - sigma * float(special.ndtri(tail)), q, sigma, k))
+    bottom = k * math.log1p(-q) if q < 1 else float(_loss(1 + sigma * float(special.ndtri(tail)), q, sigma))
     first = math.floor(bottom / h)
     t = h * np.arange(first, math.ceil(top / h) + 1)
-    log_p, log_q = _log_tails(t, q, sigma)
+    log_p, log_q = _log_tails(t, q, sigma, k)
     above = np.exp(log_p)
     mass = -np.diff(above)
     scaled_q = np.exp(log_q[:-1] + t[:-1]) - np.exp(log_q[1:] + t[:-1])  # n e^(t_i) <= m: no overflow
@@ -140,23 +149,25 @@ def _step(sigma: float, q: float, h: float, tail: float) -> _Step:
     return _Step(first, pmf, float(above[-1]))
 
 
-def _loss(x: np.ndarray | float, q: float, sigma: float) -> np.ndarray | float:
+def _loss(x: np.ndarray | float, q: float, sigma: float, k: int = 1) -> np.ndarray | float:
     """One step's privacy loss log(dP/dQ) at x."""
+    if k > 1:
+        return mixture.loss(x, q, sigma, k)
     return np.logaddexp(math.log1p(-q) if q < 1 else -math.inf, math.log(q) + (2 * x - 1) / (2 * sigma**2))
 
 
 @lru_cache(maxsize=1024)
-def _moments(sigma: float, q: float) -> tuple[float, float]:
+def _moments(sigma: float, q: float, k: int = 1) -> tuple[float, float]:
     """Mean and variance of one step's loss under P, by quadrature (they only size grids)."""
     x = sigma * _MOMENT_POINTS
     weight = np.exp(-_MOMENT_POINTS**2 / 2)
     weight /= weight.sum()
-    moments = []
-    for shift, share in ((0.0, 1 - q), (1.0, q)):  # P's two components
-        y = _loss(x + shift, q, sigma)
-        moments.append((share * float(weight @ y), share * float(weight @ y**2)))
-    mean = moments[0][0] + moments[1][0]
-    return mean, max(moments[0][1] + moments[1][1] - mean**2, 0.0)
+    shares = np.exp(mixture.log_weights(q, k)) if k > 1 else np.array([1 - q, q])
+    first = second = 0.0
+    for shift, share in enumerate(shares):  # P's components: Binomial(k, q) images at once
+        y = _loss(x + shift, q, sigma, k)
+        first, second = first + share * float(weight @ y), second + share * float(weight @ y**2)
+    return first, max(second - first**2, 0.0)
 
 
 def _mesh(segments: Sequence[Segment], epsilon: float, rel_error: float) -> float:
@@ -164,7 +175,7 @@ def _mesh(segments: Sequence[Segment], epsilon: float, rel_error: float) -> floa
     true epsilon (module docstring, Tightness), rounded down to a ladder so that nearby queries share
     their steps' discretisations."""
     steps = sum(s.steps for s in segments)
-    moments = [(s.steps, *_moments(s.noise_multiplier, s.sample_rate)) for s in segments]
+    moments = [(s.steps, *_moments(s.noise_multiplier, s.sample_rate, s.images)) for s in segments]
     mean, var = sum(n * m for n, m, _ in moments), sum(n * v for n, _, v in moments)
     error = max(rel_error * epsilon, MIN_EPS_ERROR)
     spread = steps * (1 + (max(epsilon - mean, 0.0) / var if var > 0 else math.inf))
@@ -220,7 +231,7 @@ def _epsilon(segments: Sequence[Segment], h: float, delta: float) -> float:
     total = sum(counts)
     tail = delta / 4000
     while True:
-        steps = [_step(s.noise_multiplier, s.sample_rate, h, tail / _sized(total)) for s in segments]
+        steps = [_step(s.noise_multiplier, s.sample_rate, h, tail / _sized(total), s.images) for s in segments]
         lo, hi = _window(steps, counts, h, tail)
         size = max(math.ceil((hi - lo) / h) + 1, 2)
         if max(size, *(len(s.pmf) for s in steps)) <= MAX_GRID_POINTS:
@@ -366,7 +377,10 @@ def rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
     segs = _active(segments)
     if not segs:
         return 0.0
-    return _rdp_to_epsilon(sum(s.steps * _rdp(s.sample_rate, s.noise_multiplier) for s in segs), delta)
+    # k images: their step is a post-processing of k subsampled Gaussians at sigma / sqrt(k) (split
+    # noise), whose RDP bounds the mixture's
+    return _rdp_to_epsilon(sum(s.steps * s.images * _rdp(s.sample_rate, s.noise_multiplier / math.sqrt(s.images))
+                               for s in segs), delta)
 
 
 
@@ -386,15 +400,17 @@ def _upper(segments: Sequence[Segment], delta: float) -> tuple[float, float]:
 
 
 def merge(segments: Iterable[Segment]) -> tuple[Segment, ...]:
-    """``segments`` with equal (sigma, q) merged, in order of first appearance, empty ones dropped.
+    """``segments`` with equal (sigma, q, images) merged, in order of first appearance, empty ones
+    dropped.
 
     Composition is commutative, so this changes no epsilon: the cost of composing grows with the
-    number of distinct (sigma, q), not of segments (a ledger records one per epoch)."""
-    steps: dict[tuple[float, float], int] = {}
+    number of distinct (sigma, q, images), not of segments (a ledger records one per epoch)."""
+    steps: dict[tuple[float, float, int], int] = {}
     for s in segments:
-        _check_segment(s.noise_multiplier, s.sample_rate, s.steps)
-        steps[(s.noise_multiplier, s.sample_rate)] = steps.get((s.noise_multiplier, s.sample_rate), 0) + s.steps
-    return tuple(Segment(float(sigma), float(q), int(t)) for (sigma, q), t in steps.items() if t > 0)
+        _check_segment(s.noise_multiplier, s.sample_rate, s.steps, s.images)
+        key = (s.noise_multiplier, s.sample_rate, s.images)
+        steps[key] = steps.get(key, 0) + s.steps
+    return tuple(Segment(float(sigma), float(q), int(t), int(k)) for (sigma, q, k), t in steps.items() if t > 0)
 
 
 def compose(segments: Sequence[Segment], delta: float) -> float:

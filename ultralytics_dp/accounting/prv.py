@@ -16,9 +16,16 @@ at small sigma over a wide domain (e.g. sigma 0.64, q 0.128: epsilon 8 over 8 st
 run) that integral is so far off that it refuses ("Discrete mean differs from continuous mean
 significantly"). Opacus' copy of the same code integrates as here.
 
+A segment of a person's k images (``Segment.images`` > 1) is the Binomial mixture of
+``mixture``: prv-accountant has no such mechanism, so ``_Mixture`` gives it the mixture's CDF (its
+one required method) and, for sizing the domain only, an RDP upper bound (k subsampled Gaussians
+at sigma / sqrt(k), a post-processing of which the step is); the discretisation and composition
+are prv-accountant's own.
+
 Privacy assumptions relied on here: every step is the Poisson-subsampled Gaussian mechanism with
 sampling rate q and noise multiplier sigma (``PoissonSubsampledGaussianMechanism``, the same pair
-as ``pld``); segments with equal (sigma, q) are composed together, distinct ones heterogeneously.
+as ``pld``), or the mixture above; segments with equal (sigma, q, images) are composed together,
+distinct ones heterogeneously.
 This module must not import torch or Ultralytics.
 """
 
@@ -34,14 +41,17 @@ from scipy import integrate
 from prv_accountant import composers, discretisers
 from prv_accountant.accountant import compute_safe_domain_size
 from prv_accountant.domain import Domain
-from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism, PrivacyRandomVariableTruncated
+from prv_accountant.privacy_random_variables import (PoissonSubsampledGaussianMechanism, PrivacyRandomVariable,
+                                                     PrivacyRandomVariableTruncated)
 
+from . import mixture
 from .pld import Segment
 
 NAME = "prv_accountant"
 VERSION = version("prv-accountant")
 REL_ERROR = 0.005  # eps_error, relative to the epsilon being bounded
 MIN_EPS_ERROR = 1e-4  # ... and absolute, where epsilon is near 0
+GAUSS_NODES = 96  # per piece, for a mixture's mean (checked against ``quad`` in tests/test_prv.py)
 
 
 class _Truncated(PrivacyRandomVariableTruncated):
@@ -53,18 +63,55 @@ class _Truncated(PrivacyRandomVariableTruncated):
         low = -np.logspace(np.log10(abs(self.t_min)), -5, 12)
         high = np.logspace(-5, np.log10(self.t_max), 12)
         points = np.concatenate([low, [0.0], high])
+        if isinstance(self.prv, _Mixture):
+            return self._mean_by_gauss_legendre(points)
         total = 0.0
         for left, right in zip(points[:-1], points[1:]):
             piece, _ = integrate.quad(self.cdf, left, right, limit=500)
             total += right * self.cdf(right) - left * self.cdf(left) - piece
         return float(total)
 
+    def _mean_by_gauss_legendre(self, points: np.ndarray) -> float:
+        """The same integral in one vectorised call of the CDF (a mixture's CDF costs a root-finding
+        per point, too slow for ``quad``'s scalar calls): Gauss-Legendre on each piece, the CDF's
+        lower end (log b_0, where the support starts) a piece boundary too."""
+        bottom = float(mixture.log_weights(self.prv.q, self.prv.k)[0])
+        if points[0] < bottom < points[-1]:
+            points = np.sort(np.append(points, bottom))
+        nodes, weights = np.polynomial.legendre.leggauss(GAUSS_NODES)
+        half, mid = np.diff(points) / 2, (points[1:] + points[:-1]) / 2
+        x = mid[:, None] + half[:, None] * nodes[None, :]
+        integral = float((half[:, None] * weights[None, :] * self.cdf(x.ravel()).reshape(x.shape)).sum())
+        return float(points[-1] * self.cdf(points[-1]) - points[0] * self.cdf(points[0]) - integral)
+
+
+class _Mixture(PrivacyRandomVariable):
+    """A person's k images in one step of a per-image run (``mixture``)."""
+
+    def __init__(self, sample_rate: float, noise_multiplier: float, images: int) -> None:
+        self.q, self.sigma, self.k = sample_rate, noise_multiplier, images
+        self.split = PoissonSubsampledGaussianMechanism(sampling_probability=sample_rate,
+                                                        noise_multiplier=noise_multiplier / np.sqrt(images))
+
+    def cdf(self, t: np.ndarray) -> np.ndarray:
+        log_p, _ = mixture.log_tails(np.asarray(t, dtype=np.float64), self.q, self.sigma, self.k)
+        return -np.expm1(log_p)
+
+    def rdp(self, alpha: float) -> float:
+        return self.k * self.split.rdp(alpha)
+
+
+def _mechanism(segment: Segment) -> PrivacyRandomVariable:
+    if segment.images > 1:
+        return _Mixture(segment.sample_rate, segment.noise_multiplier, segment.images)
+    return PoissonSubsampledGaussianMechanism(sampling_probability=segment.sample_rate,
+                                              noise_multiplier=segment.noise_multiplier)
+
 
 def epsilon_bounds(segments: Sequence[Segment], delta: float, estimate: float) -> tuple[float, float, float]:
     """(lower, estimate, upper) bounds on epsilon of composing ``segments`` at ``delta``; ``estimate``
     (the own accountant's figure) sizes eps_error. Segments must be merged (one per (sigma, q))."""
-    prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=s.sample_rate, noise_multiplier=s.noise_multiplier)
-            for s in segments]
+    prvs = [_mechanism(s) for s in segments]
     counts = [s.steps for s in segments]
     eps_error, delta_error = max(REL_ERROR * estimate, MIN_EPS_ERROR), delta / 1000
     with warnings.catch_warnings():  # its RDP domain sizing warns on orders it cannot use

@@ -9,6 +9,10 @@ scikit-learn wheel. From them we build, deterministically for a given seed:
   polygon of each digit's ink), pose (5 keypoints: the ink box's corners and the ink's centroid)
   and oriented boxes (each digit turned by a random angle, with its turned ink box).
 * ``digits-cls``: ImageFolder layout (``train/<class>/*.png``, ``val/<class>/*.png``).
+* ``digits-persons-cls``: the same layout, the digits regrouped by simulated writers
+  (``writers``: synthetic persons, each with their own style and several images) and a
+  ``persons.csv`` (``image,person``) naming every image's writer; training and validation writers
+  are distinct people.
 * ``digits-public-det`` / ``digits-public-cls``: the same formats built from digits typeset in
   matplotlib's fonts (:mod:`ultralytics_dp.font_digits`) and, half of them, written with a simulated
   pen (:mod:`ultralytics_dp.pen_digits`): public data for pretraining, which never reads the
@@ -34,8 +38,8 @@ import numpy as np
 from PIL import Image
 
 NAMES = [str(i) for i in range(10)]
-DATASETS = ("digits-det", "digits-seg", "digits-pose", "digits-obb", "digits-cls", "digits-public-det",
-            "digits-public-cls")
+DATASETS = ("digits-det", "digits-seg", "digits-pose", "digits-obb", "digits-cls", "digits-persons-cls",
+            "digits-public-det", "digits-public-cls")
 PUBLIC_POOL = (5000, 1000)  # public source digits (half typeset, half pen-written) for the train and val pools
 _FORMAT_VERSION = 4  # bump when the generated files change, so stale caches are not reused
 VAL_FRACTION = 0.2
@@ -208,6 +212,28 @@ def _write_cls(root: Path, name: str, seed: int, imgsz: int) -> None:
             Image.fromarray(np.stack([grey] * 3, axis=-1)).save(root / split / str(label) / f"{i:05d}.png")
 
 
+def _write_persons_cls(root: Path, seed: int, imgsz: int) -> None:
+    """``digits-persons-cls`` (see the module's docstring): writer w's images are
+    ``<split>/<class>/w<w>-<k>.png``; ``persons.csv`` names each image's writer (relative paths)."""
+    from . import writers
+
+    tr_x, tr_y, va_x, va_y = source_split(seed)
+    rng = np.random.default_rng(seed + 2)
+    rows = ["image,person"]
+    for split, pool, labels, prefix in (("train", tr_x, tr_y, "t"), ("val", va_x, va_y, "v")):
+        for name in NAMES:
+            (root / split / name).mkdir(parents=True)
+        for w in range(len(pool) // writers.IMAGES_PER):
+            style = writers.draw_style(rng)
+            for k in range(writers.IMAGES_PER):
+                i = w * writers.IMAGES_PER + k
+                grey = writers.write(pool[i], style, imgsz, rng)
+                path = f"{split}/{labels[i]}/w{w:04d}-{k}.png"
+                Image.fromarray(np.stack([grey] * 3, axis=-1)).save(root / path)
+                rows.append(f"{path},writer-{prefix}{w:04d}")
+    (root / "persons.csv").write_text("\n".join(rows) + "\n")
+
+
 def build(
     name: str,
     *,
@@ -245,6 +271,8 @@ def build(
                 # the yaml must name the final location, not the temporary one
                 yaml = tmp / "data.yaml"
                 yaml.write_text(yaml.read_text().replace(tmp.as_posix(), final.as_posix()))
+            elif name == "digits-persons-cls":
+                _write_persons_cls(tmp, seed, imgsz)
             else:
                 _write_cls(tmp, name, seed, imgsz)
             try:

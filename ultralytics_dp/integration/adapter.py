@@ -24,9 +24,11 @@ device; the arguments are prepared in the launching process (``attach`` or the p
 checks its own at ``on_pretrain_routine_end``, rank 0 alone plans, accounts, records and writes,
 and every rank takes its plan and samples its own shard.
 
-Privacy assumptions: one image with all its labels is one record; the training set the trainer
-samples from is the private set of size N; delta < 1/N; N, q, the validation set (metrics,
-best.pt selection), the architecture and the training arguments are public. A checkpoint links
+Privacy assumptions: one record is one image with all its labels, or with
+``privacy_unit="person"`` one person with all of their images (``persons``: the file names every
+image's person; a person is sampled, clipped and budgeted as one record); the training set the
+trainer samples from is the private set of N records; delta < 1/N; N, q, the validation set
+(metrics, best.pt selection), the architecture and the training arguments are public. A checkpoint links
 to its ledger record by a random run id only, never by a hash of the data.
 """
 
@@ -52,7 +54,8 @@ from ..losses.per_image import check_supported
 from ..mechanism import distributed
 from ..mechanism.sampling import PoissonLoader
 from ..version import __version__
-from . import guard, keys, norms, offline, run_args, run_ledger, self_check
+from ..accounting import group
+from . import guard, keys, norms, offline, persons, run_args, run_ledger, self_check
 from .checkpoint import read_dp_entry, resumed_entry, summary_line, write_dp_entry
 from .explicit import user_set
 from .guard import TrainerGuard, freeze_batchnorm
@@ -60,13 +63,12 @@ from .privacy_plot import plot_privacy
 from .private_step import CLIPPED_SUM, PrivateStep, resolve_grad_method
 from .training_set import check_distinct_images, check_training_set, identify_all, image_files
 
-PRIVACY_UNIT = "image"
 EPSILON_METRIC = "dp/epsilon"
 CURVE_POINTS = 25  # step counts at which the planned epsilon is computed for the progress bar and privacy.png
 
 
 class DifferentialPrivacy:
-    """(epsilon, delta)-DP training of an Ultralytics YOLO model, per training image.
+    """(epsilon, delta)-DP training of an Ultralytics YOLO model, per training image or per person.
 
     Takes the settings of ``config.DPConfig`` (``epsilon`` required; see ``DPConfig`` or the README
     for each one), or a ``DPConfig``. Ultralytics' ``batch`` is the *expected* logical batch size:
@@ -97,6 +99,8 @@ class DifferentialPrivacy:
         self._args_ready = False  # defaults and neutralised arguments already in the trainer's arguments
         self._rewrite_args = False  # the trainer's arguments changed after Ultralytics wrote args.yaml
         self._released: tuple[int, Released] | None = None  # (steps, what they release)
+        self.persons: persons.Persons | None = None  # whose images these are (rank 0 keeps the ids)
+        self._person_released: tuple[int, Released] | None = None  # an image-level run, per person
         self._curve: list[tuple[int, float]] = []  # (steps, epsilon upper bound) of the plan, for display
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
@@ -152,9 +156,22 @@ class DifferentialPrivacy:
             "accountant_state": self.accountant.state_dict(),
             "prv_accountant_version": prv.VERSION,
             "run_id": self.run_id,
-            "privacy_unit": PRIVACY_UNIT,
+            "privacy_unit": self.config.privacy_unit,
+            "person_epsilon": self.person_epsilon(),
             "version": __version__,
         }
+
+    def person_epsilon(self) -> dict[str, Any] | None:
+        """For an image-level run whose persons are known: the epsilon of the person with the most
+        images in it (``accounting.group``: a conservative bound; never the image-level figure).
+        None for a person-level run (its epsilon is per person) or without a persons file."""
+        if self.persons is None or self.config.privacy_unit == "person":
+            return None
+        k = self.persons.largest
+        if self._person_released is None or self._person_released[0] != self.steps:
+            self._person_released = (self.steps, accountant.release(group.person_segments(self.accountant.history, k),
+                                                                    self.delta))
+        return {"epsilon": self._person_released[1].epsilon, "images_per_person": k, "bound": group.BOUND}
 
     @property
     def launched_elsewhere(self) -> bool:
@@ -313,9 +330,13 @@ class DifferentialPrivacy:
             method = resolve_grad_method(trainer.model, self.config.grad_method)
             self_check.check(trainer, CLIPPED_SUM[method], self.config.max_grad_norm)  # before anything is recorded
             dataset = trainer.train_loader.dataset
-            if len(dataset) < world:
-                raise ValueError(f"{len(dataset)} training images for {world} processes; train on fewer devices")
-            self.defaults.fit_batch(trainer)
+            self.persons = self._read_persons(trainer)
+            units = self.persons.images if self.config.privacy_unit == "person" else None
+            records = len(units) if units is not None else len(dataset)
+            if records < world:
+                raise ValueError(f"{records} training {self.config.privacy_unit}s for {world} processes; train on fewer "
+                                 "devices")
+            self.defaults.fit_batch(trainer, records, self.config.privacy_unit)
             shared = self._plan_and_record(trainer, dataset) if rank == 0 else None
             self._share(distributed.from_main(shared))
             plan = self.plan
@@ -325,7 +346,8 @@ class DifferentialPrivacy:
             loader = PoissonLoader(dataset, plan.sample_rate, plan.steps_per_epoch, lambda: self.max_steps - self.steps,
                                    self._reserve, workers=trainer.train_loader.num_workers,
                                    secure=self.config.secure_mode, views=self.config.augmult,
-                                   shard=distributed.shard(len(dataset)))
+                                   shard=distributed.shard(records), units=units,
+                                   max_images=self.config.max_images_per_person if units is not None else None)
             self.guard = TrainerGuard(self._take_step(trainer, method, across_ranks=world > 1), loader,
                                       self.progress)
         except Exception:
@@ -359,6 +381,16 @@ class DifferentialPrivacy:
             raise RuntimeError("DP: the processes differ in their model, optimizer, arguments or training set; "
                                "refusing (every process must step identically)")
 
+    def _read_persons(self, trainer: Any) -> persons.Persons | None:
+        """The training set's persons from the ``persons`` file (None without one), after its checks
+        against the training and validation images (every process reads it: the same answer)."""
+        if self.config.persons is None:
+            return None
+        root = persons.dataset_root(trainer.data)
+        owner = persons.read(persons.locate(self.config.persons, root), root)
+        return persons.group(owner, image_files(trainer.train_loader.dataset),
+                             image_files(trainer.test_loader.dataset), self.config.persons)
+
     def _plan_and_record(self, trainer: Any, dataset: Any) -> dict[str, Any]:
         """Rank 0 (or the only process): check the training set, plan the run, record it in the ledger
         (the last step that can refuse it: nothing is recorded before). Returns what every rank needs."""
@@ -368,11 +400,15 @@ class DifferentialPrivacy:
         records = identify_all(files)
         check_distinct_images(files, records, val_files, identify_all(val_files))
         resume = self._resume
-        fingerprint = (run_ledger.fingerprint_of(self.ledger, dataset, records, resume)
+        fingerprint = (run_ledger.fingerprint_of(self.ledger, dataset, records, resume, self.persons)
                        if self.ledger is not None else None)
+        by_person = self.config.privacy_unit == "person"
         plan = plan_run(
-            self.config, num_samples=len(dataset), batch=trainer.args.batch, epochs=trainer.epochs, resumed=resume,
-            records=self.ledger.budgets(records, self.config.dataset_budget, self.delta) if fingerprint else None,
+            self.config, num_samples=self.persons.count if by_person else len(dataset), batch=trainer.args.batch,
+            epochs=trainer.epochs, resumed=resume,
+            records=self.ledger.budgets(records, self.config.dataset_budget, self.delta,
+                                        run_ledger.ledger_persons(self.persons), self.config.privacy_unit)
+            if fingerprint else None,
         )
         self.plan = plan
         if resume is not None:
@@ -382,13 +418,15 @@ class DifferentialPrivacy:
         elif plan.calibrated:
             log(f"calibrated noise_multiplier={plan.noise_multiplier:.4f} to spend epsilon={self.config.epsilon:g} "
                 f"over {plan.planned_steps} steps")
-        log(f"N={plan.num_samples} images, q={plan.sample_rate:.5g} (expected batch {trainer.args.batch}), "
+        unit = f"persons ({len(dataset)} images)" if by_person else "images"
+        log(f"N={plan.num_samples} {unit}, q={plan.sample_rate:.5g} (expected batch {trainer.args.batch}), "
             f"{plan.steps_per_epoch} steps/epoch, {plan.planned_steps} planned, {plan.max_steps - self.steps} allowed "
             f"from step {self.steps}, C={self.config.max_grad_norm:g}, delta={self.delta:g}"
             + (", secure mode" if self.config.secure_mode else ""))
         if fingerprint is not None and self.run_id is None:  # a resumed run keeps its record
             self.run_id = run_ledger.record_run(self.ledger, records, fingerprint, config=self.config, plan=plan,
-                                                name=str(trainer.save_dir), description=str(trainer.args.data))
+                                                name=str(trainer.save_dir), description=str(trainer.args.data),
+                                                persons=self.persons)
         return {"plan": plan, "curve": self._planned_curve(plan), "run_id": self.run_id,
                 "accountant_state": self.accountant.state_dict()}
 

@@ -156,6 +156,9 @@ def resumed_entry(path: str | Path, config: DPConfig, *, with_ledger: bool) -> d
         raise ValueError(f"{path} has no 'dp' entry: it was not trained privately, so it cannot resume a private "
                          "run; start a new run instead")
     check_resume(config, entry)
+    if config.persons is not None and not with_ledger:
+        raise ValueError("a run with persons resumes only with the ledger it was recorded in: the ledger checks that "
+                         "the persons are those the run started with")
     if (entry.get("run_id") is None) == with_ledger:
         raise ValueError("resume must keep the ledger setting of the run: it was trained with "
                          + ("ledger=False; resume with ledger=False" if entry.get("run_id") is None
@@ -169,4 +172,6 @@ def summary_line(entry: dict[str, Any]) -> str:
     return (f"({entry['epsilon']:.4f}, {settings['delta']:g})-DP per {entry['privacy_unit']}: {entry['steps']} steps, "
             f"noise_multiplier={entry['noise_multiplier']:.4f}, q={entry['sample_rate']:.5g}, "
             f"C={settings['max_grad_norm']:g}, accountant={entry['accountant']}"
-            + (", stopped by budget" if entry.get("stopped_by_budget") else ""))
+            + (", stopped by budget" if entry.get("stopped_by_budget") else "")
+            + (f"; per person ({person['images_per_person']} images at most): epsilon <= {person['epsilon']:.4f}"
+               if (person := entry.get("person_epsilon")) else ""))

@@ -2,7 +2,7 @@
 counted by the accountant (``PrivateStep``, read it like Opacus' ``DPOptimizer.pre_step``):
 
 1. the budget: a step past the run's last allowed step fails closed;
-2. per-image clipping: physical chunks (``mechanism.sampling.split_physical``) -> per-image losses
+2. per-record clipping: physical chunks of whole records (``mechanism.grouping``) -> per-image losses
    (``losses``) -> per-image clipped gradients, summed (a back-end: ghost clipping or torch.func);
 3. one Gaussian draw for the whole Poisson batch, divided by q*N (``mechanism.gaussian``, or
    ``mechanism.distributed`` across processes);
@@ -20,9 +20,12 @@ Privacy assumptions relied on here:
 * Physical chunks only bound memory: their clipped sums are added before the single noise draw.
   So do ranks in a multi-process run: each holds its shard's share of one Poisson batch, and the
   job draws noise once (``distributed``).
-* Augmentation multiplicity (``views`` = K > 1): the sampled record is the image; its K views are
-  random functions of that image alone, its gradient is the mean of theirs and is clipped once,
-  so it still adds one vector of norm <= C, and chunks never split a record.
+* A record may be several consecutive images of the batch (``mechanism.grouping``): a person's
+  images when the person is the privacy unit, an image's K views with augmentation multiplicity
+  (random functions of that image alone), or both. Its gradient is the mean of its images' and
+  is clipped once, so it adds one vector of norm <= C, and chunks never split a record. Which
+  images form a record comes with the batch from the loader (``RECORD_SIZES``); a batch without
+  it is refused.
 * Both back-ends compute the same clipped sum (tested to 1e-5): "ghost" (mixed ghost clipping and
   book-keeping, no per-sample gradients; Conv2d, ConvTranspose2d, Linear, BatchNorm and GroupNorm
   layers) and "vmap"
@@ -46,10 +49,11 @@ from ..mechanism.grad_sample import check_no_train_batchnorm, trainable_params
 from ..losses.per_image import batch_losses, per_image_loss_fn, sample_batch
 from ..mechanism.gaussian import clipped_grad_sum, private_mean
 from ..losses.batch import select
-from ..mechanism.sampling import split_physical
+from ..mechanism.grouping import Groups
+from ..mechanism.sampling import RECORD_SIZES
 
-# (model, chunk, C, views) -> (sum of clipped per-record gradients by parameter name, per-record norms)
-ClippedSum = Callable[[nn.Module, dict, float, int], tuple[dict[str, Tensor], Tensor]]
+# (model, chunk, C, its records) -> (sum of clipped per-record gradients by parameter name, per-record norms)
+ClippedSum = Callable[[nn.Module, dict, float, Groups], tuple[dict[str, Tensor], Tensor]]
 
 
 def resolve_grad_method(model: nn.Module, method: str) -> str:
@@ -62,19 +66,17 @@ def resolve_grad_method(model: nn.Module, method: str) -> str:
     return method
 
 
-def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tuple[dict[str, Tensor], Tensor]:
+def _ghost(model: nn.Module, chunk: dict, max_grad_norm: float, groups: Groups) -> tuple[dict[str, Tensor], Tensor]:
     return ghost.clipped_grad_sum_ghost(model, lambda m: batch_losses(m, chunk), max_grad_norm=max_grad_norm,
-                                        views=views)
+                                        groups=groups)
 
 
-def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, views: int) -> tuple[dict[str, Tensor], Tensor]:
+def _vmap(model: nn.Module, chunk: dict, max_grad_norm: float, groups: Groups) -> tuple[dict[str, Tensor], Tensor]:
     # torch.func's per-sample forward fails under autocast (eval BatchNorm gets mixed dtypes): this
     # path runs in the parameters' precision even when the trainer uses amp=True
     with torch.autocast(chunk["img"].device.type, enabled=False):
-        samples = sample_batch(model, chunk)
-        if views > 1:  # one vmapped sample per record: its views on a second dimension
-            samples = {k: v.view(v.shape[0] // views, views, *v.shape[1:]) for k, v in samples.items()}
-        return clipped_grad_sum(model, per_image_loss_fn(model, views), samples, max_grad_norm=max_grad_norm)
+        return clipped_grad_sum(model, per_image_loss_fn(model), sample_batch(model, chunk),
+                                max_grad_norm=max_grad_norm, groups=groups)
 
 
 CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
@@ -82,15 +84,15 @@ CLIPPED_SUM: dict[str, ClippedSum] = {"ghost": _ghost, "vmap": _vmap}
 
 def private_gradient(
     model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
-    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False, views: int = 1,
-    across_ranks: bool = False, generator: torch.Generator | None = None,
+    expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
+    groups: Groups | None = None, across_ranks: bool = False, generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
     physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
     by the expected batch size. ``batch`` is a preprocessed Ultralytics training batch; ``method``
-    is "ghost" or "vmap" (see ``resolve_grad_method``). With ``views`` > 1 (augmentation
-    multiplicity) the batch holds each sampled record's ``views`` augmented images consecutively;
-    a record's gradient is the mean over its views, clipped once, and chunks hold whole records.
+    is "ghost" or "vmap" (see ``resolve_grad_method``). ``groups``: which consecutive images form
+    each record (default: one image each); a record's gradient is the mean over its images,
+    clipped once, and chunks hold whole records.
     ``across_ranks``: ``batch`` is this rank's share of the Poisson batch of a multi-process run; the
     ranks' clipped sums are added and noised once (``distributed.private_mean``). ``generator``:
     the noise generator (tests; default: the engine's OS-seeded one)."""
@@ -98,14 +100,13 @@ def private_gradient(
     clipped_sum = CLIPPED_SUM[method]
     total: dict[str, Tensor] | None = None
     n = batch["img"].shape[0]
-    if n % views:
-        raise ValueError(f"a batch of {n} images is not whole records of {views} views")
-    per_chunk = max(1, (physical_batch or max(n, 1)) // views)  # physical_batch counts images
+    groups = Groups.uniform(n) if groups is None else groups
+    if groups.images != n:
+        raise ValueError(f"a batch of {n} images is not whole records of {list(groups.sizes)} images")
     overlap = getattr(getattr(model, "args", None), "overlap_mask", True)
     try:
-        for records in split_physical(list(range(n // views)), per_chunk):
-            idx = [r * views + k for r in records for k in range(views)]
-            sums, _ = clipped_sum(model, select(batch, idx, overlap), max_grad_norm, views)
+        for idx, chunk_groups in groups.chunks(physical_batch or max(n, 1)):
+            sums, _ = clipped_sum(model, select(batch, idx, overlap), max_grad_norm, chunk_groups)
             total = sums if total is None else {k: v.add_(sums[k]) for k, v in total.items()}
     except RuntimeError as err:
         if "out of memory" in str(err).lower():
@@ -116,6 +117,19 @@ def private_gradient(
     mean = distributed.private_mean if across_ranks else private_mean
     return mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=expected_batch_size, generator=generator, secure=secure)
+
+
+def record_groups(batch: dict[str, Any]) -> Groups:
+    """Which images of a loader's batch form each record (``sampling.PoissonLoader`` says so with
+    every batch); fail closed on a batch that does not say, or says something else."""
+    sizes = batch.get(RECORD_SIZES)
+    if sizes is None:
+        raise RuntimeError("DP: a training batch that did not come from the Poisson loader; refusing the step")
+    groups = Groups(tuple(sizes))
+    if groups.images != batch["img"].shape[0]:
+        raise RuntimeError(f"DP: the batch has {batch['img'].shape[0]} images, its records {groups.images}; "
+                           "refusing the step")
+    return groups
 
 
 class PrivateStep:
@@ -142,7 +156,7 @@ class PrivateStep:
         grad = private_gradient(
             model, batch, method=self.method, max_grad_norm=config.max_grad_norm,
             noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
-            physical_batch=config.physical_batch, secure=config.secure_mode, views=config.augmult,
+            physical_batch=config.physical_batch, secure=config.secure_mode, groups=record_groups(batch),
             across_ranks=self.across_ranks,
         )
         for name, p in trainable_params(model).items():

@@ -45,13 +45,13 @@ class Defaults:
                 for k in self.applied))
         return args
 
-    def fit_batch(self, trainer: Any) -> None:
-        """A default expected batch above 3/4 of the training set becomes 3/4 of it; an explicit batch
-        is the user's (``plan`` refuses one above N)."""
-        batch = recipe.fit_batch(trainer.args.batch, len(trainer.train_loader.dataset))
+    def fit_batch(self, trainer: Any, records: int, unit: str) -> None:
+        """A default expected batch above 3/4 of the training set's ``records`` (images or persons)
+        becomes 3/4 of it; an explicit batch is the user's (``plan`` refuses one above N)."""
+        batch = recipe.fit_batch(trainer.args.batch, records)
         if "batch" in self.applied and batch != trainer.args.batch:
             trainer.args.batch = batch
-            log(f"batch={batch}: the default expected batch is at most 3/4 of the training images")
+            log(f"batch={batch}: the default expected batch is at most 3/4 of the training {unit}s")
 
     def fit_learning_rate(self, trainer: Any, plan: Plan) -> None:
         """A default lr0 follows the noise once sigma is known (``recipe.learning_rate``): the

@@ -26,6 +26,7 @@ import torch
 
 from ..losses.batch import select
 from ..losses.per_image import batch_losses, check_supported
+from ..mechanism.grouping import Groups
 
 IMAGES = 2
 LOOK = 32
@@ -57,7 +58,7 @@ def check(trainer: Any, clipped_sum: Any, max_grad_norm: float) -> None:
     if not torch.allclose(ours, theirs.to(ours.dtype), rtol=RTOL, atol=ATOL):
         refuse("an image's loss in a batch differs from Ultralytics' own loss of that image alone (the losses "
                "mix images, or mean something else)")
-    sums, _ = clipped_sum(model, ones[0], max_grad_norm, 1)
+    sums, _ = clipped_sum(model, ones[0], max_grad_norm, Groups.uniform(1))
     norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in sums.values()]).double())
     if not norm <= max_grad_norm * (1 + NORM_SLACK):
         refuse(f"one image's clipped gradient has norm {float(norm):.4g} > C={max_grad_norm:g}")

@@ -324,15 +324,10 @@ def batch_losses(model: nn.Module, batch: Batch) -> Tensor:
     return losses_from_preds(model, preds, assign_targets(model, batch, preds=_detached(preds)))
 
 
-def per_image_loss_fn(model: nn.Module, views: int = 1) -> Callable[[ModelCall, Batch], Tensor]:
-    """``loss_fn(model_call, sample)`` for the engine: the loss of one image (a batch of one).
-
-    ``views`` > 1 (augmentation multiplicity): the sample is one record's ``views`` augmented
-    images (every tensor ``[1, views, ...]``) and its loss is the mean of their losses."""
+def per_image_loss_fn(model: nn.Module) -> Callable[[ModelCall, Batch], Tensor]:
+    """``loss_fn(model_call, sample)`` for the engine: the loss of one image (a batch of one)."""
 
     def loss_fn(model_call: ModelCall, sample: Batch) -> Tensor:
-        if views > 1:
-            sample = {k: v.flatten(0, 1) for k, v in sample.items()}
         return losses_from_preds(model, model_call(sample["img"]), sample).mean()
 
     return loss_fn

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import checks
 from .grad_sample import Batch, LossFn, batch_size, per_sample_grads, trainable_params
+from .grouping import Groups
 from .randomness import noise_generator, secure_normal
 
 CLIP_EPS = 1e-6
@@ -37,8 +38,12 @@ def clipped_grad_sum(
     batch: Batch,
     *,
     max_grad_norm: float,
+    groups: Groups | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """``sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` per parameter, and the per-sample norms ``[B]``.
+
+    With ``groups`` a sample is a record of consecutive images (``grouping``): g_i is the mean of
+    its images' gradients, and the norms are per record.
 
     Clipping is flat: ``||g_i||`` is the L2 norm over all trainable parameters together. A sample
     whose gradient is not finite contributes zero (its norm in the returned tensor is NaN or inf,
@@ -50,7 +55,11 @@ def clipped_grad_sum(
     total = {k: torch.zeros_like(v, memory_format=torch.preserve_format) for k, v in params.items()}
     if batch_size(batch) == 0:
         return total, torch.zeros(0, device=next(iter(params.values())).device)
+    if groups is not None and groups.images != batch_size(batch):
+        raise ValueError(f"{batch_size(batch)} images for records of {groups.images} images")
     grads = per_sample_grads(model, loss_fn, batch)
+    if groups is not None and not groups.trivial:
+        grads = {k: groups.mean(g) for k, g in grads.items()}
     norm = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()).sqrt()
     finite = torch.isfinite(norm)
     factor = clip_factors(norm, max_grad_norm)

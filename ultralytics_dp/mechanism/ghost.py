@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .. import checks
 from .grad_sample import check_no_train_batchnorm, trainable_params
 from .gaussian import clip_factors
+from .grouping import Groups
 
 SUPPORTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -168,21 +169,27 @@ def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
     return torch.einsum("bgot,bgdt->god", left * c.view(-1, 1, 1, 1), right)
 
 
-def _group_views(left: Tensor, right: Tensor | None, views: int) -> tuple[Tensor, Tensor | None]:
-    """A term of B = R * views images (a record's views consecutive) as the term of R records whose
-    gradient is the mean of their views' gradients. Ghost factors keep their form by joining the
-    views' positions (sum over k and t of l r^T / views), unless that makes the ghost norm dearer."""
-    if views == 1:
+def _group(left: Tensor, right: Tensor | None, groups: Groups) -> tuple[Tensor, Tensor | None]:
+    """A term of a batch's images as the term of its records (``grouping``), whose gradient is the
+    mean of their images'. Ghost factors keep their form by joining a record's images' positions
+    (sum over its images and positions of w l r^T, w = 1/size; a smaller record's missing images
+    are zero positions, which add nothing), unless that makes the ghost norm dearer."""
+    if groups.trivial:
         return left, right
-    r = left.shape[0] // views
     if right is not None:
         g, o, t, d = left.shape[1], left.shape[2], left.shape[3], right.shape[2]
-        if not _ghost_is_cheaper(views * t, o, d):
+        if not _ghost_is_cheaper(groups.largest * t, o, d):
             left, right = _as_gradient(left, right), None
         else:
-            join = lambda x: x.reshape(r, views, g, x.shape[2], t).permute(0, 2, 3, 1, 4).reshape(r, g, x.shape[2], -1)
-            return join(left) / views, join(right)
-    return left.view(r, views, *left.shape[1:]).mean(1), None
+            owner, slot, weight = groups.indices(left.device)
+
+            def join(x: Tensor) -> Tensor:
+                padded = x.new_zeros((groups.records, groups.largest, *x.shape[1:]))
+                padded[owner, slot] = x
+                return padded.permute(0, 2, 3, 1, 4).reshape(groups.records, g, x.shape[2], -1)
+
+            return join(left * weight.to(left.dtype).view(-1, 1, 1, 1)), join(right)
+    return groups.mean(left), None
 
 
 def clipped_grad_sum_ghost(
@@ -190,15 +197,15 @@ def clipped_grad_sum_ghost(
     losses_fn: Callable[[nn.Module], Tensor],
     *,
     max_grad_norm: float,
-    views: int = 1,
+    groups: Groups | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Same contract as ``mechanism.clipped_grad_sum`` (flat clipping over all trainable
     parameters, non-finite samples contribute zero), computed in one forward and one backward.
 
     ``losses_fn(model)`` runs the batched forward and returns the [B] per-image losses. With
-    ``views`` > 1 the B images are R = B / views records, each ``views`` consecutive augmented
-    images of one record: a record's gradient is the mean of its views' gradients, clipped once
-    (augmentation multiplicity, De et al. 2022), and the R norms are returned.
+    ``groups`` the B images are ``groups.records`` records of consecutive images (a person's
+    images, or an image's augmented views): a record's gradient is the mean of its images'
+    gradients, clipped once (``grouping``), and the per-record norms are returned.
     """
     checks.finite_positive("max_grad_norm", max_grad_norm)
     check_no_train_batchnorm(model)
@@ -221,9 +228,10 @@ def clipped_grad_sum_ghost(
     finally:
         for h in handles:
             h.remove()
-    if losses.shape[0] % views:
-        raise ValueError(f"{losses.shape[0]} images are not whole records of {views} views")
-    n = losses.shape[0] // views
+    groups = Groups.uniform(losses.shape[0]) if groups is None else groups
+    if losses.shape[0] != groups.images:
+        raise ValueError(f"{losses.shape[0]} images for records of {groups.images} images")
+    n = groups.records
     params = trainable_params(model)
     if n == 0:
         return {name: torch.zeros_like(p) for name, p in params.items()}, losses.new_zeros(0)
@@ -235,11 +243,11 @@ def clipped_grad_sum_ghost(
     # the norms and the clipped sum in the parameters' precision even under the trainer's autocast:
     # in bf16 a clipped image could add about 1.002 C, more than the accountant's sensitivity
     with torch.autocast(losses.device.type, enabled=False):
-        return _clip_and_sum(layers, records, params, n, views, max_grad_norm, losses.device)
+        return _clip_and_sum(layers, records, params, groups, max_grad_norm, losses.device)
 
 
 def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Tensor, Tensor]]],
-                  params: dict[str, Tensor], n: int, views: int, max_grad_norm: float, device: torch.device
+                  params: dict[str, Tensor], groups: Groups, max_grad_norm: float, device: torch.device
                   ) -> tuple[dict[str, Tensor], Tensor]:
     """Pass 1: per-record squared norms (each layer's per-sample gradient or ghost factors);
     pass 2 (book-keeping): the clipped sum from the same terms, with no second backward."""
@@ -254,14 +262,14 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
             else:  # a layer called more than once: sum its calls' per-sample gradients first, flat
                 # (a call in ghost form gives [B, G, O, D], one in gradient form [B, *shape])
                 left, right = sum(_as_gradient(*pc[k][1:]).flatten(1) for pc in per_call), None
-            left, right = _group_views(left, right, views)
+            left, right = _group(left, right, groups)
             out.append((f"{name}.{per_call[0][k][0]}", left, right, _sq_norm(left, right)))
         return out
 
     kept = [term for terms in _parallel_map(layer_terms, list(records.items()), device) for term in terms]
     # each term's square in float64 (``_sq_norm``), summed; one stack, not one kernel per term
     squares = [square for *_, square in kept]
-    squared = torch.stack(squares).sum(0) if squares else torch.zeros(n, dtype=torch.float64, device=device)
+    squared = torch.stack(squares).sum(0) if squares else torch.zeros(groups.records, dtype=torch.float64, device=device)
     # adding L non-negative float64 terms loses at most L eps of the total: raised by as much
     squared = squared * (1 + (len(squares) + 1) * torch.finfo(torch.float64).eps)
     norms = squared.sqrt()

@@ -3,7 +3,10 @@
 Privacy assumptions relied on here:
 
 * Each step includes every record independently with probability q, so batch sizes vary and
-  empty batches happen; they are yielded (an empty step is still a step the accountant counts).
+  empty batches happen. A record is an image, or a person (``units``: all of one person's images);
+  a sampled person contributes at most ``max_images`` of their images, chosen uniformly at random
+  among their own at each step, so which of a person's images are used depends on that person
+  alone; they are yielded (an empty step is still a step the accountant counts).
   Shuffled fixed-size batches do not give this amplification (Chua et al. 2024).
 * The trainer's loader is replaced by ``PoissonLoader``: one Poisson logical batch per optimizer
   step, its steps reserved in the ledger (write-ahead) before the first of them is drawn.
@@ -14,13 +17,14 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .randomness import os_seeded_generator, secure_uniform
+
+RECORD_SIZES = "dp_record_sizes"  # the batch key: how many consecutive images form each record
 
 
 class PoissonBatchSampler:
@@ -63,18 +67,6 @@ class PoissonBatchSampler:
             yield mask.nonzero().flatten().tolist()
 
 
-def split_physical(indices: list[int], max_physical_batch_size: int) -> list[list[int]]:
-    """Split one logical (Poisson) batch into micro-batches of at most ``max_physical_batch_size``.
-
-    Micro-batches only bound memory: their clipped sums are added before the single noise draw of
-    the step. An empty logical batch gives no micro-batch (the step still happens).
-    """
-    if not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1:
-        raise ValueError(f"max_physical_batch_size must be an integer >= 1, got {max_physical_batch_size!r}")
-    n = math.ceil(len(indices) / max_physical_batch_size)
-    return [indices[i * max_physical_batch_size : (i + 1) * max_physical_batch_size] for i in range(n)]
-
-
 class PoissonLoader:
     """Drop-in for a trainer's train loader: each item is one collated Poisson logical batch.
 
@@ -84,15 +76,24 @@ class PoissonLoader:
     returns how many were granted (the ledger may grant fewer): the epoch takes that many.
     ``views`` > 1 (augmentation multiplicity): each sampled record is loaded ``views`` times in a
     row, so the dataset's random per-image augmentation gives that many views of it.
+    ``units``: the records, each a list of dataset indices (a person's images); default: one
+    record per image. A sampled record brings at most ``max_images`` of its images (a uniform
+    random choice among its own), each ``views`` times. Every batch says which of its consecutive
+    images form each record (``RECORD_SIZES``, images per record, views included).
     ``shard``: the records this process samples from (a multi-process run gives each rank a
     disjoint share, see ``distributed.shard``); each is included with probability ``sample_rate``.
     """
 
     def __init__(self, dataset: Any, sample_rate: float, steps_per_epoch: int, budget: Callable[[], int],
                  reserve: Callable[[int], int], workers: int = 0, secure: bool = False, views: int = 1,
-                 shard: Sequence[int] | None = None) -> None:
+                 shard: Sequence[int] | None = None, units: Sequence[Sequence[int]] | None = None,
+                 max_images: int | None = None) -> None:
         self.dataset = dataset
-        self.shard = range(len(dataset)) if shard is None else shard
+        self.units = [[i] for i in range(len(dataset))] if units is None else [list(u) for u in units]
+        if any(not u for u in self.units):
+            raise ValueError("every record needs at least one image")
+        self.max_images = max_images
+        self.shard = range(len(self.units)) if shard is None else shard
         self.sample_rate = sample_rate
         self.steps_per_epoch = steps_per_epoch
         self.budget = budget
@@ -102,6 +103,7 @@ class PoissonLoader:
         self.views = views
         self._collate = getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate
         self._empty: dict | None = None
+        self._choice = os_seeded_generator()  # which of a person's images: secret, like the sampling
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -117,6 +119,15 @@ class PoissonLoader:
     def set_epoch(self, epoch: int) -> None:
         """Unused: Poisson batches are drawn fresh from OS entropy every epoch, whatever its number."""
 
+    def _images(self, unit: int) -> list[int]:
+        """The images a sampled record brings this step: all, or ``max_images`` of them at random."""
+        images = self.units[self.shard[unit]]
+        if self.max_images is None or len(images) <= self.max_images:
+            return images
+        uniform = secure_uniform(len(images)) if self.secure else torch.rand(len(images), dtype=torch.float64,
+                                                                               generator=self._choice)
+        return [images[i] for i in sorted(uniform.argsort()[:self.max_images].tolist())]
+
     def _collate_or_empty(self, items: list) -> dict:
         if items:
             return self._collate(items)
@@ -130,7 +141,10 @@ class PoissonLoader:
         # Ultralytics' trainer creates, and drops, one extra iterator per epoch
         steps = self.reserve(min(self.steps_per_epoch, self.budget()))
         sampler = PoissonBatchSampler(len(self.shard), self.sample_rate, steps, secure=self.secure)
-        views = [[self.shard[i] for i in records for _ in range(self.views)] for records in sampler]
-        yield from torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=views, collate_fn=self._collate_or_empty, num_workers=self.num_workers
-        )
+        batches = [[self._images(u) for u in records] for records in sampler]
+        images = [[i for record in batch for i in record for _ in range(self.views)] for batch in batches]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=images, collate_fn=self._collate_or_empty,
+                                             num_workers=self.num_workers)
+        for batch, records in zip(loader, batches):
+            batch[RECORD_SIZES] = [len(record) * self.views for record in records]
+            yield batch
