@@ -53,3 +53,14 @@ def test_a_mixtures_truncated_mean_by_gauss_legendre_is_quads(q, sigma, k):
     by_quad = sum(r * cdf(r) - l * cdf(l) - integrate.quad(cdf, l, r, limit=500)[0]
                   for l, r in zip(points[:-1], points[1:]))
     assert truncated.mean() == pytest.approx(by_quad, abs=1e-9)
+
+
+def test_a_mixture_too_large_for_memory_claims_nothing_rather_than_crash():
+    """A person with 50 images over an epsilon-8-per-image run: prv-accountant's grid would hold
+    hundreds of millions of points (a review ran out of memory); the release claims no epsilon."""
+    import math
+
+    from ultralytics_dp.accounting.accountant import release
+
+    released = release([Segment(0.61202, 256 / 50_000, 5860, images=50)], 1e-5)
+    assert released.epsilon == math.inf and released.by_accountant["pld"] > 1000

@@ -31,6 +31,7 @@ This module must not import torch or Ultralytics.
 
 from __future__ import annotations
 
+import math
 import warnings
 from importlib.metadata import version
 from typing import Sequence
@@ -52,6 +53,14 @@ VERSION = version("prv-accountant")
 REL_ERROR = 0.005  # eps_error, relative to the epsilon being bounded
 MIN_EPS_ERROR = 1e-4  # ... and absolute, where epsilon is near 0
 GAUSS_NODES = 96  # per piece, for a mixture's mean (checked against ``quad`` in tests/test_prv.py)
+# a mixture's grid (sized by a loose RDP bound: k subsampled Gaussians at sigma / sqrt(k)) may not
+# exceed this many points (about 15 s and 1 GiB at the cap on this project's CPU); beyond it
+# prv-accountant finds no bound and the released epsilon is infinite: nothing is claimed. That is
+# a person with 20 images over the 5,860 steps of an epsilon-8-per-image run (16.6 million points;
+# 10 images: 3.5 million), whose epsilon is in the hundreds anyway, or an epsilon of ~0.03 at
+# q ~ 1e-5 (a fine mesh)
+MAX_MIXTURE_POINTS = 5 * 10**6
+CDF_CHUNK = 1 << 20  # points per evaluation of a mixture's CDF (memory: points x (k + 1) floats)
 
 
 class _Truncated(PrivacyRandomVariableTruncated):
@@ -94,8 +103,12 @@ class _Mixture(PrivacyRandomVariable):
                                                         noise_multiplier=noise_multiplier / np.sqrt(images))
 
     def cdf(self, t: np.ndarray) -> np.ndarray:
-        log_p, _ = mixture.log_tails(np.asarray(t, dtype=np.float64), self.q, self.sigma, self.k)
-        return -np.expm1(log_p)
+        flat = np.asarray(t, dtype=np.float64).ravel()
+        out = np.empty_like(flat)
+        for start in range(0, flat.size, CDF_CHUNK):
+            log_p, _ = mixture.log_tails(flat[start:start + CDF_CHUNK], self.q, self.sigma, self.k)
+            out[start:start + CDF_CHUNK] = -np.expm1(log_p)
+        return out.reshape(np.shape(t))
 
     def rdp(self, alpha: float) -> float:
         return self.k * self.split.rdp(alpha)
@@ -118,6 +131,8 @@ def epsilon_bounds(segments: Sequence[Segment], delta: float, estimate: float) -
         warnings.simplefilter("ignore")
         size = compute_safe_domain_size(prvs, counts, eps_error=eps_error, delta_error=delta_error)
         mesh = eps_error / np.sqrt(sum(counts) / 2 * np.log(12 / delta_error))  # Theorem 5.5
+        if any(isinstance(p, _Mixture) for p in prvs) and 2 * size / mesh > MAX_MIXTURE_POINTS:
+            return math.inf, math.inf, math.inf  # no bound within memory: nothing is claimed
         domain = Domain.create_aligned(-size, size, mesh)
         steps = [discretisers.CellCentred().discretise(_Truncated(p, domain.t_min(), domain.t_max()), domain)
                  for p in prvs]
