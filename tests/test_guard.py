@@ -41,6 +41,7 @@ CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours
 DP_ENTRY_KEYS = {
     "settings", "epsilon", "epsilon_by_accountant", "noise_multiplier", "sample_rate", "num_samples", "steps",
     "stopped_by_budget", "accountant", "accountant_state", "prv_accountant_version", "run_id", "privacy_unit", "version",
+    "person_epsilon",
 }
 # attributes a trained model carries beyond a freshly built one (set by Ultralytics' trainer and
 # validator from public values: class count, an emptied criterion, the head's last validation shapes)

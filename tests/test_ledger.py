@@ -86,7 +86,7 @@ def test_budgets_follow_records_into_new_dataset_versions(tmp_path):
     recorded_run(book, v1, 1.8, 0.1, 60, budget=2.5)
     spent = pld([(1.8, 0.1, 60)], 1e-5)
     v2 = v1 + [f"new{i}" for i in range(5)]
-    with pytest.raises(ValueError, match=r"300 training record\(s\) past their lifetime budget"):  # even 1 step
+    with pytest.raises(ValueError, match=r"300 training image\(s\) past their lifetime budget"):  # even 1 step
         plan_run(DPConfig(epsilon=50, noise_multiplier=0.3), num_samples=305, batch=30, epochs=6,
                  records=book.budgets(stand_ins(v2), None, 1e-5))
     capped = plan_run(DPConfig(epsilon=50, noise_multiplier=1.0), num_samples=305, batch=30, epochs=6,

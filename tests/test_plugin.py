@@ -400,3 +400,55 @@ def test_a_validation_image_without_a_person_refuses_the_run_and_records_nothing
              f"name=run epsilon=3 delta=1e-4 privacy_unit=person persons={persons} ledger={ledger}")
     assert not (tmp_path / "run").exists()
     assert not ledger.exists() or Ledger(ledger, create=False).summary()["datasets"] == []
+
+
+def _versions(python: Path) -> dict[str, str]:
+    code = ("import importlib.metadata as m; print(' '.join(m.version(p) for p in "
+            "('torch', 'torchvision', 'ultralytics')))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return dict(zip(("torch", "torchvision", "ultralytics"), out))
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installs_beside_the_users_ultralytics_and_keeps_their_versions(tiny_det, tmp_path):
+    """What users install: ``python -m build`` makes an sdist and a wheel with version ranges (no
+    ``==`` for torch, torchvision or Ultralytics); the wheel goes into an environment that already
+    has Ultralytics from the oldest end of the window, pip replaces nothing (every dependency is
+    already met: ``--no-index`` would fail otherwise), and the stock command trains privately there."""
+    import zipfile
+
+    tools = tmp_path / "tools"
+    venv.create(tools, with_pip=True)
+    subprocess.run([tools / "bin" / "python", "-m", "pip", "install", "-q", "build"], check=True, capture_output=True)
+    dist = tmp_path / "dist"
+    built = subprocess.run([tools / "bin" / "python", "-m", "build", "--sdist", "--wheel", "--outdir", dist, REPO],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,), (sdist,) = dist.glob("*.whl"), dist.glob("*.tar.gz")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        assert "ultralytics_dp.pth" in archive.namelist()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    pinned = [r for r in requires if re.match(r"Requires-Dist: (torch|torchvision|ultralytics)\b.*==", r)]
+    assert requires and not pinned and sdist.stat().st_size > 0
+
+    bin_dir = _fresh_venv(tmp_path / "user")
+    oldest = keys.ULTRALYTICS_WINDOW[0]
+    subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-deps", f"ultralytics=={oldest}"], check=True,
+                   capture_output=True)
+    before = _versions(bin_dir / "python")
+    installed = subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-index", wheel],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    assert _versions(bin_dir / "python") == before and before["ultralytics"] == oldest
+
+    out = subprocess.run([bin_dir / "yolo", "train", "model=yolo26n.yaml", f"data={tiny_det}", "epochs=1", "imgsz=64",
+                          "batch=8", "workers=0", "plots=False", f"project={tmp_path}", "name=run", "epsilon=8",
+                          "delta=1e-3", f"ledger={tmp_path / 'ledger.sqlite'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = torch.load(tmp_path / "run" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert entry["steps"] == 4 and entry["epsilon"] <= 8
+    plan = subprocess.run([bin_dir / "yolo-dp", "privacy", "n=1000", "batch=100", "epochs=3", "delta=1e-5", "epsilon=8"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert plan.returncode == 0 and "noise" in plan.stdout.lower(), plan.stdout + plan.stderr

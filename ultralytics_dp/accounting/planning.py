@@ -139,9 +139,10 @@ def plan_run(config: DPConfig, *, num_samples: int, batch: float, epochs: int, r
         if over:
             allowed = records.steps_within(sigma, q, remaining) if config.noise_multiplier is not None else 0
             if allowed == 0:
-                raise ValueError(f"this run would take {over} training record(s) past their lifetime budget (dataset_budget),"
+                unit = "person" if config.persons is not None else "image"
+                raise ValueError(f"this run would take {over} training {unit}(s) past their lifetime budget (dataset_budget),"
                                  f" the worst to epsilon={worst:.4f} at delta={records.delta:g}; lower epsilon or "
-                                 "epochs, or give noise_multiplier to train until the first record reaches its budget")
+                                 f"epochs, or give noise_multiplier to train until the first {unit} reaches its budget")
             remaining = allowed
     return Plan(num_samples, q, planned // epochs, planned, sigma, steps_taken + remaining, calibrated)
 

@@ -110,7 +110,9 @@ def private_gradient(
             total = sums if total is None else {k: v.add_(sums[k]) for k, v in total.items()}
     except RuntimeError as err:
         if "out of memory" in str(err).lower():
-            raise MemoryError(f"DP: per-sample gradients need less memory; lower physical_batch ({err})") from None
+            fix = ("lower physical_batch" if groups.largest <= (physical_batch or groups.largest) else
+                   f"lower max_images_per_person or augmult (a record of {groups.largest} images is one chunk)")
+            raise MemoryError(f"DP: per-sample gradients need less memory; {fix} ({err})") from None
         raise
     if total is None:  # an empty Poisson batch: the step is noise alone
         total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
