@@ -334,6 +334,17 @@ def _fresh_venv(path: Path) -> Path:
     return path / "bin"
 
 
+def _trains_privately_with_the_console_script(bin_dir: Path, data: Path, tmp_path: Path, epsilon: float) -> None:
+    """``yolo train ... epsilon=`` through the venv's own ``yolo`` script: 4 private steps recorded."""
+    out = subprocess.run([bin_dir / "yolo", "train", "model=yolo26n.yaml", f"data={data}", "epochs=1", "imgsz=64",
+                          "batch=8", "workers=0", "plots=False", f"project={tmp_path}", "name=run", f"epsilon={epsilon}",
+                          "delta=1e-3", f"ledger={tmp_path / 'ledger.sqlite'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = torch.load(tmp_path / "run" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
+    assert entry["steps"] == 4 and entry["epsilon"] <= epsilon
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
 def test_the_yolo_console_script_trains_privately_after_pip_install(tiny_det, tmp_path, editable):
@@ -341,13 +352,7 @@ def test_the_yolo_console_script_trains_privately_after_pip_install(tiny_det, tm
     target = ["-e", str(REPO)] if editable else [str(REPO)]
     subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                     "--no-build-isolation", *target], check=True, capture_output=True, cwd=tmp_path)
-    out = subprocess.run([bin_dir / "yolo", "train", "model=yolo26n.yaml", f"data={tiny_det}", "epochs=1", "imgsz=64",
-                          "batch=8", "workers=0", "plots=False", f"project={tmp_path}", "name=run", "epsilon=5",
-                          "delta=1e-3", f"ledger={tmp_path / 'ledger.sqlite'}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    entry = torch.load(tmp_path / "run" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
-    assert entry["steps"] == 4 and entry["epsilon"] <= 5
+    _trains_privately_with_the_console_script(bin_dir, tiny_det, tmp_path, epsilon=5)
     if not editable:  # uninstall removes the start-up file; one left behind does nothing
         (pth,) = (tmp_path / "venv").rglob("ultralytics_dp.pth")
         line = pth.read_text()
@@ -442,13 +447,7 @@ def test_the_built_wheel_installs_beside_the_users_ultralytics_and_keeps_their_v
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert _versions(bin_dir / "python") == before and before["ultralytics"] == oldest
 
-    out = subprocess.run([bin_dir / "yolo", "train", "model=yolo26n.yaml", f"data={tiny_det}", "epochs=1", "imgsz=64",
-                          "batch=8", "workers=0", "plots=False", f"project={tmp_path}", "name=run", "epsilon=8",
-                          "delta=1e-3", f"ledger={tmp_path / 'ledger.sqlite'}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    entry = torch.load(tmp_path / "run" / "weights" / "last.pt", map_location="cpu", weights_only=False)["dp"]
-    assert entry["steps"] == 4 and entry["epsilon"] <= 8
+    _trains_privately_with_the_console_script(bin_dir, tiny_det, tmp_path, epsilon=8)
     plan = subprocess.run([bin_dir / "yolo-dp", "privacy", "n=1000", "batch=100", "epochs=3", "delta=1e-5", "epsilon=8"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert plan.returncode == 0 and "noise" in plan.stdout.lower(), plan.stdout + plan.stderr
