@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import torch
 
+WHOLE = ("img", "batch_idx", "cls", "bboxes", "keypoints", "masks", "sem_masks")  # what a chunk carries
+
 
 def select(batch: dict, idx: list[int], overlap_masks: bool = True) -> dict:
     """The images ``idx`` of a collated Ultralytics batch, with their labels (detection labels and
     keypoints are re-indexed to the chunk). Segmentation masks are one per image (``overlap_masks``,
     Ultralytics' ``overlap_mask``) or one per instance."""
+    if list(idx) == list(range(batch["img"].shape[0])):  # the whole batch (one chunk): nothing to slice
+        return {k: v for k, v in batch.items() if k in WHOLE}
     index = torch.tensor(idx, dtype=torch.long, device=batch["img"].device)
     out = {"img": batch["img"][index]}
     if "batch_idx" in batch:
