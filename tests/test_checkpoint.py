@@ -122,3 +122,18 @@ def test_a_dp_entry_disguised_as_a_dict_or_blown_up_by_sharing_is_refused_quickl
     start = time.perf_counter()
     entry = checkpoint.read_entries(_zip_pickle(tmp_path / "shared.pt", shared))["dp"]
     assert time.perf_counter() - start < 5 and type(entry) is tuple  # plain, each object visited once
+
+
+def test_a_run_with_persons_resumes_only_with_its_ledger(tmp_path):
+    """Only the ledger can check that a resumed run's persons are those it started with: a run with
+    persons trained with ledger=False cannot be resumed with persons (and the message says so,
+    rather than sending the user to a ledger the run never had)."""
+    from ultralytics_dp.config import DPConfig
+    from ultralytics_dp.integration.checkpoint import resumed_entry
+
+    settings = DPConfig(epsilon=3, privacy_unit="person", persons="p.csv", ledger=False)
+    entry = {**ENTRY, "settings": settings.released(), "run_id": None}
+    torch.save({"ema": torch.ones(2), "dp": entry}, tmp_path / "last.pt")
+    for with_ledger in (False, True):
+        with pytest.raises(ValueError, match="cannot be resumed with persons: start a new run"):
+            resumed_entry(tmp_path / "last.pt", settings, with_ledger=with_ledger)

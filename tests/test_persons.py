@@ -53,8 +53,13 @@ def test_a_persons_file_that_does_not_name_one_person_per_image_is_refused(tmp_p
 def test_a_persons_file_needs_its_header_and_must_exist(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         persons.read(tmp_path / "none.csv", tmp_path)
-    with pytest.raises(ValueError, match="header `image,person`"):
+    with pytest.raises(ValueError, match="header line `image,person`"):
         persons.read(_csv(tmp_path, ["a.png,p1"], header="file,patient"), tmp_path)
+    headless = tmp_path / "headless.csv"
+    headless.write_text("a.png,MRN-0012345\nb.png,MRN-0067890\n")
+    with pytest.raises(ValueError, match="add the header") as err:  # found by a review: the row was echoed
+        persons.read(headless, tmp_path)
+    assert "MRN" not in str(err.value)
 
 
 def test_a_repeated_row_with_the_same_person_is_one_image(tmp_path):

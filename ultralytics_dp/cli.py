@@ -30,7 +30,7 @@ Usage:
       private training (the stock `yolo train ... epsilon=...` does the same); every other key is
       an Ultralytics training key, batch is the expected (Poisson) batch size
   yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER] [delta=D]
-      every training image's epsilon (the worst, a histogram), each dataset version and its runs;
+      every training image's and person's epsilon (the worst, a histogram), each dataset version and its runs;
       with records=, the epsilon of the images in FOLDER (the worst, and how many are new)
   yolo-dp report path/to/weights.pt
       print the privacy guarantee recorded in a checkpoint

@@ -156,9 +156,10 @@ def resumed_entry(path: str | Path, config: DPConfig, *, with_ledger: bool) -> d
         raise ValueError(f"{path} has no 'dp' entry: it was not trained privately, so it cannot resume a private "
                          "run; start a new run instead")
     check_resume(config, entry)
-    if config.persons is not None and not with_ledger:
-        raise ValueError("a run with persons resumes only with the ledger it was recorded in: the ledger checks that "
-                         "the persons are those the run started with")
+    if config.persons is not None and (not with_ledger or entry.get("run_id") is None):
+        raise ValueError("a run with persons resumes only with the ledger it was recorded in (the ledger checks that "
+                         "the persons are those it started with); a run trained with ledger=False cannot be resumed "
+                         "with persons: start a new run")
     if (entry.get("run_id") is None) == with_ledger:
         raise ValueError("resume must keep the ledger setting of the run: it was trained with "
                          + ("ledger=False; resume with ledger=False" if entry.get("run_id") is None

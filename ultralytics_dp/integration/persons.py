@@ -74,8 +74,9 @@ def read(path: str | Path, root: str | Path) -> dict[str, str]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         rows = csv.reader(f)
         header = next(rows, None)
-        if [h.strip() for h in header or []] != HEADER:
-            raise ValueError(f"persons={path} must start with the header `image,person`, got {','.join(header or [])!r}")
+        if [h.strip() for h in header or []] != HEADER:  # never echo the line: it may be a row with a person id
+            raise ValueError(f"persons={path} must start with the header line `image,person` (its first line is "
+                             "something else: add the header)")
         for line, row in enumerate(rows, 2):
             if not row or not any(v.strip() for v in row):
                 continue
