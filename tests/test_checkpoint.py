@@ -137,3 +137,17 @@ def test_a_run_with_persons_resumes_only_with_its_ledger(tmp_path):
     for with_ledger in (False, True):
         with pytest.raises(ValueError, match="cannot be resumed with persons: start a new run"):
             resumed_entry(tmp_path / "last.pt", settings, with_ledger=with_ledger)
+
+
+def test_a_run_that_states_each_persons_epsilon_resumes_only_with_persons(tmp_path):
+    """A per-image run given persons= states the largest person's epsilon; resumed without the
+    file it would silently stop stating it (found by a review)."""
+    from ultralytics_dp.config import DPConfig
+    from ultralytics_dp.integration.checkpoint import resumed_entry
+
+    settings = DPConfig(epsilon=3, ledger=False)
+    entry = {**ENTRY, "settings": settings.released(), "run_id": None,
+             "person_epsilon": {"epsilon": 9.1, "images_per_person": 5}}
+    torch.save({"ema": torch.ones(2), "dp": entry}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="resume it with the same persons file"):
+        resumed_entry(tmp_path / "last.pt", settings, with_ledger=False)

@@ -156,6 +156,9 @@ def resumed_entry(path: str | Path, config: DPConfig, *, with_ledger: bool) -> d
         raise ValueError(f"{path} has no 'dp' entry: it was not trained privately, so it cannot resume a private "
                          "run; start a new run instead")
     check_resume(config, entry)
+    if entry.get("person_epsilon") and config.persons is None:
+        raise ValueError("the run being resumed states each person's epsilon (it was given persons=); resume it with "
+                         "the same persons file")
     if config.persons is not None and (not with_ledger or entry.get("run_id") is None):
         raise ValueError("a run with persons resumes only with the ledger it was recorded in (the ledger checks that "
                          "the persons are those it started with); a run trained with ledger=False cannot be resumed "
