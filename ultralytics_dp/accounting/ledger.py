@@ -28,8 +28,8 @@ Persons. A run that knows whose images these are (a ``persons`` file) records ea
 keyed hash of their id (``person_keys``; the raw id is never stored) and which of its records are
 whose. From then on those records are accounted **per person**: a person's epsilon composes every
 person-level run that included them (its steps as they are) and every image-level run that held
-any of their images, charged as a person with k images in it (``group.person_segment``, a
-conservative bound), k counted from the records the ledger knows as theirs: an image-level run
+any of their images, charged as a person with k images in it (``group.person_segment``: the
+mixture of their images), k counted from the records the ledger knows as theirs: an image-level run
 recorded before the person was known is charged too, as soon as a run names them. A person's
 lifetime budget is the smallest ``dataset_budget`` of those runs, and a run with persons is held
 to its persons' budgets, not its images'. A run without persons is refused on images the ledger
@@ -230,18 +230,12 @@ class Ledger:
             secret = self._secret(db)
             ids = _resolve(db, records, create=False)
             known = dict(db.execute("SELECT key, id FROM persons"))
-            given: set[int] = set()
-            for person, images in persons:
-                person_id = known.get(person_keys.person_key(secret, person))
-                if person_id is None:
-                    return False
-                given.add(person_id)
-                _stage_ids(db, [ids[i] for i in images if ids[i] is not None])
-                owners = {r[0] for r in db.execute("SELECT o.person_id FROM owners o JOIN staged_ids s "
-                                                   "ON o.record_id = s.id")}
-                if None in (ids[i] for i in images) or owners != {person_id}:
-                    return False
-            return given == recorded
+            _stage_ids(db, [i for i in ids if i is not None])
+            owner = dict(db.execute("SELECT o.record_id, o.person_id FROM owners o JOIN staged_ids s "
+                                    "ON o.record_id = s.id"))
+            given = [known.get(person_keys.person_key(secret, person)) for person, _ in persons]
+            return set(given) == recorded and all(owner.get(ids[i]) == person_id
+                                                  for person_id, (_, images) in zip(given, persons) for i in images)
 
     def reserve(self, uid: str, *, steps: int, noise_multiplier: float, sample_rate: float) -> int:
         """Durably record up to ``steps`` steps of (sigma, q) for run ``uid`` before they are taken, and
@@ -280,17 +274,17 @@ class Ledger:
         with self._connect() as db:
             if persons is not None:
                 row = db.execute("SELECT value FROM meta WHERE key='person_key_check'").fetchone()
-                keys = ([person_keys.person_key(person_keys.load(self.path, row[0]), p) for p, _ in persons]
-                        if row else [None] * len(persons))
-                known = dict(db.execute("SELECT key, id FROM persons")) if row else {}
-                new = {0 if unit == "person" else len(images): 0 for _, images in persons}
+                secret = person_keys.load(self.path, row[0]) if row else None  # no person known yet: all new
+                known = dict(db.execute("SELECT key, id FROM persons"))
                 people: dict[int, int] = {}
-                for key, (_, images) in zip(keys, persons):
+                new: Counter = Counter()
+                for person, images in persons:
                     k = 0 if unit == "person" else len(images)
-                    if key in known:
-                        people[known[key]] = k
-                    else:
+                    person_id = known.get(person_keys.person_key(secret, person)) if secret else None
+                    if person_id is None:
                         new[k] += 1
+                    else:
+                        people[person_id] = k
                 return _person_budgets(db, people, new, budget, delta)
             ids = _resolve(db, records, create=False)
             return _budgets(db, {i for i in ids if i is not None}, ids.count(None), budget, delta)
@@ -390,9 +384,7 @@ def _groups(db: sqlite3.Connection, ids: set[int] | None, unseen: int) -> tuple[
         rows = db.execute("SELECT m.record_id, m.run_id FROM membership m JOIN staged_ids s ON m.record_id = s.id"
                           ).fetchall()
     legacy = {r[0] for r in db.execute("SELECT id FROM runs WHERE legacy=1")}
-    segments: dict[int, list[Segment]] = defaultdict(list)
-    for run_id, *seg in db.execute("SELECT run_id, noise_multiplier, sample_rate, steps FROM spends ORDER BY id"):
-        segments[run_id].append(Segment(*seg))
+    segments = _segments(db)
     budgets = dict(db.execute("SELECT id, budget FROM runs"))
     runs_of: dict[int, set[int]] = defaultdict(set)
     for record_id, run_id in rows:
@@ -461,9 +453,7 @@ def _person_groups(db: sqlite3.Connection, people: Iterable[int] | None
         _stage_ids(db, people)
         rows = db.execute("SELECT m.person_id, m.run_id, m.images FROM person_membership m JOIN staged_ids s "
                           "ON m.person_id = s.id").fetchall()
-    segments: dict[int, list[Segment]] = defaultdict(list)
-    for run_id, *seg in db.execute("SELECT run_id, noise_multiplier, sample_rate, steps FROM spends ORDER BY id"):
-        segments[run_id].append(Segment(*seg))
+    segments = _segments(db)
     spent: dict[int, set[tuple[int, int]]] = defaultdict(set)
     for person, run_id, images in rows:
         spent[person].add((run_id, images))
@@ -496,6 +486,14 @@ def _person_budgets(db: sqlite3.Connection, people: dict[int, int], new: dict[in
         if limits:
             out.append(BudgetGroup(count, min(limits), history, images=k))
     return RecordBudgets(delta, tuple(out)) if out else None
+
+
+def _segments(db: sqlite3.Connection) -> dict[int, list[Segment]]:
+    """Each run's recorded (sigma, q, steps) segments, in the order they were reserved."""
+    segments: dict[int, list[Segment]] = defaultdict(list)
+    for run_id, *seg in db.execute("SELECT run_id, noise_multiplier, sample_rate, steps FROM spends ORDER BY id"):
+        segments[run_id].append(Segment(*seg))
+    return segments
 
 
 def _smallest_delta(db: sqlite3.Connection) -> float | None:

@@ -163,7 +163,7 @@ class DifferentialPrivacy:
 
     def person_epsilon(self) -> dict[str, Any] | None:
         """For an image-level run whose persons are known: the epsilon of the person with the most
-        images in it (``accounting.group``: a conservative bound; never the image-level figure).
+        images in it (``accounting.group``: the mixture of their images; never the image-level figure).
         None for a person-level run (its epsilon is per person) or without a persons file."""
         if self.persons is None or self.config.privacy_unit == "person":
             return None
