@@ -37,9 +37,9 @@ class Groups:
             raise ValueError(f"every record needs at least one image, got sizes {list(self.sizes)}")
 
     @classmethod
-    def uniform(cls, records: int, views: int = 1) -> "Groups":
-        """``records`` records of ``views`` images each."""
-        return cls((views,) * records)
+    def uniform(cls, images: int) -> "Groups":
+        """One image per record (per-image clipping)."""
+        return cls((1,) * images)
 
     @property
     def records(self) -> int:
