@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 demo: $(STAMP)
 	$(PY) examples/train_detection.py
 
+# the page tests render privacy.html in headless Chromium: Debian's package, where apt-get can install it
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "no chromium (apt-get could not install it): the browser tests are skipped"
 	$(PY) -m pytest -q
 
 # every Ultralytics release of the tested window's ends and two between, each in its own venv (benchmarks/COMPAT.md)

@@ -22,17 +22,18 @@ from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics_dp import DifferentialPrivacy
 
 from ultralytics_dp.integration.guard import TRAINING_ARGS
-from ultralytics_dp.accounting.ledger import Ledger, version_fingerprint
+from ultralytics_dp.accounting.ledger import Ledger
 from ultralytics_dp.integration.training_set import identify_all
 from ultralytics_dp.integration.norms import to_group_norm
 
 from helpers import assert_refused, copy_dataset, ledger_steps, train_tiny
 
 # What a private run may write: its arguments, the per-epoch metrics, validation plots (the
-# validation set is public) and checkpoints. Training images and training-label plots are not.
+# validation set is public), the privacy report and checkpoints. Training images and training-label
+# plots are not.
 ALLOWED_FILES = re.compile(
-    r"args\.yaml|results\.(csv|png)|privacy\.png|weights/(last|best|epoch\d+)\.pt|val_batch\d+_(labels|pred)\.jpg"
-    r"|confusion_matrix(_normalized)?\.png|Box(F1|P|R|PR)_curve\.png"
+    r"args\.yaml|results\.(csv|png)|privacy\.(png|html)|weights/(last|best|epoch\d+)\.pt|val_batch\d+_(labels|pred)\.jpg"
+    r"|confusion_matrix(_normalized)?\.png|(Box|Mask|Pose)(F1|P|R|PR)_curve\.png"
 )
 CHECKPOINT_KEYS = {  # Ultralytics 8.4.190's own keys, and ours
     "epoch", "best_fitness", "stopper", "model", "ema", "updates", "modelopt", "optimizer", "scaler", "train_args",
@@ -45,34 +46,56 @@ DP_ENTRY_KEYS = {
 }
 # attributes a trained model carries beyond a freshly built one (set by Ultralytics' trainer and
 # validator from public values: class count, an emptied criterion, the head's last validation shapes)
-MODEL_ATTRIBUTES = {"": {"nc", "criterion"}, "model.23": {"strides", "anchors", "shape", "_end2end", "max_det"}}
+# (pose: the keypoint names and OKS sigmas of the data yaml, or their defaults; classify: the
+# validation loader's inference transforms, resize, crop and a fixed normalisation)
+MODEL_ATTRIBUTES = {"": {"nc", "criterion", "kpt_names", "kpt_oks_sigmas", "transforms"},
+                    "head": {"strides", "anchors", "shape", "_end2end", "max_det"}}
+# task -> (model, embedded dataset, expected batch, delta): every task a private run supports
+TASKS = {"detect": ("yolo26n.yaml", "digits-det", 8, 1e-3), "segment": ("yolo26n-seg.yaml", "digits-seg", 8, 1e-3),
+         "pose": ("yolo26n-pose.yaml", "digits-pose", 8, 1e-3), "obb": ("yolo26n-obb.yaml", "digits-obb", 8, 1e-3),
+         "classify": ("yolo26n-cls.yaml", "digits-cls", 96, 1e-4)}
 
 
-def private_secrets(data: Path, ledger: Path) -> list[str]:
-    """Hashes that identify the training set: the ledger's fingerprint, and every training image's
-    identities (pixels, file bytes) and label file's SHA-256."""
-    images = sorted((data.parent / "images" / "train").iterdir())
+def private_secrets(images: list[Path], ledger: Path) -> list[str]:
+    """Hashes that identify the training set: the ledger's fingerprint of it, and every training
+    image's identities (pixels, file bytes) and label file's SHA-256."""
+    book = Ledger(ledger)
+    (run,) = book.summary(None)["datasets"][0]["runs"]
     records = identify_all(images)
-    labels = [(data.parent / "labels" / "train" / f"{p.stem}.txt") for p in images]
-    version = version_fingerprint(records, [lb.read_text() if lb.exists() else "" for lb in labels])
-    return [version, *(r.pixels for r in records), *(r.file for r in records),
+    labels = [p.parent.parent.parent / "labels" / p.parent.name / f"{p.stem}.txt" for p in images]
+    return [book.run(run["run_id"])["fingerprint"], *(r.pixels for r in records), *(r.file for r in records),
             *(hashlib.sha256(lb.read_bytes()).hexdigest() for lb in labels if lb.exists())]
 
 
 @pytest.mark.slow
-def test_a_private_run_releases_only_allowed_files_and_keys(tiny_det, tmp_path):
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_private_run_releases_only_allowed_files_and_keys(task, tiny_det, tmp_path):
+    from ultralytics_dp.datasets import embedded
+
+    cfg, name, batch, delta = TASKS[task]
+    data = tiny_det if task == "detect" else (
+        embedded.build(name, root=tmp_path / "data") if task == "classify" else
+        embedded.build(name, imgsz=64, n_train=32, n_val=16, root=tmp_path / "data"))
+    train_images = sorted(p for p in (data / "train" if task == "classify" else data.parent / "images" / "train")
+                          .rglob("*.png"))
     ledger = tmp_path / "ledger.sqlite"
-    dp = DifferentialPrivacy(epsilon=6.0, delta=1e-3, ledger=ledger)
-    _, _, save_dir = train_tiny(tiny_det, tmp_path, dp, plots=True, save_period=1)
+    model = YOLO(cfg)
+    DifferentialPrivacy(epsilon=6.0, delta=delta, ledger=ledger).attach(model)
+    model.train(data=str(data), epochs=2, imgsz=32 if task == "classify" else 64, batch=batch, workers=0,
+                project=str(tmp_path), name="run", plots=True, save_period=1)
+    save_dir = tmp_path / "run"
     files = sorted(p.relative_to(save_dir).as_posix() for p in save_dir.rglob("*") if p.is_file())
-    assert {"args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "weights/epoch0.pt"} <= set(files)
+    assert {"args.yaml", "results.csv", "privacy.html", "weights/last.pt", "weights/best.pt",
+            "weights/epoch0.pt"} <= set(files)
     assert [f for f in files if not ALLOWED_FILES.fullmatch(f)] == []
 
-    secrets = private_secrets(tiny_det, ledger)
+    secrets = private_secrets(train_images, ledger)
     for f in files:
         raw = (save_dir / f).read_bytes()
         assert not [s for s in secrets if s.encode() in raw or bytes.fromhex(s) in raw], f
-    fresh = dict(to_group_norm(YOLO("yolo26n.yaml").model).named_modules())  # from scratch: GroupNorm
+    fresh_model = YOLO(cfg).model
+    head = f"model.{len(fresh_model.model) - 1}"
+    fresh = dict(to_group_norm(fresh_model).named_modules())  # from scratch: GroupNorm
     for f in (f for f in files if f.endswith(".pt")):
         ckpt = torch.load(save_dir / f, map_location="cpu", weights_only=False)
         assert set(ckpt) <= CHECKPOINT_KEYS, f
@@ -80,9 +103,10 @@ def test_a_private_run_releases_only_allowed_files_and_keys(tiny_det, tmp_path):
         assert set(ckpt["train_args"]) <= set(DEFAULT_CFG_DICT) | {"save_dir"}, f
         assert uuid.UUID(ckpt["dp"]["run_id"]).version == 4
         for key in ("model", "ema"):
-            for name, module in (ckpt[key].named_modules() if ckpt[key] is not None else ()):
-                extra = set(module.__dict__) - set(fresh[name].__dict__) - MODEL_ATTRIBUTES.get(name, set())
-                assert not extra, (f, key, name, extra)
+            for mod_name, module in (ckpt[key].named_modules() if ckpt[key] is not None else ()):
+                allowed = MODEL_ATTRIBUTES.get("head" if mod_name == head else mod_name, set())
+                extra = set(module.__dict__) - set(fresh[mod_name].__dict__) - allowed
+                assert not extra, (f, key, mod_name, extra)
     # the random id resolves to the run only through the local ledger
     run_id = torch.load(save_dir / "weights" / "last.pt", weights_only=False)["dp"]["run_id"]
     assert Ledger(ledger).run(run_id)["fingerprint"] == secrets[0]

@@ -22,6 +22,9 @@ FORBIDDEN = {
                    "ultralytics_dp.integration", "ultralytics_dp.datasets", "ultralytics_dp.tools", "ultralytics_dp.cli"},
     "losses": {"ultralytics_dp.integration", "ultralytics_dp.accounting", "ultralytics_dp.datasets",
                "ultralytics_dp.tools", "ultralytics_dp.cli"},
+    "auditing.bound": {"torch", "ultralytics", "ultralytics_dp.mechanism", "ultralytics_dp.losses",
+                    "ultralytics_dp.integration", "ultralytics_dp.datasets", "ultralytics_dp.tools", "ultralytics_dp.cli"},
+    "auditing": {"ultralytics_dp.tools", "ultralytics_dp.cli"},
     "datasets": {"ultralytics_dp.mechanism", "ultralytics_dp.accounting", "ultralytics_dp.losses",
                  "ultralytics_dp.integration", "ultralytics_dp.tools", "ultralytics_dp.cli"},
 }

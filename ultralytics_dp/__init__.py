@@ -9,7 +9,8 @@ the stock ``yolo`` command and ``YOLO.train`` the DP keys (``integration.plugin`
 Layers (each may import only those listed before it; ``docs/architecture.md``):
 ``config`` / ``checks`` (stdlib) -> ``accounting`` (numpy, scipy) and ``mechanism`` (torch) ->
 ``losses`` (Ultralytics' loss code) -> ``integration`` (Ultralytics' trainer) -> ``cli``;
-``datasets`` and ``tools`` stand beside the engine.
+``auditing`` (the one-run audit) stands above the trainer, ``datasets`` and ``tools`` beside the
+engine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _plugin.install()
 _LAZY = {  # name -> module
     "DifferentialPrivacy": ".integration.adapter",
     "DPConfig": ".config",
+    "audit": ".auditing.run",
     "PoissonBatchSampler": ".mechanism.sampling",
     "Groups": ".mechanism.grouping",
     "per_sample_losses": ".losses.per_image",

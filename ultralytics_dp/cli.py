@@ -5,7 +5,8 @@
 arguments are ..." suggestions, ``check_cfg`` type checks), plus the DP keys of
 ``config.DPConfig``. ``val``, ``predict`` and ``export`` go to Ultralytics unchanged. Bad input
 gives one line on stderr and exit code 2. ``help`` and ``version`` import neither torch nor
-Ultralytics; ``ledger`` and ``report`` create nothing.
+Ultralytics; ``ledger`` creates nothing, ``report`` only its ``privacy.html``. ``audit`` runs one
+private training with canaries (``auditing``) and exits with 1 when the mechanism fails it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ Usage:
   yolo-dp ledger [--json] [ledger=PATH] [records=FOLDER] [delta=D]
       every training image's and person's epsilon (the worst, a histogram), each dataset version and its runs;
       with records=, the epsilon of the images in FOLDER (the worst, and how many are new)
-  yolo-dp report path/to/weights.pt
-      print the privacy guarantee recorded in a checkpoint
+  yolo-dp report PATH [out=FILE] [delta=D]
+      PATH a checkpoint or a run folder: print its guarantee and write the run's privacy.html;
+      PATH a ledger: write its page (each record's epsilon, datasets, runs) to out= (privacy.html)
+  yolo-dp audit epsilon=EPS [model=yolo26n-cls.yaml] [data=digits-cls] [canaries=1000]
+          [kind=gradient|input] [confidence=0.95] + DP and Ultralytics training keys
+      one private run with canaries: an empirical lower bound on epsilon (Steinke et al. 2023);
+      writes audit.json and privacy.html, exit code 1 if the bound exceeds the claimed epsilon
   yolo-dp robustness model=a.pt[,b.pt] data=D noise=0,0.05,0.1,0.2 [seed=0] [out=runs/robustness] ...
       validation metric against Gaussian input noise (this is not differential privacy);
       writes robustness.csv and robustness.png
@@ -224,15 +230,52 @@ def ledger(args: list[str]) -> int:
 
 
 def report(args: list[str]) -> int:
-    """``yolo-dp report weights.pt``: the guarantee stored in a checkpoint."""
+    """``yolo-dp report PATH``: a checkpoint's or run's guarantee and page, or a ledger's page."""
+    from .integration import report_page
     from .integration.checkpoint import read_dp_entry, summary_line
 
-    if len(args) != 1:
-        raise UsageError("usage: yolo-dp report path/to/weights.pt")
-    if not Path(args[0]).is_file():
-        raise UsageError(f"no such checkpoint: {args[0]}")
-    print(summary_line(read_dp_entry(args[0])))
+    if not args or "=" in args[0]:
+        raise UsageError("usage: yolo-dp report path/to/weights.pt|run-folder|ledger.sqlite [out=FILE] [delta=D]")
+    path = Path(args[0])
+    pairs = parse_pairs(args[1:], {"out", "delta"}, "report")
+    if path.is_dir():
+        page = report_page.write_run_page(path)
+        checkpoint = next(p for p in (path / "weights" / "last.pt", path / "weights" / "best.pt") if p.exists())
+        print(summary_line(read_dp_entry(checkpoint)))
+    elif path.is_file() and path.read_bytes()[:16] == b"SQLite format 3\x00":
+        delta = _number(pairs, "delta") if "delta" in pairs else None
+        if delta is not None:
+            check_setting("delta", delta)
+        page = report_page.write_ledger_page(path, pairs.get("out", report_page.PAGE), delta)
+    elif path.is_file():
+        print(summary_line(read_dp_entry(path)))
+        page = report_page.write_checkpoint_page(path)
+    else:
+        raise UsageError(f"no such checkpoint, run folder or ledger: {path}")
+    print(f"wrote {page}")
     return 0
+
+
+AUDIT_KEYS = {"canaries": int, "kind": str, "confidence": float}
+
+
+def audit(args: list[str]) -> int:
+    """``yolo-dp audit ...``: one audited private run; exit code 1 when epsilon_lb > the claim."""
+    own = {t.partition("=")[0]: t.partition("=")[2] for t in args if t.partition("=")[0] in AUDIT_KEYS}
+    config, overrides = split_train_args([t for t in args if t.partition("=")[0] not in AUDIT_KEYS])
+    options: dict[str, Any] = {}
+    for key, kind in AUDIT_KEYS.items():
+        if key in own:
+            try:
+                options[key] = kind(own[key])
+            except ValueError:
+                raise UsageError(f"{key} must be {kind.__name__}, got {own[key]!r}") from None
+    from .auditing.run import audit as run_audit
+
+    settings = {k: getattr(config, k) for k in SETTINGS if getattr(config, k) != SETTINGS[k].default}
+    result = run_audit(overrides.pop("model", "yolo26n-cls.yaml"), overrides.pop("data", "digits-cls"),
+                       **options, **settings, **overrides)
+    return 0 if result.passed else 1
 
 
 def passthrough(mode: str) -> Callable[[list[str]], int]:
@@ -290,6 +333,7 @@ MODES: dict[str, Callable[[list[str]], int]] = {
     "privacy": privacy,
     "train": train,
     "report": report,
+    "audit": audit,
     "ledger": ledger,
     **{mode: passthrough(mode) for mode in ("val", "predict", "export")},
 }

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import io
 import math
 import os
 import shutil
@@ -60,6 +61,7 @@ from .checkpoint import read_dp_entry, resumed_entry, summary_line, write_dp_ent
 from .explicit import user_set
 from .guard import TrainerGuard, freeze_batchnorm
 from .privacy_plot import plot_privacy
+from .report_page import write_run_page
 from .private_step import CLIPPED_SUM, PrivateStep, resolve_grad_method
 from .training_set import check_distinct_images, check_training_set, identify_all, image_files
 
@@ -102,6 +104,7 @@ class DifferentialPrivacy:
         self.persons: persons.Persons | None = None  # whose images these are (rank 0 keeps the ids)
         self._person_released: tuple[int, Released] | None = None  # an image-level run, per person
         self._curve: list[tuple[int, float]] = []  # (steps, epsilon upper bound) of the plan, for display
+        self.canaries: Any = None  # an audit's gradient canaries (``auditing.run``); never a user setting
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
@@ -476,11 +479,14 @@ class DifferentialPrivacy:
         write_dp_entry([f for f in files if f is not None and Path(f).exists()], self.info())
 
     def on_train_end(self, trainer: Any) -> None:
-        """The checkpoints the run releases state the whole run (after Ultralytics' final rewrite)."""
+        """The checkpoints the run releases state the whole run (after Ultralytics' final rewrite);
+        ``privacy.html`` (``report_page``) says what that guarantee means."""
         write_dp_entry([f for f in (trainer.last, trainer.best) if Path(f).exists()], self.info())
+        curve = io.BytesIO()
+        plot_privacy(curve, self._curve, self.steps, self.epsilon, self.config.epsilon, self.delta)
         if trainer.args.plots:
-            plot_privacy(Path(trainer.save_dir) / "privacy.png", self._curve, self.steps, self.epsilon,
-                         self.config.epsilon, self.delta)
+            (Path(trainer.save_dir) / "privacy.png").write_bytes(curve.getvalue())
+        write_run_page(trainer.save_dir, curve.getvalue())
         log(summary_line(self.info()))
 
     # ----------------------------------------------------------------- the ledger's grant and the private step
@@ -509,7 +515,7 @@ class DifferentialPrivacy:
         step = PrivateStep(lambda: trainer.model, self.config, noise_multiplier=plan.noise_multiplier,
                            sample_rate=plan.sample_rate, expected_batch_size=plan.expected_batch_size,
                            accountant=self.accountant, limit=lambda: self.max_steps, method=method,
-                           across_ranks=across_ranks)
+                           across_ranks=across_ranks, canaries=self.canaries)
 
         def take_step(batch: dict) -> None:
             last = step(batch)

@@ -86,6 +86,7 @@ def private_gradient(
     model: nn.Module, batch: dict, *, method: str, max_grad_norm: float, noise_multiplier: float,
     expected_batch_size: float, physical_batch: int | None = None, secure: bool = False,
     groups: Groups | None = None, across_ranks: bool = False, generator: torch.Generator | None = None,
+    extra_records: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, Tensor]:
     """The DP gradient of one logical (Poisson) batch: per-image clipped gradients summed over
     physical chunks (an image with a non-finite gradient adds nothing), one Gaussian draw, divided
@@ -95,7 +96,9 @@ def private_gradient(
     clipped once, and chunks hold whole records.
     ``across_ranks``: ``batch`` is this rank's share of the Poisson batch of a multi-process run; the
     ranks' clipped sums are added and noised once (``distributed.private_mean``). ``generator``:
-    the noise generator (tests; default: the engine's OS-seeded one)."""
+    the noise generator (tests; default: the engine's OS-seeded one). ``extra_records``: adds
+    records that are not images (an audit's gradient canaries, each clipped to C) to the clipped
+    sum, in place, before the noise draw; a single-process run only."""
     check_no_train_batchnorm(model)
     clipped_sum = CLIPPED_SUM[method]
     total: dict[str, Tensor] | None = None
@@ -116,6 +119,10 @@ def private_gradient(
         raise
     if total is None:  # an empty Poisson batch: the step is noise alone
         total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    if extra_records is not None:
+        if across_ranks:
+            raise ValueError("extra records (audit canaries) need a single-process run")
+        extra_records(total)
     mean = distributed.private_mean if across_ranks else private_mean
     return mean(total, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=expected_batch_size, generator=generator, secure=secure)
@@ -140,15 +147,20 @@ class PrivateStep:
 
     ``limit()`` is the run's last allowed step (the plan's, lowered when the ledger grants fewer);
     ``sigma``, ``q`` and the expected batch q*N are the plan's, fixed for the run. ``across_ranks``:
-    the batch is this process's share of a multi-process run's Poisson batch."""
+    the batch is this process's share of a multi-process run's Poisson batch. ``canaries``: an
+    audit's gradient canaries (``auditing.canaries.GradientCanaries``), sampled at q, clipped to C and
+    added to every step's sum; they read each step's private gradient back."""
 
     def __init__(self, model: Callable[[], nn.Module], config: DPConfig, *, noise_multiplier: float,
                  sample_rate: float, expected_batch_size: float, accountant: PrivacyAccountant,
-                 limit: Callable[[], int], method: str, across_ranks: bool = False) -> None:
+                 limit: Callable[[], int], method: str, across_ranks: bool = False, canaries: Any = None) -> None:
         self.model, self.config, self.accountant, self.limit = model, config, accountant, limit
         self.noise_multiplier, self.sample_rate, self.expected_batch_size = (
             noise_multiplier, sample_rate, expected_batch_size)
-        self.method, self.across_ranks = method, across_ranks
+        self.method, self.across_ranks, self.canaries = method, across_ranks, canaries
+
+    def _add_canaries(self, total: dict[str, Tensor]) -> None:
+        self.canaries.add_to(total, sample_rate=self.sample_rate, max_grad_norm=self.config.max_grad_norm)
 
     def __call__(self, batch: dict[str, Any]) -> bool:
         """One DP-SGD step; True if it was the last the budget allows."""
@@ -159,8 +171,11 @@ class PrivateStep:
             model, batch, method=self.method, max_grad_norm=config.max_grad_norm,
             noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
             physical_batch=config.physical_batch, secure=config.secure_mode, groups=record_groups(batch),
-            across_ranks=self.across_ranks,
+            across_ranks=self.across_ranks, extra_records=self._add_canaries if self.canaries is not None else None,
         )
+        if self.canaries is not None:
+            self.canaries.observe(grad, sample_rate=self.sample_rate, divisor=self.expected_batch_size,
+                                  noise_std=self.noise_multiplier * config.max_grad_norm)
         for name, p in trainable_params(model).items():
             p.grad = grad[name].to(p.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
