@@ -74,6 +74,15 @@ def test_gaussian_scores_are_bounded_below_the_gaussian_mechanisms_epsilon():
     assert np.median(lb) > 0.25 * exact
 
 
+def test_the_ceiling_is_what_every_guess_right_shows():
+    """All m canaries guessed right at delta 0: p^m = (1 - confidence) / 12 (the Bonferroni share of
+    the largest guess set), solved by hand."""
+    m, level = 400, 0.05
+    p = (level / 12) ** (1 / m)
+    assert bound.ceiling(m, 0.0, 1 - level) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+    assert bound.ceiling(1000, 1e-5, 0.95) < 8  # the README's epsilon=8 example needs more canaries to fail
+
+
 def test_a_guess_needs_scores_for_every_canary():
     with pytest.raises(ValueError, match="one score each"):
         bound.best_guess([1.0, 2.0, 3.0], [True, False], 1e-5, 0.95)
@@ -96,23 +105,18 @@ def test_gradient_canaries_add_clipped_diracs_at_their_own_coordinates():
 
 def test_a_canarys_score_is_the_likelihood_ratio_of_its_observations():
     """Against the two densities written out with scipy: in, the coordinate is c + noise with
-    probability q (else noise); out, noise alone. The real records' share of the coordinate is
-    known to the auditor and taken off."""
+    probability q (else noise); out, noise alone. The score reads only the released gradient."""
     q, bound_c, std, divisor = 0.3, 0.5, 2.0, 8.0
     c = 10.0 * bound_c / (10.0 + 1e-6)  # a norm-10 canary clipped to 0.5 (the mechanism's 1e-6 guard)
     canaries = GradientCanaries(4, norm=10.0)
+    canaries.add_to({"w": torch.zeros(10)}, sample_rate=q, max_grad_norm=bound_c)
+    coords = canaries._where[1].numpy()
     rng = np.random.default_rng(0)
-    expected = 0.0
-    for _ in range(3):
-        real = torch.tensor(rng.normal(0, 5, 10))
-        total = {"w": real.clone()}
-        canaries.add_to(total, sample_rate=q, max_grad_norm=bound_c)
-        grad = (total["w"] + torch.tensor(rng.normal(0, std, 10))) / divisor
-        canaries.observe({"w": grad}, sample_rate=q, divisor=divisor, noise_std=std)
-        coords = canaries._where[1].numpy()
-        x = grad.numpy()[coords] * divisor - real.numpy()[coords]
-        expected = expected + np.log(((1 - q) * stats.norm.pdf(x, 0, std) + q * stats.norm.pdf(x, c, std))
-                                     / stats.norm.pdf(x, 0, std))
+    seen = [rng.normal(0, 3, 10) for _ in range(3)]  # the private gradient (sum / divisor) of 3 steps
+    for grad in seen:
+        canaries.observe({"w": torch.tensor(grad)}, sample_rate=q, divisor=divisor, noise_std=std)
+    expected = sum(np.log(((1 - q) * stats.norm.pdf(x, 0, std) + q * stats.norm.pdf(x, c, std)) / stats.norm.pdf(x, 0, std))
+                   for x in (g[coords] * divisor for g in seen))
     np.testing.assert_allclose(canaries.scores(), expected, rtol=1e-9)
 
 

@@ -134,6 +134,19 @@ def test_read_only_commands_create_nothing(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.pt")]) == 2 and list(tmp_path.iterdir()) == []
 
 
+def test_reading_an_empty_database_does_not_make_it_a_ledger(tmp_path, capsys):
+    import sqlite3
+
+    blank = tmp_path / "blank.sqlite"
+    with sqlite3.connect(blank) as db:
+        db.execute("PRAGMA user_version=1")  # a valid SQLite file with no table
+    for args in (["ledger", f"ledger={blank}"], ["report", str(blank)]):
+        assert main(args) == 2
+        assert "empty database" in capsys.readouterr().err
+    with sqlite3.connect(blank) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
 def test_ledger_cli_reports_each_images_epsilon(tmp_path, capsys):
     book = Ledger(tmp_path / "l.sqlite")
     images = tmp_path / "images"

@@ -5,6 +5,7 @@ without touching the network."""
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import shutil
 import subprocess
@@ -100,7 +101,7 @@ def test_a_private_runs_page_renders_its_guarantee_offline(tiny_det, tmp_path):
                                                                          entry["epsilon_by_accountant"].values())):
         assert value in text, value
     assert "For any one training image" in text and "Not covered" in text
-    assert dom.count("data:image/png;base64,") == 1  # epsilon against steps, drawn although plots=False
+    assert 'aria-label="epsilon against optimizer steps"' in dom  # drawn although plots=False
     assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
 
     # yolo-dp report writes the same page for the run folder and for a checkpoint
@@ -138,3 +139,41 @@ def test_a_ledgers_page_shows_aggregates_and_no_record_or_person(tmp_path):
     secrets = [Ledger(ledger).run(run["run_id"])["fingerprint"], *(r.pixels for r in identify_all(images))]
     assert not [s for s in secrets if s in html]
     assert not [p for p in persons if re.search(rf"\b{re.escape(p)}\b", text)]
+
+
+ENTRY = {"settings": {"epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0}, "epsilon": 1.97,
+         "epsilon_by_accountant": {"pld": 1.95, "prv_accountant": 1.97}, "noise_multiplier": 1.3, "sample_rate": 0.1,
+         "num_samples": 500, "steps": 40, "stopped_by_budget": False, "accountant": "max(pld, prv_accountant)",
+         "accountant_state": {"history": [{"noise_multiplier": 1.3, "sample_rate": 0.1, "steps": 40}]},
+         "privacy_unit": "image", "person_epsilon": None, "version": "0"}
+
+
+def _audited_run(tmp_path: Path, **audit) -> Path:
+    (tmp_path / "weights").mkdir(parents=True)
+    torch.save({"dp": ENTRY, "train_args": {"epochs": 3, "batch": 50}}, tmp_path / "weights" / "last.pt")
+    (tmp_path / "audit.json").write_text(json.dumps({
+        "kind": "gradient", "claimed_epsilon": 1.97, "delta": 1e-5, "epsilon_lb": 0.4, "confidence": 0.95,
+        "canaries": 1000, "included": 500, "guesses": 100, "correct": 70, "steps": 40, "noise_multiplier": 1.3,
+        "sample_rate": 0.1, "ceiling": 5.0, "passed": True, "verdict": "passed", **audit}))
+    return tmp_path
+
+
+def test_a_runs_page_shows_its_own_audit_and_not_another_runs(tmp_path):
+    page = report_page.write_run_page(_audited_run(tmp_path / "a"))
+    text = page.read_text()
+    assert "Empirical audit: <span class=\"pass\">passed" in text and "0.4000 at 95% confidence" in text
+    assert "<td>epochs</td><td>3</td>" in text  # the training arguments: the checkpoint's own
+    assert "<svg" in text and "data:" not in text and "http" not in text  # an inline chart, nothing to load
+    for stale in ({"claimed_epsilon": 1.0}, {"steps": 41}, {"noise_multiplier": 1.2}):  # another run's audit
+        text = report_page.write_run_page(_audited_run(tmp_path / str(stale), **stale)).read_text()
+        assert "Not audited" in text and "0.4000" not in text
+    bad = _audited_run(tmp_path / "bad")
+    (bad / "audit.json").write_text('{"claimed_epsilon": 1.97}')
+    with pytest.raises(ValueError, match="audit.json is not an audit result"):
+        report_page.write_run_page(bad)
+
+
+def test_report_keys_for_a_ledger_are_refused_for_a_run(tmp_path, capsys):
+    run = _audited_run(tmp_path)
+    assert main(["report", str(run), "out=x.html"]) == 2
+    assert "for a ledger" in capsys.readouterr().err and not (run / "privacy.html").exists()

@@ -234,15 +234,19 @@ def report(args: list[str]) -> int:
     from .integration import report_page
     from .integration.checkpoint import read_dp_entry, summary_line
 
-    if not args or "=" in args[0]:
+    if not args or ("=" in args[0] and not Path(args[0]).exists()):
         raise UsageError("usage: yolo-dp report path/to/weights.pt|run-folder|ledger.sqlite [out=FILE] [delta=D]")
     path = Path(args[0])
     pairs = parse_pairs(args[1:], {"out", "delta"}, "report")
+    is_ledger = path.is_file() and path.read_bytes()[:16] == b"SQLite format 3\x00"
+    if pairs and not is_ledger:
+        raise UsageError(f"{' and '.join(k + '=' for k in pairs)} are for a ledger's page; a run's page is written "
+                         "into its folder at the run's own delta")
     if path.is_dir():
         page = report_page.write_run_page(path)
         checkpoint = next(p for p in (path / "weights" / "last.pt", path / "weights" / "best.pt") if p.exists())
         print(summary_line(read_dp_entry(checkpoint)))
-    elif path.is_file() and path.read_bytes()[:16] == b"SQLite format 3\x00":
+    elif is_ledger:
         delta = _number(pairs, "delta") if "delta" in pairs else None
         if delta is not None:
             check_setting("delta", delta)
@@ -272,7 +276,8 @@ def audit(args: list[str]) -> int:
                 raise UsageError(f"{key} must be {kind.__name__}, got {own[key]!r}") from None
     from .auditing.run import audit as run_audit
 
-    settings = {k: getattr(config, k) for k in SETTINGS if getattr(config, k) != SETTINGS[k].default}
+    given = {t.partition("=")[0] for t in args}  # an explicit default counts (ledger= on embedded data)
+    settings = {k: getattr(config, k) for k in SETTINGS if k in given or getattr(config, k) != SETTINGS[k].default}
     result = run_audit(overrides.pop("model", "yolo26n-cls.yaml"), overrides.pop("data", "digits-cls"),
                        **options, **settings, **overrides)
     return 0 if result.passed else 1

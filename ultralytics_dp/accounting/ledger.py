@@ -125,6 +125,9 @@ class Ledger:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if existed and tables and "meta" not in tables:
                     raise ValueError
+                if not tables and not create:  # an empty SQLite file: reading it must not make it a ledger
+                    raise ValueError(f"{self.path} is an empty database, not a ledger: no private run has been "
+                                     "recorded there")
                 row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
                 if row and row[0] in ("ultralytics-dp-ledger/1", "ultralytics-dp-ledger/2"):
                     _upgrade_to_3(db)

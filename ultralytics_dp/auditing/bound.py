@@ -82,6 +82,21 @@ class Guess:
     confidence: float
 
 
+def _candidates(m: int) -> list[tuple[int, int]]:
+    """The (k_in, k_out) guess sets tried on m canaries: k_in "in" guesses on the highest scores,
+    and k_out = k_in or 0 "out" guesses on the lowest."""
+    ks = sorted({min(max(1, round(f * m / 2)), m // 2) for f in GUESS_FRACTIONS})
+    return [(k, out) for k in ks for out in (k, 0)]
+
+
+def ceiling(m: int, delta: float, confidence: float) -> float:
+    """The largest bound an audit of m canaries can show (every guess right): a claimed epsilon at or
+    above it can never be refuted by ``best_guess``, however broken the mechanism."""
+    candidates = _candidates(m)
+    each = 1.0 - (1.0 - confidence) / len(candidates)
+    return max(epsilon_lower_bound(m, k_in + k_out, k_in + k_out, delta, each) for k_in, k_out in candidates)
+
+
 def best_guess(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float) -> Guess:
     """Guess "in" for the k highest scores, and either "out" for the k lowest too or abstain on
     them, for every k of ``GUESS_FRACTIONS`` (of m/2). A canary that was in but never sampled looks
@@ -95,8 +110,7 @@ def best_guess(scores: Sequence[float], included: Sequence[bool], delta: float, 
         raise ValueError(f"need at least 2 canaries with one score each, got {m} scores for {len(inc)} canaries")
     if not np.all(np.isfinite(s)):
         raise ValueError("canary scores must be finite")
-    ks = sorted({min(max(1, round(f * m / 2)), m // 2) for f in GUESS_FRACTIONS})
-    candidates = [(k, out) for k in ks for out in (k, 0)]
+    candidates = _candidates(m)
     each = 1.0 - (1.0 - confidence) / len(candidates)
     order = np.argsort(s, kind="stable")
     best = Guess(m, 0, 0, 0.0, confidence)

@@ -12,10 +12,12 @@ sees every noisy gradient (the released mechanism's output) would compute. Inclu
 their coordinate up by C each time they are sampled; the noise sigma*C hides that exactly as much
 as the accountant says.
 
-The auditor is DP's adversary at its strongest: it knows every record but whether each canary was
-in, so it takes the real records' share of each coordinate off before scoring (a white-box audit of
+The scores read nothing but the released noisy gradients and the canaries' own draws, so an
+audit's result is post-processing of the run: on private data it is covered by the run's guarantee.
+(Taking the real records' share of each coordinate off, as an adversary who knows them could, made
+no measurable difference and would make the result a function of unnoised private data.) It audits
 the noise, the canaries' clipping and sampling, and the accountant; the real records' clipping is
-checked before every run by ``integration.self_check``).
+checked before every run by ``integration.self_check``.
 
 Privacy assumptions relied on here: the canaries are extra records with the run's q and the clipping
 bound C, so each is protected by the run's (epsilon, delta), and they change nothing for the real
@@ -51,7 +53,6 @@ class GradientCanaries:
         self._where: tuple[str, Tensor] | None = None  # (tensor name, flat coordinates)
         self._scores: Tensor | None = None
         self._clipped = 0.0  # a canary's clipped norm at the last step
-        self._others: Tensor | float = 0.0  # the real records' clipped sum at the coordinates, last step
 
     def _coordinates(self, tensors: dict[str, Tensor]) -> tuple[str, Tensor]:
         if self._where is None:
@@ -73,8 +74,6 @@ class GradientCanaries:
         self._clipped = float(clipped[0])  # every canary has the same norm, so the same clipped norm
         values = torch.where(sampled, clipped, 0.0)
         target = total[name]
-        # the auditor knows every other record (DP's worst case), hence their share of this step
-        self._others = target.reshape(-1)[coords.to(target.device)].double()
         dirac = torch.zeros(target.numel(), dtype=target.dtype)
         dirac[coords] = values.to(target.dtype)
         target.add_(dirac.to(target.device).view(target.shape))
@@ -85,8 +84,7 @@ class GradientCanaries:
         N(0, noise_std^2) before the division) at every canary's coordinate, on its device (no sync).
 
         In the sum, a canary's coordinate holds its clipped norm c with probability q if it is in,
-        plus the noise, plus the real records' share, which the auditor knows (``add_to`` kept it)
-        and takes off. The score adds the log likelihood ratio
+        plus the noise, plus the real records' small share. The score adds the log likelihood ratio
         of "in" against "out" of that observation, log(1 - q + q exp(mu z - mu^2 / 2)) with
         z = x / noise_std and mu = c / noise_std: the most powerful test of one step
         (Neyman-Pearson), where a plain sum would let the steps that did not sample the canary
@@ -94,7 +92,7 @@ class GradientCanaries:
         checks.finite_positive("noise_std", noise_std)
         name, coords = self._coordinates(grad)
         flat = grad[name].reshape(-1)
-        z = (flat[coords.to(flat.device)].double() * divisor - self._others) / noise_std
+        z = flat[coords.to(flat.device)].double() * (divisor / noise_std)
         mu = self._clipped / noise_std
         log_in = z * mu - mu * mu / 2 + math.log(sample_rate)
         log_out = math.log1p(-sample_rate) if sample_rate < 1 else -math.inf

@@ -33,7 +33,7 @@ import torch
 
 from ..config import SETTINGS, DPConfig
 from ..datasets import embedded
-from .bound import best_guess
+from .bound import best_guess, ceiling
 from .canaries import GradientCanaries
 
 KINDS = ("gradient", "input")
@@ -42,7 +42,9 @@ CANARY_NORM = 10.0  # a gradient canary's norm before clipping, in units of C: c
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What an audit found; ``passed`` is ``epsilon_lb <= claimed_epsilon``."""
+    """What an audit found. ``passed``: ``epsilon_lb <= claimed_epsilon``. ``ceiling``: the most
+    these canaries could show; ``verdict`` is "failed" (the bound exceeds the claim), "inconclusive"
+    (the claim is at or above the ceiling: no outcome could have failed it) or "passed"."""
 
     kind: str
     claimed_epsilon: float
@@ -56,10 +58,14 @@ class AuditResult:
     steps: int
     noise_multiplier: float
     sample_rate: float
+    ceiling: float
     passed: bool
+    verdict: str
 
     def line(self) -> str:
-        verdict = "passed" if self.passed else "FAILED: the lower bound exceeds the claim"
+        verdict = {"passed": "passed", "failed": "FAILED: the lower bound exceeds the claim",
+                   "inconclusive": f"INCONCLUSIVE: {self.canaries} canaries can show at most epsilon={self.ceiling:.3f}; "
+                                   "use more canaries or audit a smaller epsilon"}[self.verdict]
         return (f"audit ({self.kind} canaries): claimed epsilon={self.claimed_epsilon:.4f}, empirical lower bound "
                 f"epsilon_lb={self.epsilon_lb:.4f} at {self.confidence:.0%} confidence (delta={self.delta:g}; "
                 f"{self.correct} of {self.guesses} guesses correct, {self.canaries} canaries, {self.included} in, "
@@ -112,10 +118,13 @@ def audit(model: str = "yolo26n-cls.yaml", data: str = "digits-cls", *, canaries
             shutil.rmtree(Path(train_data).parent, ignore_errors=True)
     save_dir = Path(yolo.trainer.save_dir)
     guess = best_guess(scores, included, dp.delta, confidence)
+    top = ceiling(canaries, dp.delta, confidence)
+    passed = guess.epsilon_lb <= dp.epsilon
     result = AuditResult(kind=kind, claimed_epsilon=dp.epsilon, delta=dp.delta, epsilon_lb=guess.epsilon_lb,
                          confidence=confidence, canaries=canaries, included=int(sum(included)), guesses=guess.guesses,
                          correct=guess.correct, steps=dp.steps, noise_multiplier=dp.noise_multiplier,
-                         sample_rate=dp.plan.sample_rate, passed=guess.epsilon_lb <= dp.epsilon)
+                         sample_rate=dp.plan.sample_rate, ceiling=top, passed=passed,
+                         verdict="failed" if not passed else "inconclusive" if dp.epsilon >= top else "passed")
     (save_dir / "audit.json").write_text(json.dumps(asdict(result), indent=2))
     write_run_page(save_dir)
     print(result.line())

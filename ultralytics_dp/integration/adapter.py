@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import io
 import math
 import os
 import shutil
@@ -482,11 +481,13 @@ class DifferentialPrivacy:
         """The checkpoints the run releases state the whole run (after Ultralytics' final rewrite);
         ``privacy.html`` (``report_page``) says what that guarantee means."""
         write_dp_entry([f for f in (trainer.last, trainer.best) if Path(f).exists()], self.info())
-        curve = io.BytesIO()
-        plot_privacy(curve, self._curve, self.steps, self.epsilon, self.config.epsilon, self.delta)
         if trainer.args.plots:
-            (Path(trainer.save_dir) / "privacy.png").write_bytes(curve.getvalue())
-        write_run_page(trainer.save_dir, curve.getvalue())
+            plot_privacy(Path(trainer.save_dir) / "privacy.png", self._curve, self.steps, self.epsilon,
+                         self.config.epsilon, self.delta)
+        try:  # the weights and their guarantee are written: a page that cannot be must not fail the run
+            write_run_page(trainer.save_dir, self._curve or None)
+        except (OSError, ValueError) as err:
+            log(f"WARNING: privacy.html not written ({one_line(err)}); write it with: yolo-dp report {trainer.save_dir}")
         log(summary_line(self.info()))
 
     # ----------------------------------------------------------------- the ledger's grant and the private step

@@ -8,12 +8,12 @@ checkpoint states anyway.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Sequence
 
 
-def plot_privacy(path: Path | BinaryIO, curve: Sequence[tuple[int, float]], steps: int, epsilon: float,
-                 target: float, delta: float) -> None:
-    """Draw (as PNG into a file or a buffer) the planned curve (upper bounds at ``curve``'s step counts), the part of it spent up to
+def plot_privacy(path: Path, curve: Sequence[tuple[int, float]], steps: int, epsilon: float, target: float,
+                 delta: float) -> Path:
+    """Draw the planned curve (upper bounds at ``curve``'s step counts), the part of it spent up to
     ``steps``, the run's exact ``epsilon`` there, and the ``target`` budget line."""
     from matplotlib.figure import Figure  # no pyplot: the user's backend and figures are left alone
 
@@ -30,4 +30,5 @@ def plot_privacy(path: Path | BinaryIO, curve: Sequence[tuple[int, float]], step
     ax.set(xlabel="optimizer steps", ylabel=f"epsilon at delta={delta:g}", title="Privacy spent (PRV upper bound)")
     ax.set_ylim(0, 1.15 * max([target, epsilon, *(e for _, e in curve)]))
     ax.legend(loc="lower right")
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(path, dpi=120)
+    return path
