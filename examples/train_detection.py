@@ -4,7 +4,10 @@
    simulated pen; cached, so a second run reuses it). With internet, start from Ultralytics' COCO weights instead (``YOLO("yolo26n.pt")``).
 2. Measure that public model on the private task's validation set (zero-shot).
 3. Fine-tune it on the private handwritten digits with (epsilon, delta)-DP per training image, with
-   the DP defaults (only model, data, epochs and epsilon are set) and print both side by side.
+   the DP defaults for everything but model, data, epochs, batch and epsilon, and print both side by
+   side. Batch 125 over 10 epochs: on these 1,000 images, 80 private steps over small Poisson
+   batches beat the recipe's few large ones at the same epsilon and a similar time (measured
+   2026-12-06: +0.09 mAP50 against +0.00 for 6 steps of 750, benchmarks/UTILITY.md).
 Offline, on the CPU.
 """
 
@@ -21,7 +24,8 @@ from ultralytics_dp.datasets.public_weights import pretrained
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=125, help="expected Poisson batch (q = batch / 1000)")
     parser.add_argument("--epsilon", type=float, default=8.0)
     args = parser.parse_args()
 
@@ -30,11 +34,14 @@ def main() -> None:
 
     model = YOLO(weights)
     dp = DifferentialPrivacy(epsilon=args.epsilon, delta=1e-5).attach(model)
-    private = model.train(data="digits-det", epochs=args.epochs, imgsz=128, workers=0, project="runs/demo",
-                          name="private", exist_ok=True)
+    private = model.train(data="digits-det", epochs=args.epochs, batch=args.batch, imgsz=128, workers=0,
+                          project="runs/demo", name="private", exist_ok=True)
     print(f"\ndigits-det mAP50: public model only {public.box.map50:.3f} | after private fine-tuning "
           f"{private.box.map50:.3f} at epsilon={dp.epsilon:.3f}, delta={dp.delta:g} ({dp.steps} steps, "
           f"noise_multiplier={dp.noise_multiplier:.3f})")
+    print(f"Private: the {dp.plan.num_samples} handwritten training images, each protected by (epsilon, delta) = "
+          f"({dp.epsilon:.2f}, {dp.delta:g}); public: the typeset and pen-drawn pretraining digits and the validation "
+          f"images. The guarantee in plain words: {model.trainer.save_dir}/privacy.html")
 
 
 if __name__ == "__main__":
