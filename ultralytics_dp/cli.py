@@ -242,18 +242,15 @@ def report(args: list[str]) -> int:
     if pairs and not is_ledger:
         raise UsageError(f"{' and '.join(k + '=' for k in pairs)} are for a ledger's page; a run's page is written "
                          "into its folder at the run's own delta")
-    if path.is_dir():
-        page = report_page.write_run_page(path)
-        checkpoint = next(p for p in (path / "weights" / "last.pt", path / "weights" / "best.pt") if p.exists())
-        print(summary_line(read_dp_entry(checkpoint)))
-    elif is_ledger:
+    if is_ledger:
         delta = _number(pairs, "delta") if "delta" in pairs else None
         if delta is not None:
             check_setting("delta", delta)
         page = report_page.write_ledger_page(path, pairs.get("out", report_page.PAGE), delta)
-    elif path.is_file():
-        print(summary_line(read_dp_entry(path)))
-        page = report_page.write_checkpoint_page(path)
+    elif path.exists():
+        checkpoint = report_page.run_checkpoint(path) if path.is_dir() else path
+        print(summary_line(read_dp_entry(checkpoint)))
+        page = report_page.write_checkpoint_page(checkpoint)
     else:
         raise UsageError(f"no such checkpoint, run folder or ledger: {path}")
     print(f"wrote {page}")
@@ -267,13 +264,7 @@ def audit(args: list[str]) -> int:
     """``yolo-dp audit ...``: one audited private run; exit code 1 when epsilon_lb > the claim."""
     own = {t.partition("=")[0]: t.partition("=")[2] for t in args if t.partition("=")[0] in AUDIT_KEYS}
     config, overrides = split_train_args([t for t in args if t.partition("=")[0] not in AUDIT_KEYS])
-    options: dict[str, Any] = {}
-    for key, kind in AUDIT_KEYS.items():
-        if key in own:
-            try:
-                options[key] = kind(own[key])
-            except ValueError:
-                raise UsageError(f"{key} must be {kind.__name__}, got {own[key]!r}") from None
+    options = {key: _number(own, key, kind) for key, kind in AUDIT_KEYS.items() if key in own}
     from .auditing.run import audit as run_audit
 
     given = {t.partition("=")[0] for t in args}  # an explicit default counts (ledger= on embedded data)

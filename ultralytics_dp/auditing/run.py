@@ -42,9 +42,9 @@ CANARY_NORM = 10.0  # a gradient canary's norm before clipping, in units of C: c
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What an audit found. ``passed``: ``epsilon_lb <= claimed_epsilon``. ``ceiling``: the most
-    these canaries could show; ``verdict`` is "failed" (the bound exceeds the claim), "inconclusive"
-    (the claim is at or above the ceiling: no outcome could have failed it) or "passed"."""
+    """What an audit found. ``ceiling``: the most these canaries could show. ``passed``:
+    ``epsilon_lb <= claimed_epsilon``; ``verdict`` is "failed" (the bound exceeds the claim),
+    "inconclusive" (the claim is at or above the ceiling: no outcome could have failed it) or "passed"."""
 
     kind: str
     claimed_epsilon: float
@@ -59,8 +59,18 @@ class AuditResult:
     noise_multiplier: float
     sample_rate: float
     ceiling: float
-    passed: bool
-    verdict: str
+
+    @property
+    def passed(self) -> bool:
+        return self.epsilon_lb <= self.claimed_epsilon
+
+    @property
+    def verdict(self) -> str:
+        return "failed" if not self.passed else "inconclusive" if self.claimed_epsilon >= self.ceiling else "passed"
+
+    def as_json(self) -> str:
+        """Every field, with ``passed`` and ``verdict`` (``audit.json``; the report page reads it)."""
+        return json.dumps({**asdict(self), "passed": self.passed, "verdict": self.verdict}, indent=2)
 
     def line(self) -> str:
         verdict = {"passed": "passed", "failed": "FAILED: the lower bound exceeds the claim",
@@ -118,14 +128,11 @@ def audit(model: str = "yolo26n-cls.yaml", data: str = "digits-cls", *, canaries
             shutil.rmtree(Path(train_data).parent, ignore_errors=True)
     save_dir = Path(yolo.trainer.save_dir)
     guess = best_guess(scores, included, dp.delta, confidence)
-    top = ceiling(canaries, dp.delta, confidence)
-    passed = guess.epsilon_lb <= dp.epsilon
     result = AuditResult(kind=kind, claimed_epsilon=dp.epsilon, delta=dp.delta, epsilon_lb=guess.epsilon_lb,
                          confidence=confidence, canaries=canaries, included=int(sum(included)), guesses=guess.guesses,
                          correct=guess.correct, steps=dp.steps, noise_multiplier=dp.noise_multiplier,
-                         sample_rate=dp.plan.sample_rate, ceiling=top, passed=passed,
-                         verdict="failed" if not passed else "inconclusive" if dp.epsilon >= top else "passed")
-    (save_dir / "audit.json").write_text(json.dumps(asdict(result), indent=2))
+                         sample_rate=dp.plan.sample_rate, ceiling=ceiling(canaries, dp.delta, confidence))
+    (save_dir / "audit.json").write_text(result.as_json())
     write_run_page(save_dir)
     print(result.line())
     return result

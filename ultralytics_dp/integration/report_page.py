@@ -154,15 +154,20 @@ def run_page(entry: dict[str, Any], args: dict[str, Any], planned: Sequence[tupl
     return _page("Privacy report", f"private training run, ultralytics-dp {entry.get('version', '')}", body)
 
 
-def write_run_page(save_dir: str | Path, planned: Sequence[tuple[int, float]] | None = None) -> Path:
-    """Write ``privacy.html`` into a run's folder from its ``weights/last.pt`` (or ``best.pt``);
-    ``planned``: the plan's epsilon curve (default: the steps taken, from the checkpoint)."""
+def run_checkpoint(save_dir: str | Path) -> Path:
+    """A run folder's ``weights/last.pt``, else its ``weights/best.pt``."""
     save_dir = Path(save_dir)
     checkpoint = next((p for p in (save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt") if p.exists()),
                       None)
     if checkpoint is None:
         raise ValueError(f"{save_dir} holds no weights/last.pt or weights/best.pt of a private run")
-    return _write_checkpoint_page(checkpoint, save_dir, planned)
+    return checkpoint
+
+
+def write_run_page(save_dir: str | Path, planned: Sequence[tuple[int, float]] | None = None) -> Path:
+    """Write ``privacy.html`` into a run's folder from its checkpoint (``run_checkpoint``);
+    ``planned``: the plan's epsilon curve (default: the steps taken, from the checkpoint)."""
+    return _write_checkpoint_page(run_checkpoint(save_dir), Path(save_dir), planned)
 
 
 def write_checkpoint_page(checkpoint: str | Path) -> Path:
