@@ -52,13 +52,14 @@ def test_ghost_path_on_plain_layers_and_refusals(threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, stride=2, groups=3),
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.SiLU(), nn.Conv2d(6, 6, 3, padding=2, dilation=2),
+        nn.Conv2d(6, 6, 3, stride=2, groups=3),
         nn.GroupNorm(3, 6), nn.ConvTranspose2d(6, 4, 2, stride=2), nn.SiLU(), nn.ConvTranspose2d(4, 4, 3, padding=1),
         nn.Flatten(), nn.Linear(4 * 6 * 6, 4),
     ).double().eval()
     with torch.no_grad():  # GroupNorm's affine parameters away from their init (1, 0)
-        model[4].weight.uniform_(0.5, 1.5)
-        model[4].bias.uniform_(-0.5, 0.5)
+        model[5].weight.uniform_(0.5, 1.5)
+        model[5].bias.uniform_(-0.5, 0.5)
     model[0].weight.requires_grad_(False)
     batch = {"x": torch.randn(5, 3, 8, 8, dtype=torch.float64), "y": torch.randint(0, 4, (5,))}
 
@@ -191,3 +192,66 @@ def test_a_squared_norm_summed_over_many_groups_is_still_an_upper_bound():
     left, right = x.view(1, groups, 1, 1), torch.ones(1, groups, 1, 1)
     exact = sum(Fraction(float(v)) ** 2 for v in x)
     assert Fraction(_sq_norm(left, right).item()) >= exact
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups", [
+    (1, 1, 0, 1, 1), (1, 1, 0, 1, 2), (1, 2, 0, 1, 1), (1, 1, 1, 1, 1), (3, 1, 1, 1, 1), (3, 2, 1, 1, 4),
+    (3, 1, 2, 2, 1), ((3, 5), (2, 1), (0, 2), (1, 2), 2), (3, 1, 1, 1, 8)])
+def test_conv_patches_are_torch_unfolds(kernel, stride, padding, dilation, groups):
+    """The per-sample gradients and ghost factors of a convolution read its input's patches from a
+    strided view; ``F.unfold`` is the independent reference, on a non-contiguous input (YOLO's
+    blocks convolve channel slices of a chunked tensor)."""
+    from ultralytics_dp.mechanism.ghost import _conv_unfold
+
+    conv = nn.Conv2d(8, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x = torch.randn(3, 16, 9, 11)[:, ::2]
+    cols = nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(_conv_unfold(conv, x), cols.view(3, groups, -1, cols.shape[-1]))
+
+
+def test_a_model_that_is_one_layer_and_a_layer_with_an_extra_parameter():
+    """A bare layer's parameters are named "weight", not ".weight": its sum must be its own
+    (against the torch.func path), not zeros. A supported layer type that carries a parameter the
+    ghost path has no per-sample term for is refused rather than summed from uninitialised memory."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    batch = {"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.randint(0, 3, (4,))}
+    ref, ref_norms = clipped_grad_sum(model, ce_loss, batch, max_grad_norm=0.5)
+    ours, norms = clipped_grad_sum_ghost(
+        model, lambda m: nn.functional.cross_entropy(m(batch["x"]), batch["y"], reduction="none"), max_grad_norm=0.5)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-10)
+    assert max_rel_err(ours, ref) <= 1e-10 and all(v.abs().sum() > 0 for v in ours.values())
+
+    class Scaled(nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(3, 4, 1)
+            self.gain = nn.Parameter(torch.ones(4, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * self.gain
+
+    scaled = nn.Sequential(Scaled())
+    with pytest.raises(RuntimeError, match=r"no per-sample term for \['0.gain'\].*vmap"):
+        clipped_grad_sum_ghost(scaled, lambda m: m(torch.randn(2, 3, 4, 4)).flatten(1).sum(1), max_grad_norm=1.0)
+
+
+def test_row_norms_in_float32_runs_are_upper_bounds_within_4e_6():
+    """The gradient matrix's squared row norms are summed in float32 over runs of 64 columns: never
+    below the exact sum of squares (math.fsum over the float32 values, whose squares are exact in
+    float64), and at most 4e-6 relative above it (2e-6 on the norm); a row of one large value and many tiny ones, which
+    a float32 running sum would drop, included."""
+    import math
+
+    from ultralytics_dp.mechanism.ghost import _rows_sq_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1000, generator=gen) * torch.logspace(-3, 3, 40).view(-1, 1)
+    spiky = torch.full((1, 1000), 2.0**-13)
+    spiky[0, 0] = 1.0
+    x = torch.cat([x, spiky])
+    for cols in (1000, 960, 7):  # a remainder run, whole runs only, one short run
+        part = x[:, :cols]
+        got = _rows_sq_norm(part)
+        for row, value in zip(part.double().tolist(), got.tolist()):
+            exact = math.fsum(v * v for v in row)
+            assert exact <= value <= exact * (1 + 4e-6)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..accounting.accountant import PrivacyAccountant
 from ..config import DPConfig
 
-from ..mechanism import distributed, ghost
+from ..mechanism import distributed, gaussian, ghost
 from ..mechanism.grad_sample import check_no_train_batchnorm, trainable_params
 from ..losses.per_image import batch_losses, per_image_loss_fn, sample_batch
 from ..mechanism.gaussian import clipped_grad_sum, private_mean
@@ -110,7 +110,7 @@ def private_gradient(
     try:
         for idx, chunk_groups in groups.chunks(physical_batch or max(n, 1)):
             sums, _ = clipped_sum(model, select(batch, idx, overlap), max_grad_norm, chunk_groups)
-            total = sums if total is None else {k: v.add_(sums[k]) for k, v in total.items()}
+            total = sums if total is None else gaussian.add_(total, sums)
     except RuntimeError as err:
         if "out of memory" in str(err).lower():
             fix = ("lower physical_batch" if groups.largest <= (physical_batch or groups.largest) else
@@ -177,6 +177,6 @@ class PrivateStep:
             self.canaries.observe(grad, sample_rate=self.sample_rate, divisor=self.expected_batch_size,
                                   noise_std=self.noise_multiplier * config.max_grad_norm)
         for name, p in trainable_params(model).items():
-            p.grad = grad[name].to(p.dtype)
+            p.grad = grad[name] if grad[name].dtype == p.dtype else grad[name].to(p.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return self.accountant.steps >= self.limit()

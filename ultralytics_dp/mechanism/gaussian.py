@@ -15,6 +15,8 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -70,19 +72,67 @@ def clipped_grad_sum(
     return total, norm.float()
 
 
+def views(flat: Tensor, layout: dict[str, tuple[int, torch.Size]]) -> dict[str, Tensor]:
+    """Views of the 1-D ``flat``: ``layout[k]`` = (offset, shape) of tensor k's contiguous block."""
+    return {k: flat.as_strided(shape, _contiguous_strides(shape), flat.storage_offset() + offset)
+            for k, (offset, shape) in layout.items()}
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _tiling(tensors: dict[str, Tensor]) -> tuple[Tensor, dict[str, tuple[int, torch.Size]]] | None:
+    """(base, layout) when the tensors are contiguous views that exactly tile one 1-D contiguous
+    buffer (``views``' results, as the ghost path returns its sums); else None."""
+    values = list(tensors.values())
+    base = values[0]._base if values else None
+    if base is None or base.dim() != 1 or not base.is_contiguous() or any(
+            v._base is not base or not v.is_contiguous() for v in values):
+        return None
+    layout = {k: (v.storage_offset() - base.storage_offset(), v.shape) for k, v in tensors.items()}
+    end = 0
+    for offset, shape in sorted(layout.values(), key=lambda span: span[0]):
+        if offset != end:
+            return None
+        end += shape.numel()
+    return (base, layout) if end == base.numel() else None
+
+
 def flatten(tensors: dict[str, Tensor]) -> Tensor:
-    """All coordinates in one new 1-D tensor (dict order); they must share one device and dtype
-    (a model's gradients do), since a silent cast or copy would hide a mistake."""
+    """All coordinates in one new 1-D tensor: a copy of the buffer the tensors tile (``views``), in
+    its order, or else their concatenation in dict order. They must share one device and dtype (a
+    model's gradients do), since a silent cast or copy would hide a mistake. ``unflatten`` is its
+    inverse."""
     kinds = {(v.device, v.dtype) for v in tensors.values()}
     if len(kinds) != 1:
         raise ValueError(f"gradients must share one device and dtype, got {sorted(map(str, kinds))}")
-    return torch.cat([v.reshape(-1) for v in tensors.values()])
+    tiling = _tiling(tensors)
+    return tiling[0].clone() if tiling else torch.cat([v.reshape(-1) for v in tensors.values()])
 
 
 def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``flat`` as views shaped like ``like``'s tensors (the inverse of ``flatten``)."""
-    pieces = flat.split([t.numel() for t in like.values()])
-    return {k: v.view_as(t) for (k, t), v in zip(like.items(), pieces)}
+    """``flat`` as views shaped like ``like``'s tensors, where ``flatten(like)`` put them."""
+    tiling = _tiling(like)
+    if tiling is None:
+        offsets = itertools.accumulate((t.numel() for t in like.values()), initial=0)
+        tiling = (flat, {k: (offset, t.shape) for (k, t), offset in zip(like.items(), offsets)})
+    return views(flat, tiling[1])
+
+
+def add_(total: dict[str, Tensor], more: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``total[k] += more[k]`` for every k, in one call when both tile buffers the same way."""
+    mine, theirs = _tiling(total), _tiling(more)
+    if mine and theirs and mine[1] == theirs[1]:
+        mine[0].add_(theirs[0])
+    else:
+        for k, v in total.items():
+            v.add_(more[k])
+    return total
 
 
 def noisy_flat(

@@ -3,11 +3,16 @@
 One batched forward (hooks keep each layer's input ``a``), one backward to the layer *outputs*
 (hooks keep ``b = dL/d output``), then, per layer:
 
-* per-sample squared gradient norms, either explicitly (form ``g_i = b_i^T unfold(a_i)``) or by
-  the ghost identity ``||g_i||^2 = <a_i a_i^T, b_i b_i^T>`` over spatial positions, whichever costs
-  less for that layer (mixed ghost clipping, Bu et al. 2022);
-* the clipped sum ``sum_i c_i g_i`` as one weighted contraction of ``a`` and ``b``
-  (book-keeping, Bu et al. 2023): no second backward, no per-sample gradient kept.
+* per-sample gradients either formed (``g_i = b_i unfold(a_i)^T``, one batched matrix product)
+  and written into one [records, P] matrix shared by all layers, or kept as ghost factors whose
+  squared norms come from the identity ``||g_i||^2 = <a_i^T a_i, b_i^T b_i>`` over spatial
+  positions, whichever costs less for that layer (mixed ghost clipping, Bu et al. 2022);
+* the clipped sum ``sum_i c_i g_i``: one matrix-vector product per block of the matrix, and one
+  weighted contraction of ``a`` and ``b`` per ghost layer (book-keeping, Bu et al. 2023), into
+  one flat buffer: no second backward.
+
+Few, large operator calls rather than several per layer and image: on a GPU the step is bound by
+the host launching kernels (``benchmarks/RESULTS.md``).
 
 Privacy assumption relied on here: ``b_i`` is the gradient of image i's loss alone. That holds
 because the summed per-image losses are differentiated and nothing mixes images in the forward
@@ -21,6 +26,7 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -30,8 +36,14 @@ from torch import Tensor, nn
 
 from .. import checks
 from .grad_sample import check_no_train_batchnorm, trainable_params
-from .gaussian import clip_factors
+from .gaussian import clip_factors, views
 from .grouping import Groups
+
+# positions from which a CPU k x k convolution's per-sample gradient comes from the grouped backward
+_GROUPED_FROM = 256
+
+# columns summed in the gradients' own precision before float64 (``_rows_sq_norm``)
+_RUN = 64
 
 SUPPORTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -64,22 +76,43 @@ def _supported(layers: dict[str, nn.Module]) -> bool:
 
 
 def _conv_unfold(m: nn.Conv2d, a: Tensor) -> Tensor:
-    """[B, groups, C_in/groups * kh * kw, T] patches of the conv input."""
-    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    return cols.view(a.shape[0], m.groups, -1, cols.shape[-1])
+    """[B, groups, C_in/groups * kh * kw, T] patches of the conv input, in ``F.unfold``'s order: a
+    view of the input for a 1x1 convolution with stride 1 and no padding (most of YOLO's), else a
+    strided view of the zero-padded input and one copy (``F.unfold`` on CPU loops over images)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    n = a.shape[0]
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return a.reshape(n, m.groups, -1, a.shape[2] * a.shape[3])
+    x = a
+    if ph or pw:
+        x = a.new_zeros((n, a.shape[1], a.shape[2] + 2 * ph, a.shape[3] + 2 * pw))
+        x[:, :, ph:ph + a.shape[2], pw:pw + a.shape[3]] = a
+    c, h, w = x.shape[1:]
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = x.stride()
+    patches = x.as_strided((n, c, kh, kw, ho, wo), (sn, sc, dh * sy, dw * sx, sh * sy, sw * sx))
+    return patches.reshape(n, m.groups, -1, ho * wo)
 
 
-def _conv_per_sample_weight_grad(m: nn.Conv2d | nn.ConvTranspose2d, a: Tensor, b: Tensor) -> Tensor:
+def _grouped_weight_grad(m: nn.Conv2d | nn.ConvTranspose2d, a: Tensor, b: Tensor) -> Tensor:
     """Per-sample weight gradients ([B, *weight.shape]) from one convolution backward in which the
-    batch becomes groups (no im2col of the input). A transposed convolution is the adjoint of the
-    convolution with the same weight, so its weight gradient is that convolution's with the input
-    and the output gradient swapped."""
+    batch becomes groups. A transposed convolution is the adjoint of the convolution with the same
+    weight, so its weight gradient is that convolution's with the input and the output gradient
+    swapped."""
     n = a.shape[0]
     x, y = (b, a) if isinstance(m, nn.ConvTranspose2d) else (a, b)
     size = (n * m.weight.shape[0], m.weight.shape[1], *m.kernel_size)
     g = torch.nn.grad.conv2d_weight(x.reshape(1, -1, *x.shape[2:]), size, y.reshape(1, -1, *y.shape[2:]),
                                     stride=m.stride, padding=m.padding, dilation=m.dilation, groups=n * m.groups)
     return g.view(n, *m.weight.shape)
+
+
+def _patches_are_dearer(m: nn.Conv2d, b: Tensor) -> bool:
+    """On CPU, a k x k convolution's per-sample gradient over many positions costs less from the
+    grouped convolution backward (oneDNN) than from copied patches and a batched product (measured
+    on 2 cores, benchmarks/RESULTS.md); elsewhere, and over few positions, the batched product is
+    one kernel where the grouped backward is one per image."""
+    return b.device.type == "cpu" and m.kernel_size != (1, 1) and b.shape[2] * b.shape[3] >= _GROUPED_FROM
 
 
 # A term is (param name, per-sample gradient [B, ...], None) or (param name, left, right): ghost
@@ -92,56 +125,83 @@ def _ghost_is_cheaper(t: int, o: int, d: int) -> bool:
     return t * t * (o + d) < o * d * t
 
 
-def _layer_terms(m: nn.Module, a: Tensor, b: Tensor) -> list[Term]:
-    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``, in the dtype
-    of its parameters (under autocast the saved input is bf16/fp16 and its gradient may not be)."""
-    dtype = next((p.dtype for p in m.parameters()), a.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    n = a.shape[0]
+def _weight_in_ghost_form(m: nn.Module, a: Tensor, b: Tensor, largest: int) -> bool:
+    """Whether a call's weight term is kept as ghost factors: a Conv2d or Linear weight whose ghost
+    norm costs less than forming its gradient, over the positions of a whole record (a record's
+    images' positions are joined, ``_join``)."""
     if isinstance(m, nn.Conv2d):
-        t, o = b.shape[2] * b.shape[3], m.out_channels // m.groups
-        d = m.weight[0].numel()
-        terms = []
-        if m.weight.requires_grad and _ghost_is_cheaper(t, o, d):
-            terms.append(("weight", b.reshape(n, m.groups, o, t), _conv_unfold(m, a)))
+        t, o, d = b.shape[2] * b.shape[3], m.out_channels // m.groups, m.weight.shape[1:].numel()
+    elif isinstance(m, nn.Linear):
+        t, o, d = a.shape[1:-1].numel(), m.out_features, m.in_features
+    else:
+        return False
+    return _ghost_is_cheaper(largest * t, o, d)
+
+
+def _layer_terms(m: nn.Module, a: Tensor, b: Tensor, ghost_weight: bool) -> list[Term]:
+    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``, in the dtype
+    of its parameters (under autocast the saved input is bf16/fp16 and its gradient may not be);
+    the weight's term in ghost form if ``ghost_weight`` (``_weight_in_ghost_form``)."""
+    dtype = next((p.dtype for p in m.parameters()), a.dtype)
+    a = a if a.dtype == dtype else a.to(dtype)
+    b = b if b.dtype == dtype else b.to(dtype)
+    n = a.shape[0]
+    terms = []
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        if m.weight.requires_grad and (isinstance(m, nn.ConvTranspose2d) or  # YOLO's few: the mask upsampling
+                                       not ghost_weight and _patches_are_dearer(m, b)):
+            terms.append(("weight", _grouped_weight_grad(m, a, b), None))
         elif m.weight.requires_grad:
-            terms.append(("weight", _conv_per_sample_weight_grad(m, a, b), None))
-        if m.bias is not None and m.bias.requires_grad:
-            terms.append(("bias", b.sum((2, 3)), None))
-        return terms
-    if isinstance(m, nn.ConvTranspose2d):  # few in YOLO (the mask prototypes' upsampling): no ghost form
-        terms = [("weight", _conv_per_sample_weight_grad(m, a, b), None)] if m.weight.requires_grad else []
+            left, right = b.reshape(n, m.groups, -1, b.shape[2] * b.shape[3]), _conv_unfold(m, a)
+            terms.append(("weight", left, right) if ghost_weight else ("weight", _as_gradient(left, right), None))
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b.sum((2, 3)), None))
         return terms
     if isinstance(m, nn.Linear):
         a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(n, -1, b.shape[-1])
-        terms = []
-        if m.weight.requires_grad and _ghost_is_cheaper(a3.shape[1], b3.shape[-1], a3.shape[-1]):
-            terms.append(("weight", b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1)))
-        elif m.weight.requires_grad:
-            terms.append(("weight", torch.einsum("bto,btd->bod", b3, a3), None))
+        if m.weight.requires_grad:
+            left, right = b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1)
+            terms.append(("weight", left, right) if ghost_weight else ("weight", _as_gradient(left, right), None))
         if m.bias is not None and m.bias.requires_grad:
             terms.append(("bias", b3.sum(1), None))
         return terms
-    # y = gamma * xhat + beta; xhat from the running statistics (eval-mode BatchNorm) or from the
-    # image's own channel groups (GroupNorm)
-    if isinstance(m, nn.GroupNorm):
-        xhat = F.group_norm(a, m.num_groups, eps=m.eps)
-    else:
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    terms = []
+    # y = gamma * xhat + beta, xhat = scale * x + shift per channel from the running statistics
+    # (eval-mode BatchNorm), or xhat from the image's own channel groups (GroupNorm)
+    bias = b.sum((2, 3)) if b.dim() == 4 else b.reshape(n, b.shape[1], -1).sum(-1)
     if m.weight is not None and m.weight.requires_grad:
-        terms.append(("weight", (b * xhat).reshape(n, a.shape[1], -1).sum(-1), None))
+        if isinstance(m, nn.GroupNorm):
+            weight = (b * F.group_norm(a, m.num_groups, eps=m.eps)).reshape(n, a.shape[1], -1).sum(-1)
+        else:  # sum_p b (scale x + shift) = scale sum_p b x + shift sum_p b, without forming xhat
+            scale = torch.rsqrt(m.running_var + m.eps)
+            weight = torch.addcmul(scale * (b * a).reshape(n, a.shape[1], -1).sum(-1),
+                                   bias, -m.running_mean * scale)
+        terms.append(("weight", weight, None))
     if m.bias is not None and m.bias.requires_grad:
-        terms.append(("bias", b.reshape(n, a.shape[1], -1).sum(-1), None))
+        terms.append(("bias", bias, None))
     return terms
 
 
-def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
-    """[B] squared norms of a term, in float64: directly from the gradient, or by the ghost identity
-    ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming it.
+def _rows_sq_norm(x: Tensor) -> Tensor:
+    """[rows] squared L2 norms of a 2-D tensor's rows, in float64, never below the exact value
+    (short of squares below the dtype's smallest normal number, far under ``gaussian.CLIP_EPS``).
+
+    The squares are formed and summed in ``x``'s own precision over runs of at most 64 columns,
+    and the runs' sums added in float64 (a float64 copy of a large gradient matrix cost 25x more
+    on CPU). Each run's sum is at most 64 roundings from exact, in any order of summation, so it is
+    within gamma = 64 u / (1 - 64 u) of it (u the unit roundoff: 6e-8 in float32); the total is
+    divided by 1 - gamma, which raises a float32 norm by at most 2e-6 relative."""
+    rows, cols = x.shape
+    whole = cols - cols % _RUN
+    squares = x * x
+    runs = squares.narrow(1, 0, whole).view(rows, -1, _RUN).sum(-1).sum(-1, dtype=torch.float64)
+    total = runs + squares.narrow(1, whole, cols - whole).sum(-1, dtype=torch.float64) if whole < cols else runs
+    u = torch.finfo(x.dtype).eps / 2
+    return total / (1 - _RUN * u / (1 - _RUN * u))
+
+
+def _sq_norm(left: Tensor, right: Tensor) -> Tensor:
+    """[B] squared norms of a term in ghost form, in float64, by the ghost identity
+    ||sum_t l_t r_t^T||^2 = <L^T L, R^T R> without forming the gradient.
 
     The ghost identity sums T^2 products that can nearly cancel (an image whose positions'
     gradients nearly cancel): in float32 the sum can come out near 0 or negative where the true
@@ -150,46 +210,43 @@ def _sq_norm(left: Tensor, right: Tensor | None) -> Tensor:
     bound on float64's rounding error, so it is never below the norm of the factors' exact
     gradient: (D + O + G T^2 + 4) machine epsilons (the Gram products' inner lengths, the G T^2
     terms summed, and the bound's own arithmetic) times the sum of the products' absolute values,
-    which is at most sum over groups of (sum_t ||l_t|| ||r_t||)^2 (Cauchy-Schwarz)."""
-    if right is None:
-        return torch.linalg.vector_norm(left.flatten(1), dim=1, dtype=torch.float64).pow(2)
-    left, right = left.double(), right.double()
-    gram_a = right.transpose(2, 3) @ right  # [B, G, T, T]
-    gram_b = left.transpose(2, 3) @ left
-    square = (gram_a * gram_b).flatten(1).sum(1).clamp_min(0.0)
-    g, o, t, d = left.shape[1], left.shape[2], left.shape[3], right.shape[2]
-    magnitude = (left.norm(dim=2) * right.norm(dim=2)).sum(2).pow(2).sum(1)  # sum over groups of (sum_t ..)^2
-    return square + (d + o + g * t * t + 4) * torch.finfo(torch.float64).eps * magnitude
+    which is at most sum over groups of (sum_t ||l_t|| ||r_t||)^2 (Cauchy-Schwarz); ||l_t||^2 and
+    ||r_t||^2 are the Gram matrices' diagonals."""
+    n, g, o, t = left.shape
+    d = right.shape[2]
+    left, right = left.reshape(n * g, o, t).double(), right.reshape(n * g, d, t).double()
+    gram_a = torch.bmm(right.mT, right)  # [B G, T, T]
+    gram_b = torch.bmm(left.mT, left)
+    square = (gram_a * gram_b).view(n, -1).sum(1).clamp_min(0.0)
+    lengths = (gram_a.diagonal(dim1=1, dim2=2) * gram_b.diagonal(dim1=1, dim2=2)).sqrt_()  # ||l_t|| ||r_t||
+    magnitude = lengths.sum(1).square_().view(n, g).sum(1)
+    return square.add_(magnitude, alpha=(d + o + g * t * t + 4) * torch.finfo(torch.float64).eps)
 
 
-def _weighted_sum(left: Tensor, right: Tensor | None, c: Tensor) -> Tensor:
-    """sum_i c_i grad_i from a per-sample gradient (right None) or from ghost factors."""
-    if right is None:
-        return c @ left.reshape(left.shape[0], -1)  # a matrix-vector product, no weighted copy
-    return torch.einsum("bgot,bgdt->god", left * c.view(-1, 1, 1, 1), right)
+def _ghost_weighted_sum(left: Tensor, right: Tensor, c: Tensor, out: Tensor) -> None:
+    """``out`` [G, O, D] = sum_i c_i grad_i from ghost factors: one batched product over the
+    images' positions joined."""
+    n, g, o, t = left.shape
+    weighted = (left * c.view(-1, 1, 1, 1)).permute(1, 2, 0, 3).reshape(g, o, n * t)
+    torch.bmm(weighted, right.permute(1, 0, 3, 2).reshape(g, n * t, right.shape[2]), out=out)
 
 
-def _group(left: Tensor, right: Tensor | None, groups: Groups) -> tuple[Tensor, Tensor | None]:
-    """A term of a batch's images as the term of its records (``grouping``), whose gradient is the
-    mean of their images'. Ghost factors keep their form by joining a record's images' positions
-    (sum over its images and positions of w l r^T, w = 1/size; a smaller record's missing images
-    are zero positions, which add nothing), unless that makes the ghost norm dearer."""
+def _join(left: Tensor, right: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
+    """Ghost factors of a batch's images as those of its records (``grouping``), whose gradient is
+    the mean of their images': a record's images' positions joined (sum over its images and
+    positions of w l r^T, w = 1/size; a smaller record's missing images are zero positions, which
+    add nothing)."""
     if groups.trivial:
         return left, right
-    if right is not None:
-        g, o, t, d = left.shape[1], left.shape[2], left.shape[3], right.shape[2]
-        if not _ghost_is_cheaper(groups.largest * t, o, d):
-            left, right = _as_gradient(left, right), None
-        else:
-            owner, slot, weight = groups.indices(left.device)
+    g = left.shape[1]
+    owner, slot, weight = groups.indices(left.device)
 
-            def join(x: Tensor) -> Tensor:
-                padded = x.new_zeros((groups.records, groups.largest, *x.shape[1:]))
-                padded[owner, slot] = x
-                return padded.permute(0, 2, 3, 1, 4).reshape(groups.records, g, x.shape[2], -1)
+    def join(x: Tensor) -> Tensor:
+        padded = x.new_zeros((groups.records, groups.largest, *x.shape[1:]))
+        padded[owner, slot] = x
+        return padded.permute(0, 2, 3, 1, 4).reshape(groups.records, g, x.shape[2], -1)
 
-            return join(left * weight.to(left.dtype).view(-1, 1, 1, 1)), join(right)
-    return groups.mean(left), None
+    return join(left * weight.to(left.dtype).view(-1, 1, 1, 1)), join(right)
 
 
 def clipped_grad_sum_ghost(
@@ -249,51 +306,105 @@ def clipped_grad_sum_ghost(
 def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Tensor, Tensor]]],
                   params: dict[str, Tensor], groups: Groups, max_grad_norm: float, device: torch.device
                   ) -> tuple[dict[str, Tensor], Tensor]:
-    """Pass 1: per-record squared norms (each layer's per-sample gradient or ghost factors);
-    pass 2 (book-keeping): the clipped sum from the same terms, with no second backward."""
+    """Pass 1: per-record squared norms; pass 2 (book-keeping): the clipped sum from the same
+    terms, with no second backward. Both passes run layer by layer (``_parallel_map``).
 
-    def layer_terms(item: tuple[str, list[tuple[Tensor, Tensor]]]) -> list[tuple[str, Tensor, Tensor | None, Tensor]]:
+    A layer's terms in gradient form (most layers at small image sizes, all BatchNorm affine
+    terms) are written side by side into one [records, P] matrix, so that one norm and one
+    matrix-vector product serve all of a layer's; terms in ghost form stay separate. The sum is one
+    flat buffer (gradient-form parameters first, then ghost-form ones, then those without a
+    gradient, zero) and each parameter's sum is a view of it (``gaussian.views``), so the noise is
+    added to it in one call."""
+    ghost_weight = {name: len(calls) == 1 and _weight_in_ghost_form(layers[name], *calls[0], groups.largest)
+                    for name, calls in records.items() if calls}
+    called = {_full(name, short) for name in ghost_weight
+              for short, p in layers[name].named_parameters(recurse=False) if p.requires_grad}
+    in_ghost = {_full(name, "weight") for name, ghost in ghost_weight.items() if ghost} & called
+    in_matrix = [k for k in params if k in called - in_ghost]
+    order = in_matrix + [k for k in params if k in in_ghost] + [k for k in params if k not in called]
+    offsets = dict(zip(order, itertools.accumulate((params[k].numel() for k in order), initial=0)))
+    width = sum(params[k].numel() for k in in_matrix)
+    dtype = next(iter(params.values())).dtype
+    matrix = torch.empty((groups.records, width), dtype=dtype, device=device)
+
+    def layer_terms(item: tuple[str, list[tuple[Tensor, Tensor]]]) -> tuple[list[tuple], list[str]]:
+        """The layer's ghost terms as (name, left, right, square), and the names of its terms
+        written into the matrix."""
         name, calls = item
-        per_call = [_layer_terms(layers[name], a, b) for a, b in calls]
-        out = []
-        for k in range(len(per_call[0]) if per_call else 0):
-            if len(per_call) == 1:
-                _, left, right = per_call[0][k]
-            else:  # a layer called more than once: sum its calls' per-sample gradients first, flat
-                # (a call in ghost form gives [B, G, O, D], one in gradient form [B, *shape])
-                left, right = sum(_as_gradient(*pc[k][1:]).flatten(1) for pc in per_call), None
-            left, right = _group(left, right, groups)
-            out.append((f"{name}.{per_call[0][k][0]}", left, right, _sq_norm(left, right)))
-        return out
+        per_call = [_layer_terms(layers[name], a, b, ghost_weight[name]) for a, b in calls]
+        out, columns = [], []
+        for k, (short, left, right) in enumerate(per_call[0]):
+            pname = _full(name, short)
+            if right is not None:  # one call, ghost form
+                left, right = _join(left, right, groups)
+                out.append((pname, left, right, _sq_norm(left, right)))
+                continue
+            # a layer called more than once: its calls' per-sample gradients summed
+            grad = left.flatten(1) if len(per_call) == 1 else sum(pc[k][1].flatten(1) for pc in per_call)
+            matrix.narrow(1, offsets[pname], grad.shape[1]).copy_(grad if groups.trivial else groups.mean(grad))
+            columns.append(pname)
+        return out, columns
 
-    kept = [term for terms in _parallel_map(layer_terms, list(records.items()), device) for term in terms]
-    # each term's square in float64 (``_sq_norm``), summed; one stack, not one kernel per term
-    squares = [square for *_, square in kept]
+    terms, written = [], set()
+    for ghost_terms, columns in _parallel_map(layer_terms, [(k, v) for k, v in records.items() if v], device):
+        terms += ghost_terms
+        written.update(columns)
+    ghost = {term[0] for term in terms}
+    if written != set(in_matrix) or ghost != in_ghost:  # fail closed: the matrix is uninitialised
+        raise RuntimeError(f"ghost clipping has no per-sample term for {sorted((set(in_matrix) - written) | (in_ghost - ghost))}; "
+                           "use grad_method='vmap'")
+    # the matrix in a few column blocks, one per worker at a time
+    blocks = [(None, first, count) for first, count in _spans(width, 2 * torch.get_num_threads())]
+    squares = [term[3] for term in terms] + _parallel_map(
+        lambda block: _rows_sq_norm(matrix.narrow(1, block[1], block[2])), blocks, device)
+    terms += blocks
+    # each square in float64, summed; one stack, not one kernel per term
     squared = torch.stack(squares).sum(0) if squares else torch.zeros(groups.records, dtype=torch.float64, device=device)
     # adding L non-negative float64 terms loses at most L eps of the total: raised by as much
     squared = squared * (1 + (len(squares) + 1) * torch.finfo(torch.float64).eps)
     norms = squared.sqrt()
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
-    factor = clip_factors(norms, max_grad_norm)
+    factor = clip_factors(norms, max_grad_norm).to(dtype)
+    flat = torch.empty(sum(p.numel() for p in params.values()), dtype=dtype, device=device)
 
-    def clipped_sum(term: tuple[str, Tensor, Tensor | None, Tensor]) -> tuple[str, Tensor]:  # pass 2
+    def clipped_sum(term: tuple) -> None:  # pass 2: sum_i c_i g_i into the term's place in ``flat``
+        if term[0] is None:  # a block of the matrix's columns
+            _, first, count = term
+            part = matrix.narrow(1, first, count)
+            part = part if all_finite else torch.where(finite.view(-1, 1), part, 0.0)  # NaN * 0 is NaN
+            torch.mv(part.t(), factor, out=flat.narrow(0, first, count))
+            return
         pname, left, right, _ = term
-        if not all_finite:  # NaN * 0 is NaN: zero the non-finite images' factors out first
-            left = torch.where(_bcast(finite, left), left, 0.0)
-            right = None if right is None else torch.where(_bcast(finite, right), right, 0.0)
-        return pname, _weighted_sum(left, right, factor.to(left.dtype)).reshape(params[pname].shape)
+        if not all_finite:
+            left = torch.where(finite.view(-1, 1, 1, 1), left, 0.0)
+            right = torch.where(finite.view(-1, 1, 1, 1), right, 0.0)
+        g, o, d = left.shape[1], left.shape[2], right.shape[2]
+        _ghost_weighted_sum(left, right, factor, flat.narrow(0, offsets[pname], g * o * d).view(g, o, d))
 
-    total = dict(_parallel_map(clipped_sum, kept, device))
-    return {name: total[name] if name in total else torch.zeros_like(p) for name, p in params.items()}, norms.float()
+    _parallel_map(clipped_sum, terms, device)
+    done = width + sum(params[k].numel() for k in in_ghost)
+    flat.narrow(0, done, flat.numel() - done).zero_()
+    return views(flat, {k: (offsets[k], params[k].shape) for k in params}), norms.float()
+
+
+def _spans(total: int, parts: int) -> list[tuple[int, int]]:
+    """(first, count) of at most ``parts`` near-equal consecutive pieces of range(total)."""
+    size = -(-total // max(1, parts)) if total else 0
+    return [(first, min(size, total - first)) for first in range(0, total, size)] if size else []
+
+
+def _full(layer: str, short: str) -> str:
+    """A parameter's name in ``model.named_parameters()`` from its layer's name."""
+    return f"{layer}.{short}" if layer else short
 
 
 def _parallel_map(fn: Callable, items: list, device: torch.device) -> list:
     """``[fn(x) for x in items]``; on CPU spread over the intra-op threads, one item per thread at a
-    time. Per-layer work is many small kernels (a per-group convolution backward, small matmuls)
-    that one op does not spread over the cores, while the layers are independent: on 2 cores this
-    took a private YOLO26n step at 320 px from 1.13x to 1.02x of a plain one. Each worker runs
-    single-threaded, so the results do not depend on the scheduling."""
+    time. Per-layer work is small kernels (batched matrix products, reductions) that one op does
+    not spread over the cores, while the layers are independent. Each worker runs single-threaded,
+    so the results do not depend on the scheduling. (Ultralytics' trainer sets torch to
+    cpu_count - 1 threads: on 2 cores one, and this is a plain loop.)"""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(items) < 2:
         return [fn(x) for x in items]
@@ -305,10 +416,7 @@ def _parallel_map(fn: Callable, items: list, device: torch.device) -> list:
         torch.set_num_threads(threads)
 
 
-def _as_gradient(left: Tensor, right: Tensor | None) -> Tensor:
-    """[B, ...] per-sample gradient of a term (formed from ghost factors if needed)."""
-    return left if right is None else left @ right.transpose(2, 3)
-
-
-def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.view(-1, *[1] * (like.dim() - 1))
+def _as_gradient(left: Tensor, right: Tensor) -> Tensor:
+    """[B, G, O, D] per-sample gradients formed from ghost factors: one batched matrix product."""
+    n, g, o, t = left.shape
+    return torch.bmm(left.reshape(n * g, o, t), right.reshape(n * g, -1, t).mT).view(n, g, o, -1)
