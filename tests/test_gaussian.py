@@ -167,34 +167,36 @@ def test_noise_refuses_gradients_of_mixed_dtype():
 
 
 def test_sums_that_are_views_of_one_buffer_keep_their_coordinates():
-    """The ghost path returns each parameter's sum as a view of one flat buffer, in the buffer's own
-    order (not the dict's); the noise is added to a copy of that buffer. Each parameter must get
-    back its own coordinates plus noise, never another's: checked against copies made before, with
-    the noise drawn by hand from the same generator in the buffer's order."""
+    """The ghost path returns each parameter's sum as a view of one flat buffer in parameter order;
+    the noise is added to a copy of it. Every process of a multi-process run must flatten its sums
+    in the same order whatever their layout (the all-reduce adds coordinates by position), and each
+    parameter must get back its own coordinates plus noise: checked against copies made before,
+    with the noise drawn by hand from the same generator."""
     shapes = {"a": (2, 3), "b": (4,), "c": (1, 2, 2)}
     buffer = torch.arange(14, dtype=torch.float64)
-    layout = {"a": (8, torch.Size(shapes["a"])), "b": (0, torch.Size(shapes["b"])), "c": (4, torch.Size(shapes["c"]))}
-    sums = views(buffer, layout)
-    expected = {k: buffer[o:o + torch.Size(s).numel()].view(s).clone() for k, (o, s) in layout.items()}
-    assert all(torch.equal(sums[k], expected[k]) for k in shapes)
-    assert torch.equal(flatten(sums), buffer) and flatten(sums).data_ptr() != buffer.data_ptr()
-    plain = {k: v.clone() for k, v in expected.items()}  # not views: concatenated in dict order
-    assert torch.equal(flatten(plain), torch.cat([v.flatten() for v in plain.values()]))
-    for like in (sums, plain):
-        back = unflatten(flatten(like), like)
-        assert all(torch.equal(back[k], expected[k]) for k in shapes)
+    in_order = {"a": (0, torch.Size(shapes["a"])), "b": (6, torch.Size(shapes["b"])), "c": (10, torch.Size(shapes["c"]))}
+    permuted = {"a": (8, torch.Size(shapes["a"])), "b": (0, torch.Size(shapes["b"])), "c": (4, torch.Size(shapes["c"]))}
+    for layout in (in_order, permuted):
+        sums = views(buffer, layout)
+        expected = {k: buffer[o:o + torch.Size(s).numel()].view(s).clone() for k, (o, s) in layout.items()}
+        concatenated = torch.cat([v.flatten() for v in expected.values()])  # dict order, independently
+        assert torch.equal(flatten(sums), concatenated) and flatten(sums).data_ptr() != buffer.data_ptr()
+        assert all(torch.equal(unflatten(flatten(sums), sums)[k], expected[k]) for k in shapes)
 
-    draws = torch.randn(14, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    noisy = private_mean(sums, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0,
-                         generator=torch.Generator().manual_seed(3))
-    for k, (o, s) in layout.items():
-        n = torch.Size(s).numel()
-        assert torch.allclose(noisy[k], (expected[k] + draws[o:o + n].view(s)) / 4.0)
-    assert all(torch.equal(sums[k], expected[k]) for k in shapes)  # the sums themselves are not noised
+        draws = torch.randn(14, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        noisy = private_mean(sums, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0,
+                             generator=torch.Generator().manual_seed(3))
+        start = 0
+        for k, v in expected.items():
+            assert torch.allclose(noisy[k], (v + draws[start:start + v.numel()].view(v.shape)) / 4.0)
+            start += v.numel()
+        assert all(torch.equal(sums[k], expected[k]) for k in shapes)  # the sums themselves are not noised
 
-    other = views(torch.ones(14, dtype=torch.float64), layout)
-    add_(sums, other)  # the same layout: one addition of the buffers
-    add_(sums, {k: torch.ones(s, dtype=torch.float64) for k, s in shapes.items()})  # any other: per tensor
-    assert all(torch.equal(sums[k], expected[k] + 2) for k in shapes)
+    sums = views(buffer, in_order)
+    before = {k: v.clone() for k, v in sums.items()}
+    add_(sums, views(torch.ones(14, dtype=torch.float64), in_order))  # both tile a buffer: one addition
+    add_(sums, {k: torch.ones(s, dtype=torch.float64) for k, s in shapes.items()})  # per tensor
+    add_(sums, views(torch.ones(14, dtype=torch.float64), permuted))  # per tensor (not in dict order)
+    assert all(torch.equal(sums[k], before[k] + 3) for k in shapes)
     overlapping = {"a": buffer[:6].view(2, 3), "b": buffer[4:8]}  # not a tiling: concatenated
     assert torch.equal(flatten(overlapping), torch.cat([buffer[:6], buffer[4:8]]))

@@ -255,3 +255,32 @@ def test_row_norms_in_float32_runs_are_upper_bounds_within_4e_6():
         for row, value in zip(part.double().tolist(), got.tolist()):
             exact = math.fsum(v * v for v in row)
             assert exact <= value <= exact * (1 + 4e-6)
+
+
+def test_layers_whose_terms_are_not_per_image_are_refused():
+    """Found in review. A layer run once on an input that is not the batch's (a learnt query,
+    broadcast to every image) has a [1, ...] term: the sum over all images, which was copied into
+    every image's row (one image moved the sum by 14 C). An output changed in place after the layer
+    (ReLU(inplace=True)) makes its gradient the activation's. An eval-mode BatchNorm without running
+    statistics normalises with the batch's, mixing images. Each is refused (or not supported, so
+    'auto' picks the torch.func path)."""
+
+    class Query(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.q = nn.Linear(4, 1), nn.Linear(4, 1)
+            self.register_buffer("e", torch.ones(1, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.f(x) * self.q(self.e)
+
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"layer 'q' runs on a batch of 1, not on the 6 images.*vmap"):
+        clipped_grad_sum_ghost(Query(), lambda m: m(x).pow(2).sum(1), max_grad_norm=1.0)
+    inplace = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True))
+    with pytest.raises(ValueError, match=r"layer '0': its output is changed in place.*vmap"):
+        clipped_grad_sum_ghost(inplace, lambda m: m(x).pow(2).sum(1), max_grad_norm=1.0)
+    batch_statistics = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    assert not supports(batch_statistics)
+    with pytest.raises(ValueError, match="BatchNorm with running statistics"):
+        clipped_grad_sum_ghost(batch_statistics, lambda m: m(x).pow(2).sum(1), max_grad_norm=1.0)

@@ -86,49 +86,44 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _tiling(tensors: dict[str, Tensor]) -> tuple[Tensor, dict[str, tuple[int, torch.Size]]] | None:
-    """(base, layout) when the tensors are contiguous views that exactly tile one 1-D contiguous
-    buffer (``views``' results, as the ghost path returns its sums); else None."""
+def _tiling(tensors: dict[str, Tensor]) -> Tensor | None:
+    """The buffer, when the tensors are contiguous views that tile one 1-D contiguous buffer
+    consecutively in dict order (``views``' results in parameter order, as the ghost path returns
+    its sums); else None."""
     values = list(tensors.values())
     base = values[0]._base if values else None
-    if base is None or base.dim() != 1 or not base.is_contiguous() or any(
-            v._base is not base or not v.is_contiguous() for v in values):
+    if base is None or base.dim() != 1 or not base.is_contiguous():
         return None
-    layout = {k: (v.storage_offset() - base.storage_offset(), v.shape) for k, v in tensors.items()}
-    end = 0
-    for offset, shape in sorted(layout.values(), key=lambda span: span[0]):
-        if offset != end:
+    end = base.storage_offset()
+    for v in values:
+        if v._base is not base or not v.is_contiguous() or v.storage_offset() != end:
             return None
-        end += shape.numel()
-    return (base, layout) if end == base.numel() else None
+        end += v.numel()
+    return base if end == base.storage_offset() + base.numel() else None
 
 
 def flatten(tensors: dict[str, Tensor]) -> Tensor:
-    """All coordinates in one new 1-D tensor: a copy of the buffer the tensors tile (``views``), in
-    its order, or else their concatenation in dict order. They must share one device and dtype (a
-    model's gradients do), since a silent cast or copy would hide a mistake. ``unflatten`` is its
-    inverse."""
+    """All coordinates in one new 1-D tensor, in dict order (a copy of the buffer the tensors tile
+    when they do, else their concatenation; the same either way). They must share one device and
+    dtype (a model's gradients do), since a silent cast or copy would hide a mistake."""
     kinds = {(v.device, v.dtype) for v in tensors.values()}
     if len(kinds) != 1:
         raise ValueError(f"gradients must share one device and dtype, got {sorted(map(str, kinds))}")
-    tiling = _tiling(tensors)
-    return tiling[0].clone() if tiling else torch.cat([v.reshape(-1) for v in tensors.values()])
+    base = _tiling(tensors)
+    return base.clone() if base is not None else torch.cat([v.reshape(-1) for v in tensors.values()])
 
 
 def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``flat`` as views shaped like ``like``'s tensors, where ``flatten(like)`` put them."""
-    tiling = _tiling(like)
-    if tiling is None:
-        offsets = itertools.accumulate((t.numel() for t in like.values()), initial=0)
-        tiling = (flat, {k: (offset, t.shape) for (k, t), offset in zip(like.items(), offsets)})
-    return views(flat, tiling[1])
+    """``flat`` as views shaped like ``like``'s tensors (the inverse of ``flatten``)."""
+    offsets = itertools.accumulate((t.numel() for t in like.values()), initial=0)
+    return views(flat, {k: (offset, t.shape) for (k, t), offset in zip(like.items(), offsets)})
 
 
 def add_(total: dict[str, Tensor], more: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``total[k] += more[k]`` for every k, in one call when both tile buffers the same way."""
+    """``total[k] += more[k]`` for every k, in one call when both tile buffers (``views``)."""
     mine, theirs = _tiling(total), _tiling(more)
-    if mine and theirs and mine[1] == theirs[1]:
-        mine[0].add_(theirs[0])
+    if mine is not None and theirs is not None:
+        mine.add_(theirs)
     else:
         for k, v in total.items():
             v.add_(more[k])

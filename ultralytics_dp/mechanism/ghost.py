@@ -26,6 +26,7 @@ This module must not import Ultralytics.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -71,6 +72,8 @@ def _supported(layers: dict[str, nn.Module]) -> bool:
         isinstance(m, SUPPORTED)
         and not (isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)))
         and not (isinstance(m, nn.ConvTranspose2d) and any(m.output_padding))
+        # without running statistics an eval-mode BatchNorm normalises with the batch's: it mixes images
+        and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
         for m in layers.values()
     )
 
@@ -268,15 +271,15 @@ def clipped_grad_sum_ghost(
     check_no_train_batchnorm(model)
     layers = _layers(model)
     if not _supported(layers):
-        raise ValueError("model has trainable layers other than Conv2d, ConvTranspose2d, Linear, BatchNorm and "
-                         "GroupNorm; use the torch.func path")
+        raise ValueError("model has trainable layers other than Conv2d, ConvTranspose2d, Linear, BatchNorm with "
+                         "running statistics and GroupNorm, or tied weights; use the torch.func path (grad_method='vmap')")
     records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
-    outputs: list[tuple[str, Tensor, Tensor]] = []
+    outputs: list[tuple[str, Tensor, Tensor, int]] = []
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if output.requires_grad:
-                outputs.append((name, inputs[0].detach(), output))
+                outputs.append((name, inputs[0].detach(), output, output._version))
         return hook
 
     handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
@@ -292,8 +295,15 @@ def clipped_grad_sum_ghost(
     params = trainable_params(model)
     if n == 0:
         return {name: torch.zeros_like(p) for name, p in params.items()}, losses.new_zeros(0)
-    grads = torch.autograd.grad(losses.sum(), [o for _, _, o in outputs], allow_unused=True)
-    for (name, a, _), b in zip(outputs, grads):
+    for name, a, output, version in outputs:  # fail closed on what would give wrong per-image terms
+        if output._version != version:  # e.g. ReLU(inplace=True): the gradient would be the activation's
+            raise ValueError(f"layer {name!r}: its output is changed in place after it is computed; "
+                             "use grad_method='vmap'")
+        if a.shape[0] != groups.images or output.shape[0] != groups.images:
+            raise ValueError(f"layer {name!r} runs on a batch of {a.shape[0]}, not on the {groups.images} images "
+                             "(a term shared by all images is not a per-image term); use grad_method='vmap'")
+    grads = torch.autograd.grad(losses.sum(), [o for _, _, o, _ in outputs], allow_unused=True)
+    for (name, a, _, _), b in zip(outputs, grads):
         if b is not None:
             records[name].append((a, b.detach()))
 
@@ -310,10 +320,10 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     terms, with no second backward. Both passes run layer by layer (``_parallel_map``).
 
     A layer's terms in gradient form (most layers at small image sizes, all BatchNorm affine
-    terms) are written side by side into one [records, P] matrix, so that one norm and one
-    matrix-vector product serve all of a layer's; terms in ghost form stay separate. The sum is one
-    flat buffer (gradient-form parameters first, then ghost-form ones, then those without a
-    gradient, zero) and each parameter's sum is a view of it (``gaussian.views``), so the noise is
+    terms) are written side by side into one [records, P] matrix, so that a few norms and
+    matrix-vector products over its column blocks serve all of them; terms in ghost form stay
+    separate. The sum is one flat buffer in parameter order (zero where a parameter has no
+    gradient) and each parameter's sum is a view of it (``gaussian.views``), so the noise is
     added to it in one call."""
     ghost_weight = {name: len(calls) == 1 and _weight_in_ghost_form(layers[name], *calls[0], groups.largest)
                     for name, calls in records.items() if calls}
@@ -321,8 +331,8 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
               for short, p in layers[name].named_parameters(recurse=False) if p.requires_grad}
     in_ghost = {_full(name, "weight") for name, ghost in ghost_weight.items() if ghost} & called
     in_matrix = [k for k in params if k in called - in_ghost]
-    order = in_matrix + [k for k in params if k in in_ghost] + [k for k in params if k not in called]
-    offsets = dict(zip(order, itertools.accumulate((params[k].numel() for k in order), initial=0)))
+    columns_at = dict(zip(in_matrix, itertools.accumulate((params[k].numel() for k in in_matrix), initial=0)))
+    offsets = dict(zip(params, itertools.accumulate((p.numel() for p in params.values()), initial=0)))
     width = sum(params[k].numel() for k in in_matrix)
     dtype = next(iter(params.values())).dtype
     matrix = torch.empty((groups.records, width), dtype=dtype, device=device)
@@ -341,7 +351,7 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
                 continue
             # a layer called more than once: its calls' per-sample gradients summed
             grad = left.flatten(1) if len(per_call) == 1 else sum(pc[k][1].flatten(1) for pc in per_call)
-            matrix.narrow(1, offsets[pname], grad.shape[1]).copy_(grad if groups.trivial else groups.mean(grad))
+            matrix.narrow(1, columns_at[pname], grad.shape[1]).copy_(grad if groups.trivial else groups.mean(grad))
             columns.append(pname)
         return out, columns
 
@@ -366,14 +376,15 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     finite = torch.isfinite(norms)
     all_finite = bool(finite.all())  # the one host sync of the step
     factor = clip_factors(norms, max_grad_norm).to(dtype)
-    flat = torch.empty(sum(p.numel() for p in params.values()), dtype=dtype, device=device)
+    flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=dtype, device=device)
+    matrix_sum = torch.empty(width, dtype=dtype, device=device)
 
-    def clipped_sum(term: tuple) -> None:  # pass 2: sum_i c_i g_i into the term's place in ``flat``
+    def clipped_sum(term: tuple) -> None:  # pass 2: sum_i c_i g_i into the term's place
         if term[0] is None:  # a block of the matrix's columns
             _, first, count = term
             part = matrix.narrow(1, first, count)
             part = part if all_finite else torch.where(finite.view(-1, 1), part, 0.0)  # NaN * 0 is NaN
-            torch.mv(part.t(), factor, out=flat.narrow(0, first, count))
+            torch.mv(part.t(), factor, out=matrix_sum.narrow(0, first, count))
             return
         pname, left, right, _ = term
         if not all_finite:
@@ -383,9 +394,15 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
         _ghost_weighted_sum(left, right, factor, flat.narrow(0, offsets[pname], g * o * d).view(g, o, d))
 
     _parallel_map(clipped_sum, terms, device)
-    done = width + sum(params[k].numel() for k in in_ghost)
-    flat.narrow(0, done, flat.numel() - done).zero_()
+    if width:  # the matrix's columns to their parameters' places
+        flat.index_copy_(0, _positions(tuple((offsets[k], params[k].numel()) for k in in_matrix), str(device)), matrix_sum)
     return views(flat, {k: (offsets[k], params[k].shape) for k in params}), norms.float()
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(spans: tuple[tuple[int, int], ...], device: str) -> Tensor:
+    """The positions covered by (offset, count) spans, in order: where the matrix's columns go."""
+    return torch.cat([torch.arange(offset, offset + count) for offset, count in spans]).to(device)
 
 
 def _spans(total: int, parts: int) -> list[tuple[int, int]]:
