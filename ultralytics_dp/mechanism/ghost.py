@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .. import checks
 from .grad_sample import check_no_train_batchnorm, trainable_params
-from .gaussian import clip_factors, views
+from .gaussian import clip_factors, unflatten
 from .grouping import Groups
 
 # positions from which a CPU k x k convolution's per-sample gradient comes from the grouped backward
@@ -192,14 +192,15 @@ def _rows_sq_norm(x: Tensor) -> Tensor:
     and the runs' sums added in float64 (a float64 copy of a large gradient matrix cost 25x more
     on CPU). Each run's sum is at most 64 roundings from exact, in any order of summation, so it is
     within gamma = 64 u / (1 - 64 u) of it (u the unit roundoff: 6e-8 in float32); the total is
-    divided by 1 - gamma, which raises a float32 norm by at most 2e-6 relative."""
+    divided by 1 - gamma, which raises a float32 norm by at most 2e-6 relative, and further by
+    the float64 roundings of adding the runs (one per run, plus the division)."""
     rows, cols = x.shape
     whole = cols - cols % _RUN
     squares = x * x
     runs = squares.narrow(1, 0, whole).view(rows, -1, _RUN).sum(-1).sum(-1, dtype=torch.float64)
     total = runs + squares.narrow(1, whole, cols - whole).sum(-1, dtype=torch.float64) if whole < cols else runs
     u = torch.finfo(x.dtype).eps / 2
-    return total / (1 - _RUN * u / (1 - _RUN * u))
+    return total / (1 - _RUN * u / (1 - _RUN * u) - (cols // _RUN + 3) * torch.finfo(torch.float64).eps)
 
 
 def _sq_norm(left: Tensor, right: Tensor) -> Tensor:
@@ -323,7 +324,7 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     terms) are written side by side into one [records, P] matrix, so that a few norms and
     matrix-vector products over its column blocks serve all of them; terms in ghost form stay
     separate. The sum is one flat buffer in parameter order (zero where a parameter has no
-    gradient) and each parameter's sum is a view of it (``gaussian.views``), so the noise is
+    gradient) and each parameter's sum is a view of it (``gaussian.unflatten``), so the noise is
     added to it in one call."""
     ghost_weight = {name: len(calls) == 1 and _weight_in_ghost_form(layers[name], *calls[0], groups.largest)
                     for name, calls in records.items() if calls}
@@ -396,7 +397,7 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     _parallel_map(clipped_sum, terms, device)
     if width:  # the matrix's columns to their parameters' places
         flat.index_copy_(0, _positions(tuple((offsets[k], params[k].numel()) for k in in_matrix), str(device)), matrix_sum)
-    return views(flat, {k: (offsets[k], params[k].shape) for k in params}), norms.float()
+    return unflatten(flat, params), norms.float()
 
 
 @functools.lru_cache(maxsize=16)
