@@ -109,11 +109,21 @@ def test_ghost_path_matches_torch_func_path(cfg, norm, max_grad_norm):
         assert (ref_norms > max_grad_norm).any()  # clipping was exercised
 
 
-def test_ghost_path_skips_a_non_finite_image():
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_ghost_path_skips_a_non_finite_image(host_checks, monkeypatch):
+    """With and without the host's finiteness check (on an accelerator the non-finite values are
+    zeroed without asking the host, so that path is exercised here on CPU too)."""
     model = trainer_model("yolo26n.yaml")
     batch = det_batch([1, 2, 1])
     bad = {**batch, "img": batch["img"].clone()}
     bad["img"][1] = float("nan")
+    if not host_checks:
+        from ultralytics_dp.mechanism import ghost
+
+        checked, _ = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=0.5)
+        monkeypatch.setattr(ghost, "_host_checks_finiteness", lambda device: False)
+        unchecked, _ = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, batch), max_grad_norm=0.5)
+        assert all(torch.equal(checked[k], unchecked[k]) for k in checked)
     total, norms = clipped_grad_sum_ghost(model, lambda m: batch_losses(m, bad), max_grad_norm=0.5)
     assert torch.isfinite(norms[[0, 2]]).all() and not torch.isfinite(norms[1])
     keep = batch["batch_idx"] != 1

@@ -118,11 +118,6 @@ def _patches_are_dearer(m: nn.Conv2d, b: Tensor) -> bool:
     return b.device.type == "cpu" and m.kernel_size != (1, 1) and b.shape[2] * b.shape[3] >= _GROUPED_FROM
 
 
-# A term is (param name, per-sample gradient [B, ...], None) or (param name, left, right): ghost
-# factors with grad_i = left_i @ right_i^T summed over positions, left [B, G, O, T], right [B, G, D, T].
-Term = tuple[str, Tensor, "Tensor | None"]
-
-
 def _ghost_is_cheaper(t: int, o: int, d: int) -> bool:
     """Ghost norms cost ~T^2 (O + D) per image; forming the gradient costs ~O D T."""
     return t * t * (o + d) < o * d * t
@@ -141,47 +136,48 @@ def _weight_in_ghost_form(m: nn.Module, a: Tensor, b: Tensor, largest: int) -> b
     return _ghost_is_cheaper(largest * t, o, d)
 
 
-def _layer_terms(m: nn.Module, a: Tensor, b: Tensor, ghost_weight: bool) -> list[Term]:
-    """The terms of one call of layer ``m`` with input ``a`` and output gradient ``b``, in the dtype
-    of its parameters (under autocast the saved input is bf16/fp16 and its gradient may not be);
-    the weight's term in ghost form if ``ghost_weight`` (``_weight_in_ghost_form``)."""
+def _layer_terms(m: nn.Module, a: Tensor, b: Tensor, ghost_weight: bool, into: dict[str, Tensor]
+                 ) -> tuple[list[tuple[str, Tensor, Tensor]], list[str]]:
+    """The per-sample terms of one call of layer ``m`` with input ``a`` and output gradient ``b``,
+    in the dtype of its parameters (under autocast the saved input is bf16/fp16 and its gradient
+    may not be): each gradient-form term written into ``into[short name]`` ([B, numel], a view of
+    the matrix or a buffer), the weight's term kept in ghost form if ``ghost_weight``
+    (``_weight_in_ghost_form``). Returns the ghost terms as (short name, left [B, G, O, T], right
+    [B, G, D, T]) with grad_i = sum_t left_it right_it^T, and the short names written."""
     dtype = next((p.dtype for p in m.parameters()), a.dtype)
     a = a if a.dtype == dtype else a.to(dtype)
     b = b if b.dtype == dtype else b.to(dtype)
     n = a.shape[0]
-    terms = []
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        if m.weight.requires_grad and (isinstance(m, nn.ConvTranspose2d) or  # YOLO's few: the mask upsampling
-                                       not ghost_weight and _patches_are_dearer(m, b)):
-            terms.append(("weight", _grouped_weight_grad(m, a, b), None))
-        elif m.weight.requires_grad:
+    ghost: list[tuple[str, Tensor, Tensor]] = []
+    trained = {short for short, p in m.named_parameters(recurse=False) if p.requires_grad}
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, nn.Linear):  # positions are all but the first and last dimension
+            left, right = b.reshape(n, -1, b.shape[-1]).mT.unsqueeze(1), a.reshape(n, -1, a.shape[-1]).mT.unsqueeze(1)
+        elif isinstance(m, nn.ConvTranspose2d) or not ghost_weight and _patches_are_dearer(m, b):
+            left, right = None, None  # from the grouped backward (transposed: YOLO's mask upsampling)
+        else:
             left, right = b.reshape(n, m.groups, -1, b.shape[2] * b.shape[3]), _conv_unfold(m, a)
-            terms.append(("weight", left, right) if ghost_weight else ("weight", _as_gradient(left, right), None))
-        if m.bias is not None and m.bias.requires_grad:
-            terms.append(("bias", b.sum((2, 3)), None))
-        return terms
-    if isinstance(m, nn.Linear):
-        a3, b3 = a.reshape(n, -1, a.shape[-1]), b.reshape(n, -1, b.shape[-1])
-        if m.weight.requires_grad:
-            left, right = b3.transpose(1, 2).unsqueeze(1), a3.transpose(1, 2).unsqueeze(1)
-            terms.append(("weight", left, right) if ghost_weight else ("weight", _as_gradient(left, right), None))
-        if m.bias is not None and m.bias.requires_grad:
-            terms.append(("bias", b3.sum(1), None))
-        return terms
-    # y = gamma * xhat + beta, xhat = scale * x + shift per channel from the running statistics
-    # (eval-mode BatchNorm), or xhat from the image's own channel groups (GroupNorm)
-    bias = b.sum((2, 3)) if b.dim() == 4 else b.reshape(n, b.shape[1], -1).sum(-1)
-    if m.weight is not None and m.weight.requires_grad:
-        if isinstance(m, nn.GroupNorm):
-            weight = (b * F.group_norm(a, m.num_groups, eps=m.eps)).reshape(n, a.shape[1], -1).sum(-1)
-        else:  # sum_p b (scale x + shift) = scale sum_p b x + shift sum_p b, without forming xhat
-            scale = torch.rsqrt(m.running_var + m.eps)
-            weight = torch.addcmul(scale * (b * a).reshape(n, a.shape[1], -1).sum(-1),
-                                   bias, -m.running_mean * scale)
-        terms.append(("weight", weight, None))
-    if m.bias is not None and m.bias.requires_grad:
-        terms.append(("bias", bias, None))
-    return terms
+        if "weight" in trained and left is None:
+            into["weight"].copy_(_grouped_weight_grad(m, a, b).view(n, -1))
+        elif "weight" in trained and ghost_weight:
+            ghost.append(("weight", left, right))
+        elif "weight" in trained:
+            into["weight"].copy_(_as_gradient(left, right).view(n, -1))
+        if "bias" in trained:  # the output gradient summed over positions
+            per_position = b.reshape(n, -1, b.shape[-1]).mT if isinstance(m, nn.Linear) else b.flatten(2)
+            torch.sum(per_position, -1, out=into["bias"])
+        return ghost, [short for short in ("weight", "bias") if short in trained and not (short == "weight" and ghost)]
+    # y = gamma * xhat + beta per channel, xhat = (x - mean) / sqrt(var + eps) from the running
+    # statistics (eval-mode BatchNorm) or from the image's own channel groups (GroupNorm)
+    x, y = a.reshape(n, a.shape[1], -1), b.reshape(n, b.shape[1], -1)
+    if "weight" in trained and isinstance(m, nn.GroupNorm):
+        torch.sum(y * F.group_norm(a, m.num_groups, eps=m.eps).view_as(x), -1, out=into["weight"])
+    elif "weight" in trained:
+        torch.sum(y * (x - m.running_mean.view(-1, 1)), -1, out=into["weight"])
+        into["weight"].mul_(torch.rsqrt(m.running_var + m.eps))
+    if "bias" in trained:
+        torch.sum(y, -1, out=into["bias"])
+    return ghost, [short for short in ("weight", "bias") if short in trained]
 
 
 def _rows_sq_norm(x: Tensor) -> Tensor:
@@ -227,12 +223,12 @@ def _sq_norm(left: Tensor, right: Tensor) -> Tensor:
     return square.add_(magnitude, alpha=(d + o + g * t * t + 4) * torch.finfo(torch.float64).eps)
 
 
-def _ghost_weighted_sum(left: Tensor, right: Tensor, c: Tensor, out: Tensor) -> None:
-    """``out`` [G, O, D] = sum_i c_i grad_i from ghost factors: one batched product over the
-    images' positions joined."""
-    n, g, o, t = left.shape
-    weighted = (left * c.view(-1, 1, 1, 1)).permute(1, 2, 0, 3).reshape(g, o, n * t)
-    torch.bmm(weighted, right.permute(1, 0, 3, 2).reshape(g, n * t, right.shape[2]), out=out)
+def _ghost_weighted_sum(left: Tensor, right: Tensor, c: Tensor) -> Tensor:
+    """[K, G, O, D] sums ``sum_i c_i grad_i`` of K stacked terms in ghost form (left
+    [K, B, G, O, T], right [K, B, G, D, T]): one batched product over the images' positions joined."""
+    k, n, g, o, t = left.shape
+    weighted = (left * c.view(1, -1, 1, 1, 1)).permute(0, 2, 3, 1, 4).reshape(k * g, o, n * t)
+    return torch.bmm(weighted, right.permute(0, 2, 1, 4, 3).reshape(k * g, n * t, right.shape[3]))
 
 
 def _join(left: Tensor, right: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
@@ -332,50 +328,63 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
               for short, p in layers[name].named_parameters(recurse=False) if p.requires_grad}
     in_ghost = {_full(name, "weight") for name, ghost in ghost_weight.items() if ghost} & called
     in_matrix = [k for k in params if k in called - in_ghost]
-    columns_at = dict(zip(in_matrix, itertools.accumulate((params[k].numel() for k in in_matrix), initial=0)))
     offsets = dict(zip(params, itertools.accumulate((p.numel() for p in params.values()), initial=0)))
     width = sum(params[k].numel() for k in in_matrix)
     dtype = next(iter(params.values())).dtype
     matrix = torch.empty((groups.records, width), dtype=dtype, device=device)
+    column_of = dict(zip(in_matrix, matrix.split([params[k].numel() for k in in_matrix], 1)))  # one call for all
 
     def layer_terms(item: tuple[str, list[tuple[Tensor, Tensor]]]) -> tuple[list[tuple], list[str]]:
-        """The layer's ghost terms as (name, left, right, square), and the names of its terms
-        written into the matrix."""
+        """The layer's ghost terms as (name, left, right), and the names of its terms written into
+        the matrix: directly for a layer called once on single-image records, else per call into
+        buffers whose sum (a layer called more than once) or records' mean goes into the matrix."""
         name, calls = item
-        per_call = [_layer_terms(layers[name], a, b, ghost_weight[name]) for a, b in calls]
-        out, columns = [], []
-        for k, (short, left, right) in enumerate(per_call[0]):
-            pname = _full(name, short)
-            if right is not None:  # one call, ghost form
-                left, right = _join(left, right, groups)
-                out.append((pname, left, right, _sq_norm(left, right)))
-                continue
-            # a layer called more than once: its calls' per-sample gradients summed
-            grad = left.flatten(1) if len(per_call) == 1 else sum(pc[k][1].flatten(1) for pc in per_call)
-            matrix.narrow(1, columns_at[pname], grad.shape[1]).copy_(grad if groups.trivial else groups.mean(grad))
-            columns.append(pname)
-        return out, columns
+        m = layers[name]
+        columns = {short: column_of[_full(name, short)] for short, _ in m.named_parameters(recurse=False)
+                   if _full(name, short) in column_of}
+        if len(calls) == 1 and groups.trivial:
+            ghost, wrote = _layer_terms(m, *calls[0], ghost_weight[name], columns)
+        else:
+            wrote, total = [], {short: 0 for short in columns}
+            for a, b in calls:
+                into = {short: column.new_empty((groups.images, column.shape[1])) for short, column in columns.items()}
+                ghost, wrote = _layer_terms(m, a, b, ghost_weight[name], into)
+                total = {short: total[short] + into[short] for short in wrote}
+            for short in wrote:
+                columns[short].copy_(total[short] if groups.trivial else groups.mean(total[short]))
+        return [(_full(name, short), *_join(left, right, groups)) for short, left, right in ghost], [
+            _full(name, short) for short in wrote]
 
-    terms, written = [], set()
-    for ghost_terms, columns in _parallel_map(layer_terms, [(k, v) for k, v in records.items() if v], device):
-        terms += ghost_terms
+    ghost_terms, written = [], set()
+    for layer_ghost_terms, columns in _parallel_map(layer_terms, [(k, v) for k, v in records.items() if v], device):
+        ghost_terms += layer_ghost_terms
         written.update(columns)
-    ghost = {term[0] for term in terms}
+    ghost = {term[0] for term in ghost_terms}
     if written != set(in_matrix) or ghost != in_ghost:  # fail closed: the matrix is uninitialised
         raise RuntimeError(f"ghost clipping has no per-sample term for {sorted((set(in_matrix) - written) | (in_ghost - ghost))}; "
                            "use grad_method='vmap'")
+    # ghost terms of equal shapes stacked (copies): one Gram product and one weighted sum for all
+    stacks: dict[tuple, list[tuple]] = {}
+    for term in ghost_terms:
+        stacks.setdefault((term[1].shape, term[2].shape), []).append(term)
+    terms: list[tuple] = [([pname for pname, _, _ in same], *(torch.stack([term[i] for term in same]) for i in (1, 2)))
+                          for same in stacks.values()]
     # the matrix in a few column blocks, one per worker at a time
     blocks = [(None, first, count) for first, count in _spans(width, 2 * torch.get_num_threads())]
-    squares = [term[3] for term in terms] + _parallel_map(
-        lambda block: _rows_sq_norm(matrix.narrow(1, block[1], block[2])), blocks, device)
+    squares = _parallel_map(lambda stack: _sq_norm(stack[1].flatten(0, 1), stack[2].flatten(0, 1)).view(
+        len(stack[0]), -1), terms, device) + _parallel_map(
+        lambda block: _rows_sq_norm(matrix.narrow(1, block[1], block[2])).view(1, -1), blocks, device)
     terms += blocks
-    # each square in float64, summed; one stack, not one kernel per term
-    squared = torch.stack(squares).sum(0) if squares else torch.zeros(groups.records, dtype=torch.float64, device=device)
+    # each square in float64, summed; one cat, not one kernel per term
+    squared = torch.cat(squares).sum(0) if squares else torch.zeros(groups.records, dtype=torch.float64, device=device)
     # adding L non-negative float64 terms loses at most L eps of the total: raised by as much
-    squared = squared * (1 + (len(squares) + 1) * torch.finfo(torch.float64).eps)
+    squared = squared * (1 + (len(ghost_terms) + len(blocks) + 1) * torch.finfo(torch.float64).eps)
     norms = squared.sqrt()
-    finite = torch.isfinite(norms)
-    all_finite = bool(finite.all())  # the one host sync of the step
+    # a record whose norm is not finite has factor 0, but NaN * 0 is NaN: its values are zeroed in
+    # place (the matrix and the stacks are this function's own copies). On CPU a host sync costs
+    # nothing, so that pass runs only when a norm is not finite; on an accelerator the check would
+    # stall the host that launches the step's kernels, so the pass always runs.
+    sanitise = not _host_checks_finiteness(device) or not bool(torch.isfinite(norms).all())
     factor = clip_factors(norms, max_grad_norm).to(dtype)
     flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=dtype, device=device)
     matrix_sum = torch.empty(width, dtype=dtype, device=device)
@@ -384,15 +393,16 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
         if term[0] is None:  # a block of the matrix's columns
             _, first, count = term
             part = matrix.narrow(1, first, count)
-            part = part if all_finite else torch.where(finite.view(-1, 1), part, 0.0)  # NaN * 0 is NaN
+            if sanitise:
+                part.nan_to_num_(0.0, 0.0, 0.0)
             torch.mv(part.t(), factor, out=matrix_sum.narrow(0, first, count))
             return
-        pname, left, right, _ = term
-        if not all_finite:
-            left = torch.where(finite.view(-1, 1, 1, 1), left, 0.0)
-            right = torch.where(finite.view(-1, 1, 1, 1), right, 0.0)
-        g, o, d = left.shape[1], left.shape[2], right.shape[2]
-        _ghost_weighted_sum(left, right, factor, flat.narrow(0, offsets[pname], g * o * d).view(g, o, d))
+        pnames, left, right = term
+        if sanitise:
+            left.nan_to_num_(0.0, 0.0, 0.0)
+            right.nan_to_num_(0.0, 0.0, 0.0)
+        summed = _ghost_weighted_sum(left, right, factor).view(-1)
+        flat.index_copy_(0, _positions(tuple((offsets[k], params[k].numel()) for k in pnames), str(device)), summed)
 
     _parallel_map(clipped_sum, terms, device)
     if width:  # the matrix's columns to their parameters' places
@@ -400,7 +410,13 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     return unflatten(flat, params), norms.float()
 
 
-@functools.lru_cache(maxsize=16)
+def _host_checks_finiteness(device: torch.device) -> bool:
+    """Whether the clipped sum asks the host if every norm is finite (one sync) before zeroing
+    non-finite values: on CPU, where a sync costs nothing."""
+    return device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=512)
 def _positions(spans: tuple[tuple[int, int], ...], device: str) -> Tensor:
     """The positions covered by (offset, count) spans, in order: where the matrix's columns go."""
     return torch.cat([torch.arange(offset, offset + count) for offset, count in spans]).to(device)
