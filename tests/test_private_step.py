@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultralytics_dp.losses.per_image import per_image_loss_fn, sample_batch
+from ultralytics_dp.losses.per_image import batch_losses, per_image_loss_fn, sample_batch
 from ultralytics_dp.mechanism.gaussian import clipped_grad_sum
 from ultralytics_dp.integration.private_step import private_gradient
 from ultralytics_dp.losses.batch import select
@@ -165,3 +165,43 @@ def test_the_torch_func_path_runs_under_the_trainers_autocast():
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
     assert all(v.dtype == torch.float32 for v in ours.values())
     assert ((flat(ours) - flat(expected)).norm() / flat(expected).norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n.yaml", "yolov8n.yaml"])
+def test_the_private_step_reads_the_device_back_no_more_often_than_ultralytics_loss(cfg, monkeypatch):
+    """On an accelerator each read of a tensor's value to the host (``.item()``, ``nonzero``, a
+    tensor built from host data is the other direction) stalls the queue of launched kernels. The
+    private step, run as on an accelerator (no finiteness check on the host), reads back only
+    what its per-image losses read, and they no more often than Ultralytics' own batch loss on the
+    same batch (what remains is inside Ultralytics: its target padding and its assigner)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ultralytics_dp.mechanism import ghost
+
+    reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in reads
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(ghost, "_host_checks_finiteness", lambda device: False)
+    model, batch = trainer_model(cfg), det_batch([1, 0, 3, 2])
+
+    def step():
+        return private_gradient(model, batch, method="ghost", max_grad_norm=1.0, noise_multiplier=1.0,
+                                expected_batch_size=4.0)
+
+    step()  # first use reads the model's strides once
+    with Count() as ours:
+        step()
+    with Count() as losses:
+        batch_losses(model, batch)
+    with Count() as theirs:
+        model.loss(batch)
+    assert ours.n == losses.n  # the clipping, the sum and the noise read nothing back
+    assert 0 < theirs.n and losses.n <= theirs.n

@@ -21,6 +21,7 @@ Others are refused.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -93,10 +94,30 @@ def _parse(preds: object) -> dict:
     return preds[1] if isinstance(preds, tuple) else preds
 
 
+# criterion -> its strides as numbers, read from the device once per criterion
+_STRIDES: "weakref.WeakKeyDictionary[v8DetectionLoss, tuple[float, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _image_size(crit: v8DetectionLoss, p: dict) -> tuple[float, float]:
+    """The input's (height, width) in pixels as Ultralytics' loss takes it: the first feature
+    map's size times the first stride."""
+    strides = _STRIDES.get(crit)
+    if strides is None:
+        strides = _STRIDES[crit] = tuple(float(s) for s in torch.as_tensor(crit.stride).tolist())
+    h, w = p["feats"][0].shape[2:]
+    return h * strides[0], w * strides[0]
+
+
 def _geometry(crit: v8DetectionLoss, p: dict) -> tuple[Tensor, Tensor, Tensor]:
-    anchor_points, stride_tensor = make_anchors(p["feats"], crit.stride, 0.5)
-    imgsz = torch.tensor(p["feats"][0].shape[2:], device=anchor_points.device, dtype=anchor_points.dtype)
-    return anchor_points, stride_tensor, imgsz * crit.stride[0]
+    """Anchor points [A, 2], their strides [A, 1] and the input size [4] (w, h, w, h pixels, the
+    scale of xyxy boxes) as Ultralytics' loss computes them, from numbers on the host: no tensor
+    is read back or built from host data (each would stall an accelerator's queue)."""
+    _image_size(crit, p)  # fills _STRIDES
+    anchor_points, stride_tensor = make_anchors(list(p["feats"]), _STRIDES[crit], 0.5)
+    h, w = _image_size(crit, p)
+    scale = anchor_points.new_full((4,), w)
+    scale[1::2] = h
+    return anchor_points, stride_tensor, scale
 
 
 @torch.no_grad()
@@ -124,13 +145,14 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
             continue
         pred_distri = p["boxes"].permute(0, 2, 1).contiguous()
         pred_scores = p["scores"].permute(0, 2, 1).contiguous()
-        anchor_points, stride_tensor, imgsz = _geometry(crit, p)
+        anchor_points, stride_tensor, scale = _geometry(crit, p)
         rotated = isinstance(crit, v8OBBLoss)
         targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1),
                              batch["bboxes"].view(-1, 5 if rotated else 4)), 1)
         if rotated:  # Ultralytics drops rotated boxes under 2 pixels wide or high, label by label
-            targets = targets[(targets[:, 4] * float(imgsz[1]) >= 2) & (targets[:, 5] * float(imgsz[0]) >= 2)]
-        targets = crit.preprocess(targets.to(pred_scores.device), n, scale_tensor=imgsz[[1, 0, 1, 0]])
+            h, w = _image_size(crit, p)
+            targets = targets[(targets[:, 4] * w >= 2) & (targets[:, 5] * h >= 2)]
+        targets = crit.preprocess(targets.to(pred_scores.device), n, scale_tensor=scale)
         gt_labels, gt_bboxes = targets.split((1, targets.shape[-1] - 1), 2)
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
         if rotated:
@@ -139,7 +161,7 @@ def _assign(model: nn.Module, batch: Batch, preds: dict) -> dict[str, Tensor]:
         else:
             pred_bboxes = crit.bbox_decode(anchor_points, pred_distri) * stride_tensor
         pose = isinstance(crit, v8PoseLoss)
-        kpts = crit._batch_keypoints(batch, n, imgsz) if pose else None  # [B, M, K, 3] pixels, per image
+        kpts = crit._batch_keypoints(batch, n, scale[:2].flip(0)) if pose else None  # [B, M, K, 3] pixels, per image
         _, target_bboxes, target_scores, fg_mask, target_gt_idx = crit.assigner(
             pred_scores.sigmoid(),
             pred_bboxes.type(gt_bboxes.dtype),
@@ -185,7 +207,7 @@ def _bce_with_logits(x: Tensor, y: Tensor) -> Tensor:
     return F.softplus(x) - x * y
 
 
-def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, stride_tensor: Tensor, imgsz: Tensor,
+def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, stride_tensor: Tensor, box_scale: Tensor,
                    weight: Tensor, score_sum: Tensor) -> Tensor:
     """[B] DFL (reg_max > 1) or, for YOLO26 (reg_max == 1), L1 on image-size-normalised distances,
     between the predicted distances and the target's ``ltrb`` distances from each anchor."""
@@ -200,7 +222,7 @@ def _distance_loss(crit: v8DetectionLoss, pred_distri: Tensor, ltrb: Tensor, str
             + logp.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1) * (1 - w_left)
         ).mean(-1)
     else:
-        scale = stride_tensor / imgsz[[1, 0, 1, 0]]
+        scale = stride_tensor / box_scale
         loss = (pred_distri * scale - ltrb * scale).abs().mean(-1)
     return (loss * weight).sum(1) / score_sum
 
@@ -212,7 +234,7 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
     rotated = isinstance(crit, v8OBBLoss)
     pred_distri = p["boxes"].permute(0, 2, 1)
     pred_scores = p["scores"].permute(0, 2, 1)
-    anchor_points, stride_tensor, imgsz = _geometry(crit, p)
+    anchor_points, stride_tensor, box_scale = _geometry(crit, p)
     # targets stay float32 under autocast, as in Ultralytics: in bf16 the DFL clamp to reg_max - 1.01
     # rounds up to reg_max - 1, and the right-hand bin would index past the distribution; segment_loss too
     dtype = torch.promote_types(pred_scores.dtype, torch.float32)
@@ -244,7 +266,7 @@ def _branch_losses(crit: v8DetectionLoss, p: dict, targets: Batch, name: str) ->
         ltrb = torch.cat((anchor_points - target_bboxes[..., :2], target_bboxes[..., 2:] - anchor_points), -1)
     loss_box = ((1.0 - iou) * weight).sum(1) / score_sum
     ltrb = torch.where(keep, ltrb, 0.0)  # Ultralytics takes distances on foreground anchors only
-    loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, imgsz, weight, score_sum)
+    loss_dfl = _distance_loss(crit, pred_distri, ltrb, stride_tensor, box_scale, weight, score_sum)
     hyp = crit.hyp
     total = loss_box * hyp.box + loss_cls * hyp.cls + loss_dfl * hyp.dfl
     if rotated:
