@@ -170,13 +170,12 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor, ghost_weight: bool, into: d
     # y = gamma * xhat + beta per channel, xhat = (x - mean) / sqrt(var + eps) from the running
     # statistics (eval-mode BatchNorm) or from the image's own channel groups (GroupNorm)
     x, y = a.reshape(n, a.shape[1], -1), b.reshape(n, b.shape[1], -1)
+    bias = torch.sum(y, -1, out=into["bias"]) if "bias" in trained else y.sum(-1)
     if "weight" in trained and isinstance(m, nn.GroupNorm):
         torch.sum(y * F.group_norm(a, m.num_groups, eps=m.eps).view_as(x), -1, out=into["weight"])
-    elif "weight" in trained:
-        torch.sum(y * (x - m.running_mean.view(-1, 1)), -1, out=into["weight"])
+    elif "weight" in trained:  # sum_p y (x - mean) = sum_p y x - mean sum_p y: one pass over the activations
+        torch.sum(y * x, -1, out=into["weight"]).addcmul_(bias, m.running_mean, value=-1.0)
         into["weight"].mul_(torch.rsqrt(m.running_var + m.eps))
-    if "bias" in trained:
-        torch.sum(y, -1, out=into["bias"])
     return ghost, [short for short in ("weight", "bias") if short in trained]
 
 
@@ -223,12 +222,13 @@ def _sq_norm(left: Tensor, right: Tensor) -> Tensor:
     return square.add_(magnitude, alpha=(d + o + g * t * t + 4) * torch.finfo(torch.float64).eps)
 
 
-def _ghost_weighted_sum(left: Tensor, right: Tensor, c: Tensor) -> Tensor:
-    """[K, G, O, D] sums ``sum_i c_i grad_i`` of K stacked terms in ghost form (left
-    [K, B, G, O, T], right [K, B, G, D, T]): one batched product over the images' positions joined."""
+def _ghost_weighted_sum(left: Tensor, right: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
+    """[K G, O, D] sums ``sum_i c_i grad_i`` of K stacked terms in ghost form (left
+    [K, B, G, O, T], right [K, B, G, D, T]), into ``out`` if given: one batched product over the
+    images' positions joined."""
     k, n, g, o, t = left.shape
     weighted = (left * c.view(1, -1, 1, 1, 1)).permute(0, 2, 3, 1, 4).reshape(k * g, o, n * t)
-    return torch.bmm(weighted, right.permute(0, 2, 1, 4, 3).reshape(k * g, n * t, right.shape[3]))
+    return torch.bmm(weighted, right.permute(0, 2, 1, 4, 3).reshape(k * g, n * t, right.shape[3]), out=out)
 
 
 def _join(left: Tensor, right: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
@@ -363,12 +363,14 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     if written != set(in_matrix) or ghost != in_ghost:  # fail closed: the matrix is uninitialised
         raise RuntimeError(f"ghost clipping has no per-sample term for {sorted((set(in_matrix) - written) | (in_ghost - ghost))}; "
                            "use grad_method='vmap'")
-    # ghost terms of equal shapes stacked (copies): one Gram product and one weighted sum for all
+    # ghost terms of equal shapes stacked: one Gram product and one weighted sum for all of them (a
+    # term of a shape of its own is a view, not a copy)
     stacks: dict[tuple, list[tuple]] = {}
     for term in ghost_terms:
         stacks.setdefault((term[1].shape, term[2].shape), []).append(term)
-    terms: list[tuple] = [([pname for pname, _, _ in same], *(torch.stack([term[i] for term in same]) for i in (1, 2)))
-                          for same in stacks.values()]
+    terms: list[tuple] = [([pname for pname, _, _ in same], *(
+        same[0][i].unsqueeze(0) if len(same) == 1 else torch.stack([term[i] for term in same]) for i in (1, 2)))
+        for same in stacks.values()]
     # the matrix in a few column blocks, one per worker at a time
     blocks = [(None, first, count) for first, count in _spans(width, 2 * torch.get_num_threads())]
     squares = _parallel_map(lambda stack: _sq_norm(stack[1].flatten(0, 1), stack[2].flatten(0, 1)).view(
@@ -380,10 +382,10 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
     # adding L non-negative float64 terms loses at most L eps of the total: raised by as much
     squared = squared * (1 + (len(ghost_terms) + len(blocks) + 1) * torch.finfo(torch.float64).eps)
     norms = squared.sqrt()
-    # a record whose norm is not finite has factor 0, but NaN * 0 is NaN: its values are zeroed in
-    # place (the matrix and the stacks are this function's own copies). On CPU a host sync costs
-    # nothing, so that pass runs only when a norm is not finite; on an accelerator the check would
-    # stall the host that launches the step's kernels, so the pass always runs.
+    # a record whose norm is not finite has factor 0, but NaN * 0 is NaN: its values are zeroed (in
+    # place in the matrix, this function's own). On CPU a host sync costs nothing, so that pass runs
+    # only when a norm is not finite; on an accelerator the check would stall the host that
+    # launches the step's kernels, so the pass always runs.
     sanitise = not _host_checks_finiteness(device) or not bool(torch.isfinite(norms).all())
     factor = clip_factors(norms, max_grad_norm).to(dtype)
     flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=dtype, device=device)
@@ -399,8 +401,11 @@ def _clip_and_sum(layers: dict[str, nn.Module], records: dict[str, list[tuple[Te
             return
         pnames, left, right = term
         if sanitise:
-            left.nan_to_num_(0.0, 0.0, 0.0)
-            right.nan_to_num_(0.0, 0.0, 0.0)
+            left, right = torch.nan_to_num(left, 0.0, 0.0, 0.0), torch.nan_to_num(right, 0.0, 0.0, 0.0)
+        if len(pnames) == 1:  # straight into its place
+            place = flat.narrow(0, offsets[pnames[0]], params[pnames[0]].numel())
+            _ghost_weighted_sum(left, right, factor, out=place.view(-1, left.shape[3], right.shape[3]))
+            return
         summed = _ghost_weighted_sum(left, right, factor).view(-1)
         flat.index_copy_(0, _positions(tuple((offsets[k], params[k].numel()) for k in pnames), str(device)), summed)
 
