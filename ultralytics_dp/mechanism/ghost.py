@@ -9,7 +9,8 @@ One batched forward (hooks keep each layer's input ``a``), one backward to the l
   positions, whichever costs less for that layer (mixed ghost clipping, Bu et al. 2022);
 * the clipped sum ``sum_i c_i g_i``: one matrix-vector product per block of the matrix, and one
   weighted contraction of ``a`` and ``b`` per ghost layer (book-keeping, Bu et al. 2023), into
-  one flat buffer: no second backward.
+  one flat buffer: no second backward. Ghost layers whose factors have equal shapes are stacked
+  and share one Gram product and one contraction.
 
 Few, large operator calls rather than several per layer and image: on a GPU the step is bound by
 the host launching kernels (``benchmarks/RESULTS.md``).
