@@ -6,6 +6,8 @@ digits-cls top-1 and digits-det mAP50 on their validation sets for
   * public -> private fine-tune with the DP defaults (only model, data, epochs, epsilon set),
   * the same with augmentation multiplicity (``--augmult``),
   * public -> non-private fine-tune (the ceiling of this recipe; Ultralytics' defaults, no mirroring),
+  * ``--public user``: the same rows from a public model trained the way a user would (Ultralytics'
+    defaults, 8 epochs, at the private data's image size) instead of the package's recipe,
   * ``--task persons``: digits-persons-cls (the digits dealt to simulated writers, 5 each), per
     image (with the persons file, so the person's epsilon of the run is recorded too) and per
     person (``privacy_unit=person``, every image of a sampled writer; ``--caps`` adds rows with
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,6 +36,7 @@ import ultralytics_dp  # noqa: F401  (import hooks before Ultralytics)
 from ultralytics import YOLO
 
 from ultralytics_dp import DifferentialPrivacy
+from ultralytics_dp.datasets.embedded import cache_dir
 from ultralytics_dp.datasets.public_weights import _VERSION, RECIPES, pretrained
 
 HERE = Path(__file__).parent
@@ -45,6 +49,21 @@ TASKS = {  # task -> (private data, public data, architecture, imgsz, metric)
 PER_PERSON = "public -> private per person"
 # public pretraining epochs where they differ from the recipe's (which fit make demo's time on the CPU)
 PUBLIC_EPOCHS = {"det": 60}
+USER_EPOCHS = 8  # --public user: "a few epochs" with every other Ultralytics default
+
+
+def user_pretrained(task: str) -> Path:
+    """A public model trained as a user would: ``YOLO(yaml).train(data=public, epochs=8,
+    imgsz=the private data's)`` with every other Ultralytics default (augmentation, mirroring,
+    optimizer 'auto', warm-up, batch 16); cached beside the package's public models."""
+    _, public, architecture, imgsz, _ = TASKS[task]
+    final = cache_dir() / "pretrained" / f"user-{Path(architecture).stem}-{public}-e{USER_EPOCHS}-i{imgsz}.pt"
+    if not final.exists():
+        with tempfile.TemporaryDirectory() as project:
+            YOLO(architecture).train(data=public, epochs=USER_EPOCHS, imgsz=imgsz, plots=False, project=project, name="run")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(project) / "run" / "weights" / "last.pt", final)
+    return final
 
 
 def _metric(task: str, metrics: object) -> float:
@@ -53,22 +72,24 @@ def _metric(task: str, metrics: object) -> float:
 
 def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1, *,
         data: str | None = None, ledger: str | bool = False, public_epochs: int | None = None, cap: int | None = None,
-        **train_args) -> dict:
+        user_public: bool = False, **train_args) -> dict:
     """One training (or evaluation) as a user would write it; returns a result row. ``data``
     replaces the task's dataset (a tuning split), ``ledger`` records the private runs,
     ``public_epochs`` replaces the benchmark's public pretraining epochs, ``cap`` is a per-person
-    run's ``max_images_per_person``, ``train_args`` go to ``model.train`` over the DP defaults."""
+    run's ``max_images_per_person``, ``user_public`` starts from ``user_pretrained`` instead,
+    ``train_args`` go to ``model.train`` over the DP defaults."""
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
     common = dict(data=data or default_data, imgsz=imgsz, workers=0, verbose=False, plots=False)
     scratch = recipe.startswith("private from scratch")
     public_epochs = public_epochs or PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
     row = {"task": task, "recipe": recipe + (f", max {cap} images" if cap else ""), "epsilon": epsilon,
-           "augmult": augmult, "epochs": epochs, "public": None if scratch else f"v{_VERSION} e{public_epochs}"}
+           "augmult": augmult, "epochs": epochs,
+           "public": None if scratch else f"user e{USER_EPOCHS}" if user_public else f"v{_VERSION} e{public_epochs}"}
     persons = {"persons": "persons.csv"} if task == "persons" else {}
     if recipe == PER_PERSON:
         persons.update(privacy_unit="person", **({"max_images_per_person": cap} if cap else {}))
-    weights = architecture if scratch else pretrained(public, epochs=public_epochs)
+    weights = architecture if scratch else user_pretrained(task) if user_public else pretrained(public, epochs=public_epochs)
     if recipe == "public only":
         metrics = YOLO(weights).val(**common, **train_args)
     else:
@@ -135,7 +156,7 @@ def report() -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         # the chart shows the newest public model's rows (and from scratch); the table keeps the older ones
-        latest = max((key[1] for key in groups if key[0] == task and key[1] != "—"), default="—",
+        latest = max((key[1] for key in groups if key[0] == task and key[1].startswith("v")), default="—",
                      key=lambda v: (int(v[1:].split()[0]), v))  # "v4 e60" after "v4", "v10" after "v4"
         shown = {key: rs for key, rs in groups.items() if key[0] == task and key[1] in (latest, "—")}
         for (t, public, recipe, k, _, eps), rs in shown.items():
@@ -177,6 +198,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--only", nargs="+", default=None, help="recipes to run (default: all)")
     parser.add_argument("--caps", nargs="*", type=int, default=[], help="--task persons: max_images_per_person rows")
+    parser.add_argument("--public", choices=["package", "user"], default="package",
+                        help="the package's public pretraining recipe, or Ultralytics' defaults for 8 epochs")
     parser.add_argument("--report", action="store_true", help="only write the table and the chart")
     args = parser.parse_args()
     if args.report:
@@ -188,7 +211,7 @@ def main() -> None:
         for recipe, eps, epochs, k, cap in plan(task, args.epsilons, args.augmult, args.reps, args.epochs, args.caps):
             if args.only and recipe not in args.only:
                 continue
-            row = run(task, recipe, eps, epochs, k, cap=cap)
+            row = run(task, recipe, eps, epochs, k, cap=cap, user_public=args.public == "user")
             print(json.dumps(row), flush=True)
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
