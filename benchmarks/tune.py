@@ -65,14 +65,16 @@ def parse(spec: str) -> dict:
     return out
 
 
-def one(task: str, data: str, spec: str, ledger: str, device: str, public_epochs: int | None = None) -> dict:
+def one(task: str, data: str, spec: str, ledger: str, device: str, public_epochs: int | None = None,
+        user_public: bool = False) -> dict:
     if spec == "public":  # the public model alone, zero-shot on the held-out images
-        row = run(task, "public only", None, 0, data=data, device=device, public_epochs=public_epochs)
+        row = run(task, "public only", None, 0, data=data, device=device, public_epochs=public_epochs,
+                  user_public=user_public)
     else:
         cfg = parse(spec)
         epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", 10)
         row = run(task, "public -> private", epsilon, epochs, augmult, data=data, ledger=ledger, device=device,
-                  public_epochs=public_epochs, **cfg)
+                  public_epochs=public_epochs, user_public=user_public, **cfg)
     return {**row, "spec": spec, "device": device}
 
 
@@ -89,11 +91,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--public-epochs", type=int, default=None, help="pretrain the public model this long instead")
+    p.add_argument("--public", choices=("package", "user"), default="package",
+                   help="start from bench_utility.user_pretrained instead of the package's public model")
     p.add_argument("configs", nargs="+")
     args = p.parse_args()
     data = split(args.task, Path(tempfile.gettempdir()) / f"{args.task}tune-split")
     specs = [dict(task=args.task, data=data, spec=s, ledger=args.ledger, device=args.device,
-                  public_epochs=args.public_epochs) for s in args.configs]
+                  public_epochs=args.public_epochs, user_public=args.public == "user") for s in args.configs]
 
     def write(row: dict) -> None:
         print(json.dumps(row), flush=True)
