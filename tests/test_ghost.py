@@ -86,6 +86,30 @@ def test_ghost_path_on_plain_layers_and_refusals(threads):
 
 
 
+@pytest.mark.parametrize("frozen", ["1.weight", "1.bias"])
+def test_a_batchnorm_with_one_affine_parameter_frozen(frozen):
+    """Eval BatchNorm with running statistics away from (0, 1) and only its weight or only its bias
+    trained: its weight term needs the output gradient's sum whether or not the bias is trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-2.0, 2.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    batch = {"x": torch.randn(4, 3, 6, 6, dtype=torch.float64), "y": torch.randint(0, 3, (4,))}
+
+    def losses(m):
+        return nn.functional.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    ref, ref_norms = clipped_grad_sum(model, ce_loss, batch, max_grad_norm=0.1)
+    ours, norms = clipped_grad_sum_ghost(model, losses, max_grad_norm=0.1)
+    assert frozen not in ours and set(ours) == set(ref)
+    assert torch.allclose(norms.double(), ref_norms.double(), rtol=1e-5)
+    assert max_rel_err(ours, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("cfg,norm", [("yolo26n.yaml", "batch"), ("yolov8n.yaml", "batch"),
                                       ("yolo26n-cls.yaml", "batch"), ("yolo26n.yaml", "group"),
                                       ("yolo26n-cls.yaml", "group")])

@@ -98,22 +98,26 @@ def _parse(preds: object) -> dict:
 _STRIDES: "weakref.WeakKeyDictionary[v8DetectionLoss, tuple[float, ...]]" = weakref.WeakKeyDictionary()
 
 
-def _image_size(crit: v8DetectionLoss, p: dict) -> tuple[float, float]:
-    """The input's (height, width) in pixels as Ultralytics' loss takes it: the first feature
-    map's size times the first stride."""
+def _strides(crit: v8DetectionLoss) -> tuple[float, ...]:
+    """The criterion's strides as numbers (read from the device on first use only)."""
     strides = _STRIDES.get(crit)
     if strides is None:
         strides = _STRIDES[crit] = tuple(float(s) for s in torch.as_tensor(crit.stride).tolist())
+    return strides
+
+
+def _image_size(crit: v8DetectionLoss, p: dict) -> tuple[float, float]:
+    """The input's (height, width) in pixels as Ultralytics' loss takes it: the first feature
+    map's size times the first stride."""
     h, w = p["feats"][0].shape[2:]
-    return h * strides[0], w * strides[0]
+    return h * _strides(crit)[0], w * _strides(crit)[0]
 
 
 def _geometry(crit: v8DetectionLoss, p: dict) -> tuple[Tensor, Tensor, Tensor]:
     """Anchor points [A, 2], their strides [A, 1] and the input size [4] (w, h, w, h pixels, the
     scale of xyxy boxes) as Ultralytics' loss computes them, from numbers on the host: no tensor
     is read back or built from host data (each would stall an accelerator's queue)."""
-    _image_size(crit, p)  # fills _STRIDES
-    anchor_points, stride_tensor = make_anchors(list(p["feats"]), _STRIDES[crit], 0.5)
+    anchor_points, stride_tensor = make_anchors(list(p["feats"]), _strides(crit), 0.5)
     h, w = _image_size(crit, p)
     scale = anchor_points.new_full((4,), w)
     scale[1::2] = h

@@ -171,10 +171,12 @@ def _layer_terms(m: nn.Module, a: Tensor, b: Tensor, ghost_weight: bool, into: d
     # y = gamma * xhat + beta per channel, xhat = (x - mean) / sqrt(var + eps) from the running
     # statistics (eval-mode BatchNorm) or from the image's own channel groups (GroupNorm)
     x, y = a.reshape(n, a.shape[1], -1), b.reshape(n, b.shape[1], -1)
-    bias = torch.sum(y, -1, out=into["bias"]) if "bias" in trained else y.sum(-1)
+    if "bias" in trained:
+        torch.sum(y, -1, out=into["bias"])
     if "weight" in trained and isinstance(m, nn.GroupNorm):
         torch.sum(y * F.group_norm(a, m.num_groups, eps=m.eps).view_as(x), -1, out=into["weight"])
     elif "weight" in trained:  # sum_p y (x - mean) = sum_p y x - mean sum_p y: one pass over the activations
+        bias = into["bias"] if "bias" in trained else y.sum(-1)
         torch.sum(y * x, -1, out=into["weight"]).addcmul_(bias, m.running_mean, value=-1.0)
         into["weight"].mul_(torch.rsqrt(m.running_var + m.eps))
     return ghost, [short for short in ("weight", "bias") if short in trained]
