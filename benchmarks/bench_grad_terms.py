@@ -3,12 +3,14 @@
 For each of ``--images`` public training images (batch of one, Ultralytics' own criterion of the
 detector, BatchNorm on its running statistics as in a private step) this takes the gradient of
 every weighted loss term (box, classification, L1 of the one-to-many and the one-to-one branch)
-and reports, over the images, the median norm of each and its share of the summed gradient's
-squared norm, the same split by layer group (backbone 0-9, neck 10-22, head 23) and for the
-one-dimensional parameters (biases, normalisation affines). It answers what clipping at C does
-to each part's signal: every part shares one clipped norm, so a part with a small share is
-learned slowly, and freezing a part gives the others only 1 / sqrt(1 - its share) more signal
-while the noise per coordinate stays sigma * C / batch.
+and reports, over the images, the median norm of each and its mean share of the image's
+squared gradient norm (|g_part|^2 / |g|^2 per image: a clipped gradient is the image's direction,
+so this is the part's share of what the image contributes, each image counting once), the same
+split by layer group (backbone 0-9, neck 10-22, head 23) and for the one-dimensional parameters
+(biases, normalisation affines), and the smallest whole-gradient norm (every image whose norm
+exceeds C is clipped). The layer groups split the squared norm exactly; the loss terms' gradients
+overlap, so their shares need not add up to 1. Freezing a part gives the others only
+1 / sqrt(1 - its share) more clipped signal, while the noise per coordinate stays sigma * C / batch.
 
     python benchmarks/bench_grad_terms.py --public-epochs 60 --images 48
 """
@@ -62,6 +64,7 @@ def main() -> None:
     dataset = build_yolo_dataset(get_cfg(overrides={"imgsz": 128}), info["train"], 1, info, mode="val", stride=32)
 
     norms: dict[str, list[float]] = {}
+    shares: dict[str, list[float]] = {}
     for i, batch in enumerate(build_dataloader(dataset, 1, 0, shuffle=False)):
         if i == args.images:
             break
@@ -83,16 +86,15 @@ def main() -> None:
         rows["1-d (bias, affine)"] = [g for g, p in zip(total, params) if p.ndim == 1]
         for key, grads in rows.items():
             norms.setdefault(key, []).append(_norm(grads))
+            shares.setdefault(key, []).append((norms[key][-1] / norms["all"][-1]) ** 2)
 
     counts = {g: sum(p.numel() for n, p in named if _group(n) == g) for g in ("backbone 0-9", "neck 10-22", "head 23")}
     counts["1-d (bias, affine)"] = sum(p.numel() for p in params if p.ndim == 1)
     print(f"{weights.name}, {len(norms['all'])} public images, branch gains one2many {crit.o2m:.2f} / "
-          f"one2one {crit.o2o:.2f} (Ultralytics' schedule at the first epoch)")
-    total_sq = statistics.mean(x * x for x in norms["all"])
-    print("| part | parameters | median norm | share of the squared norm |\n|---|---|---|---|")
+          f"one2one {crit.o2o:.2f} (Ultralytics' schedule at the first epoch); smallest norm {min(norms['all']):.2f}")
+    print("| part | parameters | median norm | mean share of the squared norm |\n|---|---|---|---|")
     for key, values in norms.items():
-        share = statistics.mean(x * x for x in values) / total_sq
-        print(f"| {key} | {counts.get(key, '')} | {statistics.median(values):.2f} | {share:.3f} |")
+        print(f"| {key} | {counts.get(key, '')} | {statistics.median(values):.2f} | {statistics.mean(shares[key]):.3f} |")
 
 
 if __name__ == "__main__":

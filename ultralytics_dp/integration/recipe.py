@@ -27,8 +27,8 @@ from ..losses import TASKS
 FITTED = "batch / sigma rule"  # set once the run's sigma is known (``learning_rate``)
 # argument -> (DP default, Ultralytics default, why)
 DEFAULTS: dict[str, tuple[Any, Any, str]] = {
-    "batch": (1024, 16, "expected Poisson batch (at most 3/4 of the images): at a fixed epsilon and epochs the "
-                        "run's summed noise sigma * sqrt(steps) / batch is least at the largest batch"),
+    "batch": (1024, 16, "expected Poisson batch (at most 3/4 of the images): at a fixed epsilon and epochs a "
+                        "step's noise-to-signal sigma / batch is least at the largest batch"),
     "epochs": (20, 100, "more steps at a larger sigma: 20 beat 10 by 0.5-1 point at epsilon 1, 3 and 8 and 10 "
                       "beat 5; 40 lost 1-5 points"),
     "optimizer": ("SGD", "auto", "'auto' picks AdamW at its own learning rate and ignores lr0"),
