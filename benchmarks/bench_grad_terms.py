@@ -31,6 +31,7 @@ from ultralytics.data.utils import check_det_dataset
 
 from ultralytics_dp.datasets import embedded
 from ultralytics_dp.datasets.public_weights import pretrained
+from ultralytics_dp.losses.per_image import _branches, _parse
 
 TERMS = ("box", "cls", "l1")
 
@@ -62,6 +63,7 @@ def main() -> None:
     params = [p.requires_grad_(True) for _, p in named]
     info = check_det_dataset(str(embedded.build("digits-public-det")))
     dataset = build_yolo_dataset(get_cfg(overrides={"imgsz": 128}), info["train"], 1, info, mode="val", stride=32)
+    branches = _branches(model)  # (output key, criterion, gain) as the private step weighs them
 
     norms: dict[str, list[float]] = {}
     shares: dict[str, list[float]] = {}
@@ -69,13 +71,10 @@ def main() -> None:
         if i == args.images:
             break
         batch["img"] = batch["img"].float() / 255
-        if getattr(model, "criterion", None) is None:
-            model.criterion = model.init_criterion()
-        crit = model.criterion
-        preds = crit.one2many.parse_output(model(batch["img"]))
+        preds = _parse(model(batch["img"]))
         parts = {}
-        for branch, loss, gain in (("one2many", crit.one2many, crit.o2m), ("one2one", crit.one2one, crit.o2o)):
-            terms = loss.get_assigned_targets_and_loss(preds[branch], batch)[1] * gain
+        for branch, loss, gain in branches:
+            terms = loss.get_assigned_targets_and_loss(preds[branch] if branch else preds, batch)[1] * gain
             for name, term in zip(TERMS, terms):
                 grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
                 parts[f"{branch} {name}"] = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
@@ -90,8 +89,9 @@ def main() -> None:
 
     counts = {g: sum(p.numel() for n, p in named if _group(n) == g) for g in ("backbone 0-9", "neck 10-22", "head 23")}
     counts["1-d (bias, affine)"] = sum(p.numel() for p in params if p.ndim == 1)
-    print(f"{weights.name}, {len(norms['all'])} public images, branch gains one2many {crit.o2m:.2f} / "
-          f"one2one {crit.o2o:.2f} (Ultralytics' schedule at the first epoch); smallest norm {min(norms['all']):.2f}")
+    gains = " / ".join(f"{branch} {gain:.2f}" for branch, _, gain in branches)
+    print(f"{weights.name}, {len(norms['all'])} public images, branch gains {gains} (Ultralytics' schedule at the "
+          f"first epoch); smallest norm {min(norms['all']):.2f}")
     print("| part | parameters | median norm | mean share of the squared norm |\n|---|---|---|---|")
     for key, values in norms.items():
         print(f"| {key} | {counts.get(key, '')} | {statistics.median(values):.2f} | {statistics.mean(shares[key]):.3f} |")

@@ -110,7 +110,8 @@ def _image_size(crit: v8DetectionLoss, p: dict) -> tuple[float, float]:
     """The input's (height, width) in pixels as Ultralytics' loss takes it: the first feature
     map's size times the first stride."""
     h, w = p["feats"][0].shape[2:]
-    return h * _strides(crit)[0], w * _strides(crit)[0]
+    stride = _strides(crit)[0]
+    return h * stride, w * stride
 
 
 def _geometry(crit: v8DetectionLoss, p: dict) -> tuple[Tensor, Tensor, Tensor]:
