@@ -7,8 +7,8 @@
    the DP defaults for everything but model, data, epochs, batch and epsilon, and print both side by
    side. Batch 125 over 10 epochs: on these 1,000 images, 80 private steps over small Poisson
    batches beat the recipe's few large ones at the same epsilon and a similar time (measured
-   2026-12-06 from an earlier public detector: +0.10 mAP50 against +0.00 for 6 steps of 750,
-   benchmarks/UTILITY.md).
+   2026-12-06 from an earlier public detector: +0.097 mAP50, mean of three, against +0.00 for 6
+   steps of 750, benchmarks/UTILITY.md).
 Offline, on the CPU (on all its cores: Ultralytics would leave one idle).
 """
 

@@ -37,10 +37,11 @@ def pretrained(dataset: str = "digits-public-det", *, root: Path | None = None, 
     """Path of weights pretrained on the public ``dataset``: trained on first use, then reused.
 
     ``epochs`` replaces the recipe's. The detection recipe is sized for ``make demo``'s time on 2 CPU
-    cores; a better-trained public model is a better start (detection, zero-shot mAP50 on held-out
-    handwritten training images: 20 epochs at Ultralytics' automatic learning rate 0.46, at the
-    recipe's 0.67, 60 epochs at the automatic one 0.76; classification: 20 epochs instead of 10
-    raised top-1 after an epsilon=1 fine-tune on them from 92.1% to 95.2%; ``benchmarks/UTILITY.md``).
+    cores; a better-trained public model is a better start (detection, zero-shot mAP50 on
+    digits-det's validation set: 20 epochs at Ultralytics' automatic learning rate 0.48, at the
+    recipe's 0.72, 60 epochs at the automatic one 0.78; classification: 20 epochs instead of 10
+    raised top-1 on held-out handwritten training images after an epsilon=1 fine-tune from 92.1% to
+    95.2%; ``benchmarks/UTILITY.md``).
     The training runs in a temporary folder and only its final ``last.pt`` is moved into the cache,
     so an interrupted run leaves nothing that would be reused.
     """

@@ -446,7 +446,8 @@ def _parallel_map(fn: Callable, items: list, device: torch.device) -> list:
     time. Per-layer work is small kernels (batched matrix products, reductions) that one op does
     not spread over the cores, while the layers are independent. Each worker runs single-threaded,
     so the results do not depend on the scheduling. (Ultralytics' trainer sets torch to
-    cpu_count - 1 threads: on 2 cores one, and this is a plain loop.)"""
+    cpu_count - 1 threads: on 2 cores one, and this is a plain loop, unless a trainer callback
+    raises it, as ``make demo``'s does.)"""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(items) < 2:
         return [fn(x) for x in items]
