@@ -22,8 +22,8 @@ from .embedded import cache_dir
 
 # dataset -> (architecture, training arguments); part of the cache key. Detection names its optimizer:
 # Ultralytics' optimizer=auto fits AdamW's lr to 0.002 * 5 / (4 + nc) = 0.000714 for runs under
-# 10,000 steps, too small for these 320 (20 epochs of 1,000 images at nominal batch 64); at 0.002
-# the same 20 epochs reach zero-shot mAP50 0.72 on digits-det's validation set instead of 0.48
+# 10,000 steps, too small for these 320 (20 epochs of 1,000 images at nominal batch 64): what each
+# reaches is in pretrained()'s docstring
 RECIPES: dict[str, tuple[str, dict]] = {
     "digits-public-det": ("yolo26n.yaml", {"imgsz": 128, "epochs": 20, "batch": 32, "optimizer": "AdamW", "lr0": 0.002}),
     "digits-public-cls": ("yolo26n-cls.yaml", {"imgsz": 32, "epochs": 20, "batch": 64}),
