@@ -39,9 +39,9 @@ def pretrained(dataset: str = "digits-public-det", *, root: Path | None = None, 
     ``epochs`` replaces the recipe's. The detection recipe is sized for ``make demo``'s time on 2 CPU
     cores; a better-trained public model is a better start (detection, zero-shot mAP50 on
     digits-det's validation set: 20 epochs at Ultralytics' automatic learning rate 0.48, at the
-    recipe's 0.72, 60 epochs at the automatic one 0.78; classification: 20 epochs instead of 10
-    raised top-1 on held-out handwritten training images after an epsilon=1 fine-tune from 92.1% to
-    95.2%; ``benchmarks/UTILITY.md``).
+    recipe's 0.72; 60 epochs at the automatic one 0.78, at the recipe's 0.88; classification: 20
+    epochs instead of 10 raised top-1 on held-out handwritten training images after an epsilon=1
+    fine-tune from 92.1% to 95.2%; ``benchmarks/UTILITY.md``).
     The training runs in a temporary folder and only its final ``last.pt`` is moved into the cache,
     so an interrupted run leaves nothing that would be reused.
     """
