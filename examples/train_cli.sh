@@ -8,7 +8,7 @@ YOLO=${YOLO:-.venv/bin/yolo}
 YOLO_DP=${YOLO_DP:-.venv/bin/yolo-dp}
 
 # public weights: trained non-privately on the font-rendered public digits (cached after the first run)
-WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.datasets.public_weights import pretrained; print(pretrained('digits-public-det'))")
+WEIGHTS=$("$PYTHON" -c "from ultralytics_dp.datasets.public_weights import DEMO_DETECTOR, pretrained; print(pretrained('digits-public-det', **DEMO_DETECTOR))")
 
 # plan first: which noise multiplier spends epsilon=8 over 5 epochs of 1,000 images at the default batch (750)?
 "$YOLO_DP" privacy n=1000 batch=750 epochs=5 delta=1e-5 epsilon=8

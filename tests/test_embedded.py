@@ -204,6 +204,20 @@ def test_public_weights_are_trained_once_then_reused(tmp_path: Path, monkeypatch
     with pytest.raises(AssertionError, match="trained again"):  # other epochs: other weights, not the cached ones
         public_weights.pretrained("digits-public-cls", root=tmp_path / "weights", epochs=2)
 
+    class Recorder:  # another batch: other weights, one optimizer step per batch (nbs follows it)
+        def __init__(self, architecture: str) -> None:
+            self.callbacks = []
+
+        def add_callback(self, *args: object) -> None:
+            self.callbacks.append(args)
+
+        def train(self, **kwargs: object) -> None:
+            raise AssertionError(f"trained again with batch={kwargs['batch']}, nbs={kwargs.get('nbs')}")
+
+    monkeypatch.setattr(ultralytics, "YOLO", Recorder)
+    with pytest.raises(AssertionError, match="trained again with batch=8, nbs=8"):
+        public_weights.pretrained("digits-public-cls", root=tmp_path / "weights", epochs=1, batch=8)
+
 
 def _canvases(yaml: Path):
     """(image as float array, label rows) of every training canvas of a built dataset."""
