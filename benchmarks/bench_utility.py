@@ -38,6 +38,7 @@ from ultralytics import YOLO
 from ultralytics_dp import DifferentialPrivacy
 from ultralytics_dp.datasets.embedded import cache_dir
 from ultralytics_dp.datasets.public_weights import _VERSION, RECIPES, pretrained
+from ultralytics_dp.integration.recipe import DEFAULTS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "utility.json"
@@ -47,7 +48,7 @@ TASKS = {  # task -> (private data, public data, architecture, imgsz, metric)
     "persons": ("digits-persons-cls", "digits-public-cls", "yolo26n-cls.yaml", 32, "top-1"),
 }
 PER_PERSON = "public -> private per person"
-# public pretraining epochs where they differ from the recipe's (which fit make demo's time on the CPU)
+# public pretraining epochs where they differ from the recipe's (make demo pretrains DEMO_DETECTOR instead)
 PUBLIC_EPOCHS = {"det": 60}
 USER_EPOCHS = 8  # --public user: "a few epochs" with every other Ultralytics default
 
@@ -195,7 +196,7 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--augmult", nargs="+", type=int, default=[1], help="augmult values of the private rows")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"][0], help="private epochs (the DP default)")
     parser.add_argument("--only", nargs="+", default=None, help="recipes to run (default: all)")
     parser.add_argument("--caps", nargs="*", type=int, default=[], help="--task persons: max_images_per_person rows")
     parser.add_argument("--public", choices=["package", "user"], default="package",

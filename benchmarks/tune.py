@@ -7,7 +7,7 @@ held out). Each run is recorded in a search ledger, so what the search spent is 
     python benchmarks/tune.py --task cls --jobs 6 ... epsilon=1,epochs=20 epsilon=1,epochs=20 ...
 
 A config is training arguments (``key=value,...``; ``epsilon`` and ``augmult`` go to DP, the rest to
-``model.train``, over the DP defaults); ``public`` scores the public model alone, zero-shot. A config
+``model.train``, over the DP defaults, epochs included); ``public`` scores the public model alone, zero-shot. A config
 given twice runs twice (noise and sampling are OS-seeded). ``--jobs N`` runs N configs at a time in
 separate processes (for a machine with many cores and a GPU), each run with its own ledger
 (``search.db.0``, ``search.db.1``, ...: concurrent runs never share a database); the search's cost
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench_utility import run
 from ultralytics_dp.datasets.embedded import build
+from ultralytics_dp.integration.recipe import DEFAULTS
 
 HELD = {"det": 200}  # held-out images of the split; classification holds out a fifth
 
@@ -72,7 +73,7 @@ def one(task: str, data: str, spec: str, ledger: str, device: str, public_epochs
                   user_public=user_public)
     else:
         cfg = parse(spec)
-        epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", 10)
+        epsilon, augmult, epochs = cfg.pop("epsilon", 8.0), int(cfg.pop("augmult", 1)), cfg.pop("epochs", DEFAULTS["epochs"][0])
         row = run(task, "public -> private", epsilon, epochs, augmult, data=data, ledger=ledger, device=device,
                   public_epochs=public_epochs, user_public=user_public, **cfg)
     return {**row, "spec": spec, "device": device}
