@@ -206,10 +206,10 @@ def test_public_weights_are_trained_once_then_reused(tmp_path: Path, monkeypatch
 
     class Recorder:  # another batch: other weights, one optimizer step per batch (nbs follows it)
         def __init__(self, architecture: str) -> None:
-            self.callbacks = []
+            pass
 
         def add_callback(self, *args: object) -> None:
-            self.callbacks.append(args)
+            pass
 
         def train(self, **kwargs: object) -> None:
             raise AssertionError(f"trained again with batch={kwargs['batch']}, nbs={kwargs.get('nbs')}")

@@ -31,7 +31,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
 # make demo's public detector: the recipe at 8 epochs, stepping every 16 images: 504 optimizer steps
 # instead of the recipe's 320 in 20 epochs, in less than half its time (benchmarks/UTILITY.md)
 DEMO_DETECTOR: dict[str, int] = {"epochs": 8, "batch": 16}
-# bump when the public data or how it is trained changes (epochs and imgsz are in the key already);
+# bump when the public data or how it is trained changes (epochs, imgsz and a given batch are in the key);
 # never back to 3: an unpublished experiment's key
 _VERSION = 6
 
