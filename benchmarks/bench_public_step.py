@@ -34,8 +34,8 @@ from tune import split
 from ultralytics_dp.datasets.embedded import build
 from ultralytics_dp.integration import private_step
 from ultralytics_dp.integration.recipe import DEFAULTS
-from ultralytics_dp.mechanism.grouping import Groups
 from ultralytics_dp.losses.per_image import per_image_loss_fn, sample_batch
+from ultralytics_dp.mechanism.gaussian import flatten, unflatten
 from ultralytics_dp.mechanism.grad_sample import per_sample_grads
 
 
@@ -63,19 +63,16 @@ def projected(private_gradient: Callable, files: list[Path], args: argparse.Name
 
     def step(model: torch.nn.Module, batch: dict, **kwargs: Any) -> dict[str, torch.Tensor]:
         grad = private_gradient(model, batch, **kwargs)
-        names = list(grad)
-        basis = public_basis(model, public_batch(files, args.public_images, rng), names, args.rank)
-        project = lambda g: basis @ (basis.T @ torch.cat([g[n].flatten() for n in names]).double())  # noqa: E731
-        flat = project(grad)
+        basis = public_basis(model, public_batch(files, args.public_images, rng), list(grad), args.rank)
+        project = lambda flat: basis @ (basis.T @ flat)  # noqa: E731
+        noisy = flatten(grad).double()
+        flat = project(noisy)
         if args.diagnose:
-            clean = private_gradient(model, batch, **{**kwargs, "noise_multiplier": 0.0})
-            whole = torch.cat([clean[n].flatten() for n in names]).double()
-            noisy = torch.cat([grad[n].flatten() for n in names])
-            print(f"subspace holds {float(project(clean).norm() / whole.norm()):.3f} of the noiseless clipped mean "
-                  f"(norm {float(whole.norm()):.4f}); noisy {float(noisy.norm()):.3f}, projected {float(flat.norm()):.4f}",
+            clean = flatten(private_gradient(model, batch, **{**kwargs, "noise_multiplier": 0.0})).double()
+            print(f"subspace holds {float(project(clean).norm() / clean.norm()):.3f} of the noiseless clipped mean "
+                  f"(norm {float(clean.norm()):.4f}); noisy {float(noisy.norm()):.3f}, projected {float(flat.norm()):.4f}",
                   flush=True)
-        sizes = [grad[n].numel() for n in names]
-        return {n: part.view_as(grad[n]).to(grad[n].dtype) for n, part in zip(names, flat.split(sizes))}
+        return unflatten(flat.to(next(iter(grad.values())).dtype), grad)
 
     return step
 
@@ -86,13 +83,10 @@ def mixed(private_gradient: Callable, files: list[Path], args: argparse.Namespac
     def step(model: torch.nn.Module, batch: dict, **kwargs: Any) -> dict[str, torch.Tensor]:
         grad, expected = private_gradient(model, batch, **kwargs), kwargs["expected_batch_size"]
         public = public_batch(files, round(args.ratio * expected), rng)
-        total: dict[str, torch.Tensor] = {}
-        for start in range(0, len(public["cls"]), 256):  # chunks bound memory, as physical_batch does
-            chunk = {k: v[start:start + 256] for k, v in public.items()}
-            sums, _ = private_step.CLIPPED_SUM[kwargs["method"]](model, chunk, kwargs["max_grad_norm"],
-                                                                 Groups.uniform(len(chunk["cls"])))
-            total = {k: total.get(k, 0) + v for k, v in sums.items()}
-        return {k: (g * expected + total[k].to(g.dtype)) / (expected + len(public["cls"])) for k, g in grad.items()}
+        # the public images' clipped sum: the same path without noise, one image per record
+        public_sum = private_gradient(model, public, **{**kwargs, "noise_multiplier": 0.0, "expected_batch_size": 1.0,
+                                                        "groups": None, "extra_records": None})
+        return {k: (g * expected + public_sum[k]) / (expected + len(public["cls"])) for k, g in grad.items()}
 
     return step
 
