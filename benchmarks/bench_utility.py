@@ -7,7 +7,8 @@ digits-cls top-1 and digits-det mAP50 on their validation sets for
   * the same with augmentation multiplicity (``--augmult``),
   * public -> non-private fine-tune (the ceiling of this recipe; Ultralytics' defaults, no mirroring),
   * ``--public user``: the same rows from a public model trained the way a user would (Ultralytics'
-    defaults, 8 epochs, at the private data's image size) instead of the package's recipe,
+    defaults, 8 epochs, at the private data's image size) instead of the package's recipe
+    (``--user-seed S``: another draw of it, Ultralytics' ``seed=S``),
   * ``--task persons``: digits-persons-cls (the digits dealt to simulated writers, 5 each), per
     image (with the persons file, so the person's epsilon of the run is recorded too) and per
     person (``privacy_unit=person``, every image of a sampled writer; ``--caps`` adds rows with
@@ -53,15 +54,18 @@ PUBLIC_EPOCHS = {"det": 60}
 USER_EPOCHS = 8  # --public user: "a few epochs" with every other Ultralytics default
 
 
-def user_pretrained(task: str) -> Path:
+def user_pretrained(task: str, seed: int = 0) -> Path:
     """A public model trained as a user would: ``YOLO(yaml).train(data=public, epochs=8,
     imgsz=the private data's)`` with every other Ultralytics default (augmentation, mirroring,
-    optimizer 'auto', warm-up, batch 16); cached beside the package's public models."""
+    optimizer 'auto', warm-up, batch 16, seed 0 unless ``seed``); cached beside the package's
+    public models."""
     _, public, architecture, imgsz, _ = TASKS[task]
-    final = cache_dir() / "pretrained" / f"user-{Path(architecture).stem}-{public}-e{USER_EPOCHS}-i{imgsz}.pt"
+    drawn = f"-s{seed}" if seed else ""
+    final = cache_dir() / "pretrained" / f"user-{Path(architecture).stem}-{public}-e{USER_EPOCHS}-i{imgsz}{drawn}.pt"
     if not final.exists():
         with tempfile.TemporaryDirectory() as project:
-            YOLO(architecture).train(data=public, epochs=USER_EPOCHS, imgsz=imgsz, plots=False, project=project, name="run")
+            YOLO(architecture).train(data=public, epochs=USER_EPOCHS, imgsz=imgsz, seed=seed, plots=False,
+                                     project=project, name="run")
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(project) / "run" / "weights" / "last.pt", final)
     return final
@@ -73,11 +77,12 @@ def _metric(task: str, metrics: object) -> float:
 
 def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int = 1, *,
         data: str | None = None, ledger: str | bool = False, public_epochs: int | None = None, cap: int | None = None,
-        user_public: bool = False, **train_args) -> dict:
+        user_public: bool = False, user_seed: int = 0, **train_args) -> dict:
     """One training (or evaluation) as a user would write it; returns a result row. ``data``
     replaces the task's dataset (a tuning split), ``ledger`` records the private runs,
     ``public_epochs`` replaces the benchmark's public pretraining epochs, ``cap`` is a per-person
-    run's ``max_images_per_person``, ``user_public`` starts from ``user_pretrained`` instead,
+    run's ``max_images_per_person``, ``user_public`` starts from ``user_pretrained`` instead (trained
+    with Ultralytics' seed ``user_seed``),
     ``train_args`` go to ``model.train`` over the DP defaults."""
     default_data, public, architecture, imgsz, _ = TASKS[task]
     start = time.perf_counter()
@@ -86,11 +91,12 @@ def run(task: str, recipe: str, epsilon: float | None, epochs: int, augmult: int
     public_epochs = public_epochs or PUBLIC_EPOCHS.get(task, RECIPES[public][1]["epochs"])
     row = {"task": task, "recipe": recipe + (f", max {cap} images" if cap else ""), "epsilon": epsilon,
            "augmult": augmult, "epochs": epochs,
-           "public": None if scratch else f"user e{USER_EPOCHS}" if user_public else f"v{_VERSION} e{public_epochs}"}
+           "public": None if scratch else f"user e{USER_EPOCHS}" + (f" s{user_seed}" if user_seed else "")
+           if user_public else f"v{_VERSION} e{public_epochs}"}
     persons = {"persons": "persons.csv"} if task == "persons" else {}
     if recipe == PER_PERSON:
         persons.update(privacy_unit="person", **({"max_images_per_person": cap} if cap else {}))
-    weights = architecture if scratch else user_pretrained(task) if user_public else pretrained(public, epochs=public_epochs)
+    weights = architecture if scratch else user_pretrained(task, user_seed) if user_public else pretrained(public, epochs=public_epochs)
     if recipe == "public only":
         metrics = YOLO(weights).val(**common, **train_args)
     else:
@@ -201,6 +207,7 @@ def main() -> None:
     parser.add_argument("--caps", nargs="*", type=int, default=[], help="--task persons: max_images_per_person rows")
     parser.add_argument("--public", choices=["package", "user"], default="package",
                         help="the package's public pretraining recipe, or Ultralytics' defaults for 8 epochs")
+    parser.add_argument("--user-seed", type=int, default=0, help="--public user: Ultralytics' seed of its training")
     parser.add_argument("--report", action="store_true", help="only write the table and the chart")
     args = parser.parse_args()
     if args.report:
@@ -212,7 +219,8 @@ def main() -> None:
         for recipe, eps, epochs, k, cap in plan(task, args.epsilons, args.augmult, args.reps, args.epochs, args.caps):
             if args.only and recipe not in args.only:
                 continue
-            row = run(task, recipe, eps, epochs, k, cap=cap, user_public=args.public == "user")
+            row = run(task, recipe, eps, epochs, k, cap=cap, user_public=args.public == "user",
+                      user_seed=args.user_seed)
             print(json.dumps(row), flush=True)
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
