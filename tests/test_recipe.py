@@ -30,6 +30,8 @@ def test_unset_arguments_take_the_dp_default_and_explicit_ones_win() -> None:
     for optimizer in ("AdamW", "auto"):  # the lr rule is SGD's: other optimizers keep their lr0
         args, changed = with_defaults({"lr0": 0.001}, {"optimizer": optimizer})
         assert "lr0" not in changed and args["lr0"] == 0.001
+    args, changed = with_defaults({"lr0": 0.002}, {"optimizer": "Adam", "lr0": 0.002})  # both set by the user
+    assert "lr0" not in changed and "optimizer" not in changed and args["lr0"] == 0.002
     args, _ = with_defaults({}, {}, augmult=4)
     assert args["scale"] == 0.2 and args["fliplr"] == 0 and args["optimizer"] == "SGD"  # a mild crop with augmult
     args, _ = with_defaults({}, {"scale": 0.5}, augmult=4)

@@ -62,7 +62,7 @@ def with_defaults(args: Mapping[str, Any], explicit: Mapping[str, Any], augmult:
     With augmentation multiplicity (``augmult`` > 1) a mild random crop / scale is on
     (``AUGMULT_DEFAULTS``): averaging the views is what makes augmentation pay under DP."""
     changed = [key for key in DEFAULTS if key not in explicit]
-    if explicit.get("optimizer", DEFAULTS["optimizer"][0]) != "SGD":
+    if explicit.get("optimizer", DEFAULTS["optimizer"][0]) != "SGD" and "lr0" in changed:
         changed.remove("lr0")  # the rule is measured for SGD; another optimizer keeps Ultralytics' lr0
     values = {key: DEFAULTS[key][0] for key in changed if DEFAULTS[key][0] is not FITTED}
     if augmult > 1:
